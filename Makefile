@@ -1,0 +1,41 @@
+# medmm: two commands. `make demo` runs the main job end to end; `make test` runs the test suite.
+# Both create .venv when it is missing (torch first, from the pinned builds, then medmm in editable mode).
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.medmm-installed
+TORCH   := torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-fast bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip wheel setuptools
+	$(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/medmm demo --out runs/demo
+
+test: $(STAMP)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -m "not slow and not deepspeed and not integration" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VPY) bench/train_step.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check medmm encoders tests bench train.py infer.py
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

@@ -1,0 +1,134 @@
+"""The ``medmm`` command: one subcommand per stage.
+
+    medmm prepare vqa|molecules|dna|tiny-llm ...   raw data -> conversation JSONL (+ errors.jsonl)
+    medmm train --config C [--nproc N] [--resume] [key=value ...]
+    medmm infer --checkpoint C --input X --question Q      (same flags as infer.py)
+    medmm eval --checkpoint C --data eval.jsonl [--out DIR]
+    medmm export --checkpoint C --format hf --out DIR
+    medmm demo [--out runs/demo]
+"""
+
+from __future__ import annotations
+
+from .training.distributed import free_port
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def _prepare(argv: list[str]) -> None:
+    from .data import prepare as P
+
+    ap = argparse.ArgumentParser(prog="medmm prepare")
+    sub = ap.add_subparsers(dest="kind", required=True)
+    v = sub.add_parser("vqa", help="VQA-RAD-style JSON + image folder")
+    v.add_argument("questions")
+    v.add_argument("--images", required=True)
+    m = sub.add_parser("molecules", help="CSV of SMILES (+ 0/1 label)")
+    m.add_argument("csv")
+    m.add_argument("--smiles-col", default="smiles")
+    m.add_argument("--label-col")
+    m.add_argument("--question", default="Is this molecule likely to be an approved drug? Answer yes or no.")
+    d = sub.add_parser("dna", help="TSV of sequence<TAB>label")
+    d.add_argument("tsv")
+    t = sub.add_parser("tiny-llm", help="train a small tokenizer and save a tiny random causal LM")
+    t.add_argument("--family", default="llama")
+    t.add_argument("--hidden", type=int, default=64)
+    t.add_argument("--layers", type=int, default=2)
+    for p in (v, m, d, t):
+        p.add_argument("--out", required=True)
+    for p in (v, m, d):
+        p.add_argument("--eval-fraction", type=float, default=0.2)
+        p.add_argument("--name")
+    a = ap.parse_args(argv)
+    if a.kind == "vqa":
+        res = P.prepare_vqa(a.questions, a.images, a.out, a.eval_fraction, name=a.name or "vqa")
+    elif a.kind == "molecules":
+        res = P.prepare_molecules(a.csv, a.out, a.smiles_col, a.label_col, a.question, a.eval_fraction,
+                                  name=a.name or "molecules")
+    elif a.kind == "dna":
+        res = P.prepare_dna(a.tsv, a.out, eval_fraction=a.eval_fraction, name=a.name or "dna")
+    else:
+        from .model.tiny import build_tiny_llm, sample_texts
+
+        res = {"llm": str(build_tiny_llm(a.out, sample_texts(), family=a.family, hidden=a.hidden, layers=a.layers))}
+    print(json.dumps(res, indent=2))
+
+
+def _train(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="medmm train", add_help=False)
+    ap.add_argument("--nproc", type=int, default=1, help="ranks on this machine (runs torchrun)")
+    a, rest = ap.parse_known_args(argv)
+    if a.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}", f"--master_port={free_port()}",
+               "-m", "medmm.training", *rest]
+        raise SystemExit(subprocess.call(cmd))
+    from .training.__main__ import main
+
+    main(rest)
+
+
+def _eval(argv: list[str]) -> None:
+    from .config import DecodingConfig
+    from .eval.runner import evaluate
+
+    ap = argparse.ArgumentParser(prog="medmm eval")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--data", nargs="+", required=True, help="conversation JSONL files with reference answers")
+    ap.add_argument("--out", default="runs/eval")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=int)
+    a = ap.parse_args(argv)
+    m = evaluate(a.checkpoint, a.data, a.out, DecodingConfig(max_new_tokens=a.max_new_tokens), a.batch_size,
+                 limit=a.limit)
+    print(json.dumps(m, indent=2))
+
+
+def _export(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="medmm export")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--format", choices=["hf"], default="hf")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    from .export.hf import export_hf
+
+    print(json.dumps({"exported": str(export_hf(a.checkpoint, a.out)), "format": a.format}))
+
+
+def _demo(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="medmm demo")
+    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--steps", type=int, help="override trainer.max_steps")
+    ap.add_argument("--nproc", type=int, default=2)
+    a = ap.parse_args(argv)
+    from .demo import run_demo
+
+    run_demo(a.out, steps=a.steps, nproc=a.nproc)
+
+
+COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "export": _export, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "infer":
+        from .inference.__main__ import main as infer_main
+
+        infer_main(rest)
+        return
+    if cmd not in COMMANDS:
+        raise SystemExit(f"medmm: unknown command '{cmd}'; commands: infer, {', '.join(COMMANDS)}")
+    COMMANDS[cmd](rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""The typed config tree: YAML holds values, dataclasses hold the schema, dotted overrides on top.
+
+``load_config(TrainConfig, "configs/demo.yaml", ["trainer.max_steps=20"])`` reads the YAML with
+``yaml.safe_load``, applies ``key=value`` overrides (values parsed as YAML scalars), and builds the
+dataclasses. An unknown key or a value of the wrong type raises :class:`ConfigError` naming the
+dotted key and the file (or ``<override>``). YAML names registry entries, never import paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+Trainable = Literal["frozen", "lora", "full"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (peft ``LoraConfig``)."""
+
+    r: int = 8
+    """Rank of the update matrices."""
+    alpha: int = 16
+    """Scaling numerator (``lora_alpha``)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | None = None
+    """Module name suffixes to adapt; None means every ``nn.Linear`` except the output head."""
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be positive, got {self.r}")
+
+
+@dataclass
+class EncoderConfig:
+    """A modality encoder from the ``encoders`` registry."""
+
+    name: str = "vit2d_tiny"
+    """Registry name (``encoders.list_encoders()``)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Architecture overrides passed to the builder (e.g. ``img_size``, ``depth``)."""
+    checkpoint: str | None = None
+    """Local weights file (safetensors or torch state dict) loaded into the encoder."""
+    trainable: Trainable = "frozen"
+    """frozen | lora | full."""
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps encoder features (B, N, D_enc) to LLM tokens (B, K, D_llm)."""
+
+    type: str = "mlp2x_gelu"
+    """Registry name: linear | mlp2x_gelu | resampler."""
+    num_queries: int = 32
+    """resampler only: learned queries, i.e. the cap on LLM tokens per input."""
+    depth: int = 1
+    """resampler only: cross-attention layers."""
+    heads: int = 4
+    """resampler only: attention heads."""
+    trainable: Trainable = "full"
+    """frozen | lora | full."""
+
+
+@dataclass
+class PreprocessConfig:
+    """Input preprocessing saved beside the weights, so a checkpoint rebuilds from its folder alone."""
+
+    image_size: int = 64
+    """image: side of the square input after resizing."""
+    channels: int = 3
+    """image: channels fed to the encoder (grey images are repeated)."""
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    """image: per-channel mean after scaling to [0, 1]."""
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    """image: per-channel std."""
+    window: str | None = None
+    """DICOM: window preset (lung, mediastinum, bone, brain, abdomen) or None for the file's VOI/min-max."""
+    volume_size: list[int] = field(default_factory=lambda: [16, 64, 64])
+    """volume: (D, H, W) after resampling."""
+    fingerprint_bits: int = 2048
+    """mol: Morgan fingerprint length."""
+    fingerprint_radius: int = 2
+    """mol: Morgan radius."""
+    kmer: int = 1
+    """dna: k-mer size of the tokeniser (1 = nucleotides)."""
+    max_length: int = 512
+    """dna: longest sequence kept (longer ones are centre-cropped)."""
+
+    def __post_init__(self):
+        if len(self.volume_size) != 3:
+            raise ConfigError(f"preprocess.volume_size needs 3 numbers (D, H, W), got {self.volume_size}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ConfigError("preprocess.mean/std need one value per channel")
+
+
+@dataclass
+class ModalityConfig:
+    """One modality: how its input is loaded, encoded and projected. Its placeholder is ``<name>``."""
+
+    loader: str = "image"
+    """Input loader registry name: image | volume | smiles_fingerprint | dna_tokens."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The encoder."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """The projector into the LLM's embedding space."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """Preprocessing of raw inputs."""
+
+
+@dataclass
+class ModelConfig:
+    """The multimodal causal LM."""
+
+    llm: str = ""
+    """Path of a local Hugging Face causal LM folder (``AutoModelForCausalLM.from_pretrained``)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; defaults to ``llm``."""
+    llm_trainable: Trainable = "lora"
+    """frozen | lora | full."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings for every part set to ``lora``."""
+    modalities: dict[str, ModalityConfig] = field(default_factory=dict)
+    """Modality name (image, volume, slide, mol, dna, ...) -> its config."""
+    gradient_checkpointing: bool = False
+    """Recompute LLM activations in backward to save memory."""
+    attn_implementation: str | None = None
+    """Passed to ``from_pretrained`` (sdpa, eager, flash_attention_2); None lets HF choose."""
+
+    def __post_init__(self):
+        for name in self.modalities:
+            if not name.isidentifier():
+                raise ConfigError(f"model.modalities.{name}: modality names must be identifiers")
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of a training mixture."""
+
+    path: str = ""
+    """Conversation JSONL file."""
+    weight: float = 1.0
+    """Relative sampling weight in the mixture."""
+    name: str | None = None
+    """Display name (defaults to the file stem)."""
+
+    def __post_init__(self):
+        if self.weight <= 0:
+            raise ConfigError(f"data.datasets[{self.path}].weight must be > 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    """Mixture components."""
+    epoch_size: int | None = None
+    """Samples per mixture epoch; None = sum of dataset sizes."""
+    max_length: int = 512
+    """Sequences longer than this are truncated (modality tokens are never cut)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    system_prompt: str | None = None
+    """Optional system message prepended to every conversation."""
+
+
+@dataclass
+class TrainerConfig:
+    """The DeepSpeed training loop."""
+
+    output_dir: str = "runs/train"
+    """Run folder: checkpoints/, tb/, metrics.jsonl, checkpoint/ (final model)."""
+    deepspeed: str = "configs/deepspeed/zero2.json"
+    """DeepSpeed JSON config (ZeRO stage, offload); batch sizes and clipping are filled in from here."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 2
+    """Samples per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps, then cosine decay to 10% of the peak."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout."""
+    save_every: int = 50
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    log_every: int = 1
+    """Log loss every N steps (progress bar, TensorBoard, metrics.jsonl)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = bf16 on a GPU that supports it, fp32 on CPU."""
+
+    def __post_init__(self):
+        for k in ("max_steps", "micro_batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"trainer.{k} must be positive, got {getattr(self, k)}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train.py`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class DecodingConfig:
+    """Decoding options passed to Hugging Face ``generate``."""
+
+    strategy: Literal["greedy", "beam", "sample"] = "greedy"
+    """greedy | beam | sample."""
+    max_new_tokens: int = 64
+    """Tokens generated at most."""
+    num_beams: int = 4
+    """beam only."""
+    length_penalty: float = 1.0
+    """beam only."""
+    temperature: float = 1.0
+    """sample only; 0 means greedy."""
+    top_k: int = 50
+    """sample only."""
+    top_p: float = 1.0
+    """sample only."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages repeats."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating n-grams of this size (0 = off)."""
+    seed: int = 0
+    """Sampling seed."""
+
+
+@dataclass
+class InferConfig:
+    """Everything ``infer.py`` needs besides its inputs."""
+
+    checkpoint: str = ""
+    """A medmm model folder (``save_pretrained`` output)."""
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    batch_size: int = 8
+    """Requests per batch for ``--manifest`` runs."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp, value, key: str, source: str):
+    """Check/convert ``value`` against the annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{source}: {key}: {value!r} does not match {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {type(value).__name__}")
+        (a,) = args or (Any,)
+        return [_convert(a, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
+        _, va = args or (str, Any)
+        return {str(k): _convert(va, v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{source}: unknown key '{where}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k, source) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], parsed value). Values are YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"<override>: '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"<override>: '{text}' has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted overrides to a raw mapping; a numeric part indexes a list (``data.datasets.0.path=x``).
+
+    Unknown keys are caught later, by the schema."""
+    for ov in overrides:
+        path, value = parse_override(ov)
+        node: Any = data
+        for i, p in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"<override>: '{ov}': '{p}' is not an index of a list of {len(node)}")
+                if last:
+                    node[int(p)] = value
+                else:
+                    node = node[int(p)]
+            elif isinstance(node, dict):
+                if last:
+                    node[p] = value
+                else:
+                    node = node.setdefault(p, {})
+            else:
+                raise ConfigError(f"<override>: '{ov}': '{path[i - 1]}' is not a mapping")
+    return data
+
+
+def config_from_dict(cls, data: dict, source: str = "<dict>"):
+    """Build a config dataclass from a raw mapping."""
+    return _build(cls, data or {}, "", source)
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Load ``cls`` from a YAML file (``safe_load``) plus dotted overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: config file not found") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+        source = f"{source} (+ overrides)"
+    return config_from_dict(cls, data, source)
+
+
+def to_dict(cfg) -> dict:
+    """A plain-data copy of a config dataclass (for JSON/YAML)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,55 @@
+"""One small hierarchy of typed errors. Each names the input (file, row, key) and the problem.
+
+Batch jobs catch :class:`InvalidInputError`, record it in ``errors.jsonl`` and go on.
+"""
+
+from __future__ import annotations
+
+
+class MedmmError(Exception):
+    """Base class of every error medmm raises on purpose."""
+
+
+class ConfigError(MedmmError, ValueError):
+    """A configuration file or override is wrong: names the file and the dotted key."""
+
+
+class InvalidInputError(MedmmError, ValueError):
+    """An input (file, row, value) cannot be used. ``source`` names it; the message says why."""
+
+    def __init__(self, source: str, message: str):
+        self.source = str(source)
+        self.reason = message
+        super().__init__(f"{self.source}: {message}")
+
+    def to_record(self) -> dict:
+        """The line a batch job writes to ``errors.jsonl``."""
+        return {"path": self.source, "error": type(self).__name__, "message": self.reason}
+
+
+class DicomError(InvalidInputError):
+    """A DICOM file or series cannot be read or assembled."""
+
+
+class ImageError(InvalidInputError):
+    """A PNG/JPEG (or other raster) image cannot be read."""
+
+
+class SlideError(InvalidInputError):
+    """A whole-slide image cannot be read."""
+
+
+class SmilesError(InvalidInputError):
+    """A SMILES string cannot be parsed or standardised."""
+
+
+class SequenceError(InvalidInputError):
+    """A DNA sequence or FASTA/VCF record is invalid."""
+
+
+class ConversationError(InvalidInputError):
+    """A conversation record is malformed (roles, placeholders, modalities)."""
+
+
+class ModalityMismatchError(MedmmError, ValueError):
+    """The number of modality placeholders in the text does not match the modality inputs."""

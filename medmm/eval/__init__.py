@@ -1,0 +1,1 @@
+"""Evaluation: text and VQA metrics, and the runner behind ``medmm eval``."""

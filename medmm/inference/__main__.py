@@ -1,0 +1,144 @@
+"""``infer.py``: answer a question about a DICOM file/series, PNG/JPEG, SMILES or FASTA; or run a manifest.
+
+    python infer.py --checkpoint runs/demo/checkpoint --input CT_small.dcm --question "What modality is this?"
+    python infer.py --checkpoint C --smiles "CCO" --question "Is this molecule drug-like?" --strategy beam
+    python infer.py --checkpoint C --manifest requests.jsonl --out answers.jsonl
+
+Prints JSON (one object, or one line per manifest row when no --out is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..config import DecodingConfig, InferConfig, load_config
+from ..errors import InvalidInputError
+
+
+def detect_modality(value: str, available: list[str]) -> str:
+    """Pick the modality for ``--input``: folder -> volume, DICOM/PNG/JPEG -> image (multi-frame -> volume
+    when the model has no image modality), FASTA -> dna, anything else -> a SMILES for ``mol``."""
+    from ..io.dicom import is_dicom_file, read_dicom
+    from ..io.genomics import FASTA_SUFFIXES
+    from ..io.images import RASTER_SUFFIXES
+
+    p = Path(value)
+    want: str
+    if p.is_dir():
+        want = "volume"
+    elif p.is_file() and p.suffix.lower() in RASTER_SUFFIXES:
+        want = "image"
+    elif p.is_file() and (p.suffix.lower() in FASTA_SUFFIXES or "".join(p.suffixes[-2:]).lower() in FASTA_SUFFIXES):
+        want = "dna"
+    elif p.is_file() and is_dicom_file(p):
+        frames = read_dicom(p, stop_before_pixels=True).meta["frames"]
+        want = "volume" if frames > 1 and ("volume" in available and "image" not in available) else "image"
+    elif p.exists():
+        raise InvalidInputError(p, "cannot tell which modality this file is; use --image/--volume/--fasta")
+    else:
+        want = "mol"
+    if want not in available:
+        raise InvalidInputError(value, f"looks like a '{want}' input, but the model has only {available}")
+    return want
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", help="optional InferConfig YAML")
+    ap.add_argument("--checkpoint", help="medmm model folder")
+    src = ap.add_argument_group("one request")
+    src.add_argument("--input", help="path or value; the modality is detected")
+    src.add_argument("--image", help="PNG/JPEG/DICOM file")
+    src.add_argument("--volume", help="DICOM series folder or multi-frame file")
+    src.add_argument("--smiles", help="SMILES string")
+    src.add_argument("--fasta", help="FASTA file (first record)")
+    src.add_argument("--dna", help="DNA sequence")
+    src.add_argument("--modality", action="append", default=[], metavar="NAME=VALUE", help="any modality")
+    src.add_argument("--question", help="the question / instruction")
+    batch = ap.add_argument_group("batch")
+    batch.add_argument("--manifest", help="JSONL of requests ({modalities, question} or conversations)")
+    batch.add_argument("--out", help="write outputs here (JSONL) instead of stdout")
+    dec = ap.add_argument_group("decoding")
+    dec.add_argument("--strategy", choices=["greedy", "beam", "sample"])
+    dec.add_argument("--max-new-tokens", type=int)
+    dec.add_argument("--num-beams", type=int)
+    dec.add_argument("--length-penalty", type=float)
+    dec.add_argument("--temperature", type=float)
+    dec.add_argument("--top-k", type=int)
+    dec.add_argument("--top-p", type=float)
+    dec.add_argument("--repetition-penalty", type=float)
+    dec.add_argument("--no-repeat-ngram-size", type=int)
+    dec.add_argument("--seed", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--device")
+    ap.add_argument("overrides", nargs="*", help="dotted InferConfig overrides, e.g. decoding.max_new_tokens=32")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(InferConfig, args.config, args.overrides)
+    if args.checkpoint:
+        cfg.checkpoint = args.checkpoint
+    if not cfg.checkpoint:
+        raise SystemExit("infer.py: --checkpoint is required")
+    d = cfg.decoding
+    for flag, field in [("strategy", "strategy"), ("max_new_tokens", "max_new_tokens"), ("num_beams", "num_beams"),
+                        ("length_penalty", "length_penalty"), ("temperature", "temperature"), ("top_k", "top_k"),
+                        ("top_p", "top_p"), ("repetition_penalty", "repetition_penalty"),
+                        ("no_repeat_ngram_size", "no_repeat_ngram_size"), ("seed", "seed")]:
+        v = getattr(args, flag)
+        if v is not None:
+            setattr(d, field, v)
+    if args.batch_size:
+        cfg.batch_size = args.batch_size
+    if args.device:
+        cfg.device = args.device
+
+    from ..inference.predictor import Predictor
+    from ..utils import read_jsonl, write_jsonl
+
+    predictor = Predictor(cfg.checkpoint, device=cfg.device)
+    available = list(predictor.model.modality_tokens)
+    base_dir = None
+    if args.manifest:
+        requests = read_jsonl(args.manifest)
+        base_dir = Path(args.manifest).parent
+    else:
+        if not args.question:
+            raise SystemExit("infer.py: --question is required (or --manifest)")
+        mods: dict[str, str] = {}
+        try:
+            if args.input:
+                mods[detect_modality(args.input, available)] = args.input
+        except InvalidInputError as e:
+            print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+            return [{"error": type(e).__name__, "message": str(e)}]
+        for name, v in [("image", args.image), ("volume", args.volume), ("mol", args.smiles), ("dna", args.fasta),
+                        ("dna", args.dna)]:
+            if v:
+                mods[name] = v
+        for kv in args.modality:
+            name, _, v = kv.partition("=")
+            mods[name] = v
+        requests = [{"id": "request", "modalities": mods, "question": args.question}]
+    outputs = predictor.predict(requests, d, batch_size=cfg.batch_size, base_dir=base_dir)
+    for req, out in zip(requests, outputs):
+        out.setdefault("question", req.get("question"))
+    if args.out:
+        write_jsonl(args.out, outputs)
+        print(json.dumps({"written": args.out, "requests": len(outputs),
+                          "errors": sum(1 for o in outputs if "error" in o)}))
+    elif len(outputs) == 1 and not args.manifest:
+        print(json.dumps(outputs[0], indent=2, ensure_ascii=False))
+    else:
+        for o in outputs:
+            print(json.dumps(o, ensure_ascii=False))
+    return outputs
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

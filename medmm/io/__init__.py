@@ -1,0 +1,1 @@
+"""Raw inputs -> arrays + metadata, with typed errors: DICOM, PNG/JPEG, SMILES, DNA/FASTA."""

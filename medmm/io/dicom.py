@@ -1,0 +1,278 @@
+"""DICOM -> float32 images in modality units with metadata; series folders -> MONAI MetaTensor volumes.
+
+* ``read_dicom(path)``: one file (any transfer syntax pydicom decodes with the pylibjpeg plugins),
+  modality LUT (rescale slope/intercept or LUT sequence) applied, MONOCHROME1 inverted, palette and
+  YBR converted to RGB, multi-frame kept as frames. Returns :class:`DicomImage`.
+* ``window(img, preset | (center, width))``: VOI windowing to [0, 1].
+* ``read_series(folder)``: groups by SeriesInstanceUID, orders slices by their position along the
+  slice normal (never by file name or InstanceNumber), takes spacing from the positions, reports
+  uneven spacing and gantry tilt, and returns ``(1, D, H, W)`` MetaTensor with its RAS affine.
+
+Metadata never includes patient identifiers: only geometry, modality and UIDs needed downstream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DicomError
+
+log = logging.getLogger(__name__)
+
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    # name: (center, width) in HU
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (40.0, 400.0),
+}
+
+
+@dataclass
+class DicomImage:
+    """Pixels ``(frames, H, W)`` (grey, modality units) or ``(frames, H, W, 3)`` (colour), plus metadata."""
+
+    pixels: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def is_color(self) -> bool:
+        return self.pixels.ndim == 4
+
+
+def _meta(ds) -> dict:
+    def f(tag, default=None):
+        v = ds.get(tag, default)
+        return v
+
+    def floats(v):
+        return [float(x) for x in v] if v is not None else None
+
+    return {
+        "modality": str(f("Modality", "")),
+        "photometric": str(f("PhotometricInterpretation", "")),
+        "rows": int(f("Rows", 0) or 0),
+        "columns": int(f("Columns", 0) or 0),
+        "frames": int(f("NumberOfFrames", 1) or 1),
+        "pixel_spacing": floats(f("PixelSpacing")),
+        "slice_thickness": float(f("SliceThickness")) if f("SliceThickness") not in (None, "") else None,
+        "orientation": floats(f("ImageOrientationPatient")),
+        "position": floats(f("ImagePositionPatient")),
+        "study_uid": str(f("StudyInstanceUID", "")),
+        "series_uid": str(f("SeriesInstanceUID", "")),
+        "sop_uid": str(f("SOPInstanceUID", "")),
+        "frame_of_reference_uid": str(f("FrameOfReferenceUID", "")),
+        "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
+        "window": _file_window(ds),
+    }
+
+
+def _file_window(ds) -> tuple[float, float] | None:
+    c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if c is None or w is None:
+        return None
+    try:
+        c = float(c[0]) if hasattr(c, "__len__") and not isinstance(c, str) else float(c)
+        w = float(w[0]) if hasattr(w, "__len__") and not isinstance(w, str) else float(w)
+    except (TypeError, ValueError):
+        return None
+    return (c, w) if w > 0 else None
+
+
+def read_dicom(path: str | Path, stop_before_pixels: bool = False) -> DicomImage:
+    """Read one DICOM file into modality units. Raises DicomError naming the file and the problem."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except FileNotFoundError as e:
+        raise DicomError(path, "file not found") from e
+    except InvalidDicomError as e:
+        raise DicomError(path, f"not a DICOM file ({e})") from e
+    except Exception as e:  # pydicom raises many types on truncated/corrupt headers
+        raise DicomError(path, f"unreadable DICOM header ({type(e).__name__}: {e})") from e
+    meta = _meta(ds)
+    if stop_before_pixels:
+        return DicomImage(np.zeros((0,), np.float32), meta)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise DicomError(path, f"no pixel data (SOP class {ds.get('SOPClassUID', '?')}, modality {meta['modality']})")
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # decoder errors: truncated frames, missing plugin, bad lengths
+        raise DicomError(path, f"pixel data cannot be decoded ({type(e).__name__}: {e})") from e
+    photometric = meta["photometric"]
+    frames = meta["frames"]
+    try:
+        if photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds).astype(np.float32)
+            arr = arr / (65535.0 if arr.max() > 255 else 255.0)
+        elif arr.ndim == (4 if frames > 1 else 3) and int(ds.get("SamplesPerPixel", 1)) == 3:
+            arr = arr.astype(np.float32)  # pydicom 3 converts YBR to RGB by default
+            arr = arr / float(2 ** int(ds.get("BitsStored", 8)) - 1)
+        else:
+            arr = apply_modality_lut(arr, ds).astype(np.float32)
+            if photometric == "MONOCHROME1":
+                arr = arr.max() + arr.min() - arr  # invert so that higher = brighter
+    except Exception as e:
+        raise DicomError(path, f"LUT cannot be applied ({type(e).__name__}: {e})") from e
+    # Normalise to (frames, H, W[, 3])
+    color = arr.ndim == (4 if frames > 1 else 3) and arr.shape[-1] == 3
+    if frames == 1:
+        arr = arr[None]
+    if arr.ndim == 3 and color:
+        arr = arr[None]
+    return DicomImage(np.ascontiguousarray(arr, dtype=np.float32), meta)
+
+
+def window(img: np.ndarray, window: str | tuple[float, float] | None = None,
+           fallback: tuple[float, float] | None = None) -> np.ndarray:
+    """Map modality values to [0, 1] with a preset name, a (center, width), the file's window, or min-max."""
+    if isinstance(window, str):
+        if window not in WINDOW_PRESETS:
+            raise ValueError(f"unknown window preset '{window}'; known: {', '.join(WINDOW_PRESETS)}")
+        window = WINDOW_PRESETS[window]
+    window = window or fallback
+    if window is None:
+        lo, hi = float(np.min(img)), float(np.max(img))
+    else:
+        c, w = window
+        lo, hi = c - w / 2.0, c + w / 2.0
+    if hi <= lo:
+        return np.zeros_like(img, dtype=np.float32)
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True when the file has the DICM preamble marker (or a .dcm suffix)."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+@dataclass
+class SeriesReport:
+    """What ``read_series`` found: counts, rejected files, spacing problems, tilt."""
+
+    files: int = 0
+    slices: int = 0
+    rejected: list[dict] = field(default_factory=list)
+    spacing: tuple[float, float, float] | None = None
+    uneven_spacing: bool = False
+    gap_positions: list[int] = field(default_factory=list)
+    gantry_tilt_deg: float = 0.0
+    series_uid: str = ""
+    other_series: list[str] = field(default_factory=list)
+
+
+def read_series(folder: str | Path, series_uid: str | None = None, spacing_tolerance: float = 0.05):
+    """Assemble one series of single-frame slices (or one multi-frame file) into a ``(1, D, H, W)`` MetaTensor.
+
+    Slices are ordered by their position along the slice normal. The affine (RAS) uses the real
+    step between slice positions, so a gantry-tilted series keeps its true (sheared) geometry and
+    MONAI's ``Spacing``/``Orientation`` resample it correctly; the tilt angle is reported.
+    Returns ``(volume, report)``.
+    """
+    from monai.data import MetaTensor
+    import torch
+
+    folder = Path(folder)
+    paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    report = SeriesReport(files=len(paths))
+    slices: list[DicomImage] = []
+    for p in paths:
+        try:
+            img = read_dicom(p)
+        except DicomError as e:
+            report.rejected.append(e.to_record())
+            log.warning("skipping %s", e)
+            continue
+        slices.append(img)
+    if not slices:
+        raise DicomError(folder, "no readable DICOM image in the series")
+    by_series: dict[str, list[DicomImage]] = {}
+    for s in slices:
+        by_series.setdefault(s.meta["series_uid"], []).append(s)
+    if series_uid is None:
+        series_uid = max(by_series, key=lambda k: sum(x.pixels.shape[0] for x in by_series[k]))
+    if series_uid not in by_series:
+        raise DicomError(folder, f"series {series_uid} not found")
+    report.series_uid = series_uid
+    report.other_series = sorted(k for k in by_series if k != series_uid)
+    group = by_series[series_uid]
+    if any(s.is_color for s in group):
+        raise DicomError(folder, "colour images do not form a volume")
+
+    if len(group) == 1 and group[0].pixels.shape[0] > 1:  # one multi-frame file
+        img = group[0]
+        data = img.pixels  # (D, H, W)
+        ps = img.meta.get("pixel_spacing") or [1.0, 1.0]
+        dz = img.meta.get("slice_thickness") or 1.0
+        affine = _lps_to_ras(np.diag([dz, ps[0], ps[1], 1.0]))
+        report.slices = data.shape[0]
+        report.spacing = (float(dz), float(ps[0]), float(ps[1]))
+        return MetaTensor(torch.from_numpy(data[None]), affine=torch.from_numpy(affine)), report
+
+    ori = group[0].meta.get("orientation")
+    if not ori or any(s.meta.get("position") is None for s in group):
+        raise DicomError(folder, "slices lack ImageOrientationPatient/ImagePositionPatient; cannot order them")
+    row_dir, col_dir = np.array(ori[:3]), np.array(ori[3:])
+    normal = np.cross(row_dir, col_dir)
+    for s in group:
+        if s.meta.get("orientation") and not np.allclose(s.meta["orientation"], ori, atol=1e-3):
+            raise DicomError(folder, "slices of the series have different orientations; split them first")
+        if s.pixels.shape[1:] != group[0].pixels.shape[1:]:
+            raise DicomError(folder, "slices of the series have different sizes")
+    pos = np.array([s.meta["position"] for s in group])
+    dist = pos @ normal
+    order = np.argsort(dist, kind="stable")
+    group = [group[i] for i in order]
+    pos, dist = pos[order], dist[order]
+    gaps = np.diff(dist)
+    if len(gaps) and np.any(gaps < 1e-4):
+        raise DicomError(folder, "two slices share one position (duplicates or several acquisitions)")
+    data = np.stack([s.pixels[0] for s in group])  # (D, H, W)
+    ps = group[0].meta.get("pixel_spacing") or [1.0, 1.0]
+    if len(group) > 1:
+        step = (pos[-1] - pos[0]) / (len(group) - 1)  # mean step vector (includes tilt shear)
+        dz = float(np.median(gaps))
+        rel = np.abs(gaps - dz) / max(dz, 1e-6)
+        report.uneven_spacing = bool(np.any(rel > spacing_tolerance))
+        report.gap_positions = [int(i) for i in np.where(gaps > (1 + spacing_tolerance) * dz * 1.5)[0]]
+        cosang = abs(float(np.dot(step, normal))) / (np.linalg.norm(step) + 1e-12)
+        report.gantry_tilt_deg = float(np.degrees(np.arccos(min(1.0, cosang))))
+    else:
+        dz = float(group[0].meta.get("slice_thickness") or 1.0)
+        step = normal * dz
+    if report.uneven_spacing:
+        log.warning("%s: uneven slice spacing (%.2f-%.2f mm); using the mean step", folder, gaps.min(), gaps.max())
+    if report.gantry_tilt_deg > 0.5:
+        log.warning("%s: gantry tilt of %.1f deg; the affine keeps the sheared geometry", folder,
+                    report.gantry_tilt_deg)
+    # index (k, i, j) -> LPS: k along slice step, i along rows (col_dir), j along columns (row_dir)
+    lps = np.eye(4)
+    lps[:3, 0] = step
+    lps[:3, 1] = col_dir * ps[0]
+    lps[:3, 2] = row_dir * ps[1]
+    lps[:3, 3] = pos[0]
+    report.slices = len(group)
+    report.spacing = (float(np.linalg.norm(step)), float(ps[0]), float(ps[1]))
+    return MetaTensor(torch.from_numpy(data[None]), affine=torch.from_numpy(_lps_to_ras(lps))), report
+
+
+def _lps_to_ras(affine: np.ndarray) -> np.ndarray:
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ affine

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed loop, checkpoints, distributed setup. ``python -m medmm.training --config C``."""

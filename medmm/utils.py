@@ -1,0 +1,84 @@
+"""Small shared helpers: lazy optional imports, atomic file writes, seeding, JSON lines."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def optional_import(module: str, extra: str | None = None):
+    """Import ``module`` or raise an ImportError that says which extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - message path
+        hint = f" (pip install 'medmm[{extra}]')" if extra else ""
+        raise ImportError(f"medmm needs the optional package '{module}'{hint}: {e}") from e
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old or the new file, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
+    """Move a fully written ``tmp_dir`` into place at ``final_dir`` (replacing an older one)."""
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch RNGs."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file; a bad line raises an error naming the file and line number."""
+    from .errors import InvalidInputError
+
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InvalidInputError(f"{path}:{i}", f"not valid JSON ({e.msg})") from e
+    return out
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write rows as JSON lines, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
