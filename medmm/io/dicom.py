@@ -99,7 +99,10 @@ def read_dicom(path: str | Path, stop_before_pixels: bool = False) -> DicomImage
         raise DicomError(path, f"not a DICOM file ({e})") from e
     except Exception as e:  # pydicom raises many types on truncated/corrupt headers
         raise DicomError(path, f"unreadable DICOM header ({type(e).__name__}: {e})") from e
-    meta = _meta(ds)
+    try:
+        meta = _meta(ds)
+    except (ValueError, TypeError) as e:
+        raise DicomError(path, f"invalid header value ({type(e).__name__}: {e})") from e
     if stop_before_pixels:
         return DicomImage(np.zeros((0,), np.float32), meta)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:

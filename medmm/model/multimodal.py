@@ -210,7 +210,10 @@ class MedMMForCausalLM(nn.Module):
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         gen_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         gen_kwargs.setdefault("suppress_tokens", [mt.token_id for mt in self.modality_tokens.values()])
-        return self.llm.generate(inputs_embeds=emb, attention_mask=attention_mask, **gen_kwargs)
+        # Passing the ids beside the embeddings lets repetition penalties see the prompt; HF then returns
+        # prompt + new tokens, and we keep the new ones.
+        out = self.llm.generate(input_ids=input_ids, inputs_embeds=emb, attention_mask=attention_mask, **gen_kwargs)
+        return out[:, input_ids.shape[1]:]
 
     # ------------------------------------------------------------------ save / load
     def _base_llm(self):
@@ -253,7 +256,8 @@ class MedMMForCausalLM(nn.Module):
                 base = self._base_llm()
                 base.save_pretrained(tmp / "llm", state_dict=self.llm_base_state_dict(), safe_serialization=True)
             if self.has_llm_adapter:
-                self.llm.save_pretrained(str(tmp / "llm_adapter"))
+                # The resized embeddings live in llm/ when the base is included; no need to copy them into the adapter.
+                self.llm.save_pretrained(str(tmp / "llm_adapter"), save_embedding_layers=not include_base_llm)
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             save_file(self.modules_state_dict(), str(tmp / MODULES_NAME), metadata={"format": "pt"})
             meta = {
