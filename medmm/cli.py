@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-from .training.distributed import free_port
-
 import argparse
 import json
 import os
 import subprocess
 import sys
+
+from .training.distributed import free_port
 
 
 def _prepare(argv: list[str]) -> None:

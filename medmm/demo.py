@@ -8,14 +8,14 @@ initialised model shows the mechanics, not clinical quality.
 
 from __future__ import annotations
 
-from .training.distributed import free_port
-
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"

@@ -8,8 +8,9 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 def optional_import(module: str, extra: str | None = None):

@@ -156,3 +156,17 @@ def test_generate_returns_new_tokens(model):
     assert torch.equal(out[0], out[1])
     placeholders = {mt.token_id for mt in model.modality_tokens.values()}
     assert not placeholders & set(out.flatten().tolist())
+
+
+def test_gradient_checkpointing_matches(tiny_llm):
+    grads = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        cfg = config_from_dict(ModelConfig, model_dict(tiny_llm, llm_trainable="full", gradient_checkpointing=gc))
+        m = MedMMForCausalLM.from_config(cfg)
+        m.train()
+        proc = m.processor(512)
+        loss = m(**proc.collate([proc.process(r) for r in recs()])).loss
+        loss.backward()
+        grads.append(m.projectors["image"].net[0].weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

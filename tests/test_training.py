@@ -77,6 +77,17 @@ def test_single_process_zero0(tmp_path, tiny_llm):
     assert len(losses(run)) == 6
 
 
+@pytest.mark.parametrize("ds", ["zero1", "zero3_offload"])
+def test_single_process_other_stages_with_accumulation(tmp_path, tiny_llm, ds):
+    cfg = make_run(tmp_path, tiny_llm, max_steps=8, grad_accum=2, micro_batch_size=1, save_every=8,
+                   deepspeed=str(REPO / f"configs/deepspeed/{ds}.json"))
+    r = subprocess.run([sys.executable, "-m", "medmm.training", "--config", str(cfg)], env=env(),
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ls = losses(tmp_path / "run")
+    assert len(ls) == 8 and ls[8] < ls[1], ls
+
+
 @pytest.mark.parametrize("ds", ["zero2", "zero3"])
 def test_two_ranks_lower_loss_on_fixed_batch(tmp_path, tiny_llm, ds):
     cfg = make_run(tmp_path, tiny_llm, max_steps=15, deepspeed=str(REPO / f"configs/deepspeed/{ds}.json"))

@@ -8,8 +8,9 @@ trainer feeds when a batch lacks the modality (every rank must run every encoder
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -189,8 +189,8 @@ def read_series(folder: str | Path, series_uid: str | None = None, spacing_toler
     MONAI's ``Spacing``/``Orientation`` resample it correctly; the tilt angle is reported.
     Returns ``(volume, report)``.
     """
-    from monai.data import MetaTensor
     import torch
+    from monai.data import MetaTensor
 
     folder = Path(folder)
     paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())

@@ -7,7 +7,7 @@ slide of thousands of tokens costs a bounded number of LLM tokens.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -9,8 +9,8 @@ A tiny random model shows the mechanics, not clinical quality.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}"

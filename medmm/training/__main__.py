@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..config import load_config, TrainConfig
+    from ..config import TrainConfig, load_config
     from .trainer import run_training
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
