@@ -225,8 +225,9 @@ class TrainConfig:
 class DecodingConfig:
     """Decoding options passed to Hugging Face ``generate``."""
 
-    strategy: Literal["greedy", "beam", "sample"] = "greedy"
-    """greedy | beam | sample."""
+    strategy: Literal["greedy", "beam", "sample", "speculative", "prompt_lookup", "contrastive",
+                      "contrastive_search"] = "greedy"
+    """greedy | beam | sample (HF generate); speculative | prompt_lookup | contrastive | contrastive_search (medmm)."""
     max_new_tokens: int = 64
     """Tokens generated at most."""
     num_beams: int = 4
@@ -245,6 +246,26 @@ class DecodingConfig:
     """Forbid repeating n-grams of this size (0 = off)."""
     seed: int = 0
     """Sampling seed."""
+    draft: str | None = None
+    """speculative: local folder of a text-only draft causal LM sharing the tokenizer."""
+    num_draft_tokens: int = 4
+    """speculative / prompt_lookup: tokens proposed per verification step."""
+    amateur: str | None = None
+    """contrastive: local folder of the amateur (small) causal LM sharing the tokenizer."""
+    cd_alpha: float = 0.1
+    """contrastive: plausibility cut-off (keep tokens with p >= alpha * max p)."""
+    cd_beta: float = 0.5
+    """contrastive: weight of the amateur ((1+beta) log p_expert - beta log p_amateur)."""
+    penalty_alpha: float = 0.6
+    """contrastive_search: degeneration penalty."""
+    search_top_k: int = 4
+    """contrastive_search: candidates looked ahead per step."""
+
+    def __post_init__(self):
+        if self.strategy == "speculative" and not self.draft:
+            raise ConfigError("decoding.strategy=speculative needs decoding.draft (a local model folder)")
+        if self.strategy == "contrastive" and not self.amateur:
+            raise ConfigError("decoding.strategy=contrastive needs decoding.amateur (a local model folder)")
 
 
 @dataclass

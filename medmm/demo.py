@@ -101,7 +101,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, nproc: int
 
     summary = {"output": str(out), "checkpoint": str(ckpt), "export": str(export_dir),
                "metrics": str(out / "eval" / "metrics.json"), "predictions": str(out / "eval" / "predictions.jsonl"),
-               "infer": str(out / "infer.json"), "tensorboard": str(out / "tb"),
+               "infer": str(out / "infer.json"), "tensorboard": str(out / "tb"), "loss_curve": str(out / "loss.png"),
                "errors": str(data / "errors.jsonl"), "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print("\n=== done: what the demo wrote ===")

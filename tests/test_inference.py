@@ -84,3 +84,27 @@ def test_batched_equals_single(checkpoint):
     batched = p.predict(reqs, DecodingConfig(max_new_tokens=6), batch_size=2)
     single = [p.predict([r], DecodingConfig(max_new_tokens=6))[0] for r in reqs]
     assert [b["answer"] for b in batched] == [s["answer"] for s in single]
+
+
+def test_session_requests_closed_set_and_several_questions(checkpoint, capsys):
+    out = infer_main(["--checkpoint", str(checkpoint), "--smiles", "CCO", "--question", "drug?", "--options", "yes,no"])
+    assert set(out[0]["probs"]) == {"yes", "no"} and sum(out[0]["probs"].values()) == pytest.approx(1.0)
+    out = infer_main(["--checkpoint", str(checkpoint), "--smiles", "CCO", "--question", "Is it a drug?",
+                      "--question", "Is it toxic?", "--max-new-tokens", "4"])
+    answers = out[0]["answers"]
+    assert [a["question"] for a in answers] == ["Is it a drug?", "Is it toxic?"]
+    assert answers[1]["reused_prefix_tokens"] > 0
+
+
+def test_strategy_flags(checkpoint, tiny_llm, capsys):
+    base = ["--checkpoint", str(checkpoint), "--smiles", "CCO", "--question", "drug?", "--max-new-tokens", "6"]
+    greedy = infer_main(base)[0]["answer"]
+    assert infer_main(base + ["--strategy", "speculative", "--draft", str(tiny_llm)])[0]["answer"] == greedy
+    assert infer_main(base + ["--strategy", "prompt_lookup"])[0]["answer"] == greedy
+    assert "answer" in infer_main(base + ["--strategy", "contrastive", "--amateur", str(tiny_llm)])[0]
+    assert "answer" in infer_main(base + ["--strategy", "contrastive_search", "--penalty-alpha", "0.5"])[0]
+    streamed = infer_main(base + ["--stream"])[0]
+    assert streamed["answer"] == greedy
+    assert capsys.readouterr().err.strip().endswith(greedy) if greedy else True
+    with pytest.raises(SystemExit, match="draft"):
+        infer_main(base + ["--strategy", "speculative"])

@@ -75,6 +75,7 @@ def test_single_process_zero0(tmp_path, tiny_llm):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert len(losses(run)) == 6
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("ds", ["zero1", "zero3_offload"])

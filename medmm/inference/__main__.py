@@ -45,6 +45,31 @@ def detect_modality(value: str, available: list[str]) -> str:
     return want
 
 
+def _stream(predictor, req: dict, d: DecodingConfig) -> dict:
+    """Print tokens to stderr as they come (greedy or sampling); returns the usual record."""
+    if d.strategy not in ("greedy", "sample"):
+        raise SystemExit("infer.py: --stream supports the greedy and sample strategies")
+    tok = predictor.tokenizer
+    shown: list[int] = []
+    prev = ""
+
+    def on_token(t: int) -> None:
+        nonlocal prev
+        shown.append(t)
+        text = tok.decode(shown, skip_special_tokens=True)
+        sys.stderr.write(text[len(prev):])
+        sys.stderr.flush()
+        prev = text
+
+    try:
+        sess = predictor.session(req["modalities"])
+        out = {"id": req["id"], **predictor.ask(sess, req["question"], d, on_token=on_token)}
+    except InvalidInputError as e:
+        out = {"id": req["id"], "error": type(e).__name__, "message": str(e)}
+    sys.stderr.write("\n")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", help="optional InferConfig YAML")
@@ -57,12 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--fasta", help="FASTA file (first record)")
     src.add_argument("--dna", help="DNA sequence")
     src.add_argument("--modality", action="append", default=[], metavar="NAME=VALUE", help="any modality")
-    src.add_argument("--question", help="the question / instruction")
+    src.add_argument("--question", action="append", help="the question; repeat it to ask several about one input "
+                     "(the input is encoded once and the shared prompt's KV cache is reused)")
+    src.add_argument("--options", help="closed-set answering: comma-separated allowed answers, e.g. yes,no")
+    src.add_argument("--stream", action="store_true", help="print tokens as they are generated (one question)")
     batch = ap.add_argument_group("batch")
     batch.add_argument("--manifest", help="JSONL of requests ({modalities, question} or conversations)")
     batch.add_argument("--out", help="write outputs here (JSONL) instead of stdout")
     dec = ap.add_argument_group("decoding")
-    dec.add_argument("--strategy", choices=["greedy", "beam", "sample"])
+    dec.add_argument("--strategy", choices=["greedy", "beam", "sample", "speculative", "prompt_lookup", "contrastive",
+                                            "contrastive_search"])
+    dec.add_argument("--draft", help="speculative: local draft model folder (same tokenizer)")
+    dec.add_argument("--num-draft-tokens", type=int)
+    dec.add_argument("--amateur", help="contrastive: local amateur model folder (same tokenizer)")
+    dec.add_argument("--cd-alpha", type=float)
+    dec.add_argument("--cd-beta", type=float)
+    dec.add_argument("--penalty-alpha", type=float)
+    dec.add_argument("--search-top-k", type=int)
     dec.add_argument("--max-new-tokens", type=int)
     dec.add_argument("--num-beams", type=int)
     dec.add_argument("--length-penalty", type=float)
@@ -89,10 +125,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for flag, field in [("strategy", "strategy"), ("max_new_tokens", "max_new_tokens"), ("num_beams", "num_beams"),
                         ("length_penalty", "length_penalty"), ("temperature", "temperature"), ("top_k", "top_k"),
                         ("top_p", "top_p"), ("repetition_penalty", "repetition_penalty"),
-                        ("no_repeat_ngram_size", "no_repeat_ngram_size"), ("seed", "seed")]:
+                        ("no_repeat_ngram_size", "no_repeat_ngram_size"), ("seed", "seed"), ("draft", "draft"),
+                        ("num_draft_tokens", "num_draft_tokens"), ("amateur", "amateur"), ("cd_alpha", "cd_alpha"),
+                        ("cd_beta", "cd_beta"), ("penalty_alpha", "penalty_alpha"), ("search_top_k", "search_top_k")]:
         v = getattr(args, flag)
         if v is not None:
             setattr(d, field, v)
+    try:
+        d.__post_init__()  # re-check after the flags
+    except Exception as e:
+        raise SystemExit(f"infer.py: {e}") from e
     if args.batch_size:
         cfg.batch_size = args.batch_size
     if args.device:
@@ -108,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         requests = read_jsonl(args.manifest)
         base_dir = Path(args.manifest).parent
     else:
-        if not args.question:
+        if not args.question and not args.manifest:
             raise SystemExit("infer.py: --question is required (or --manifest)")
         mods: dict[str, str] = {}
         try:
@@ -124,8 +166,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for kv in args.modality:
             name, _, v = kv.partition("=")
             mods[name] = v
-        requests = [{"id": "request", "modalities": mods, "question": args.question}]
-    outputs = predictor.predict(requests, d, batch_size=cfg.batch_size, base_dir=base_dir)
+        req = {"id": "request", "modalities": mods}
+        if len(args.question) > 1:
+            req["questions"] = args.question
+        else:
+            req["question"] = args.question[0]
+        if args.options:
+            req["options"] = [o.strip() for o in args.options.split(",") if o.strip()]
+        requests = [req]
+    if args.stream and not args.manifest and "question" in requests[0] and not args.options:
+        outputs = [_stream(predictor, requests[0], d)]
+    else:
+        outputs = predictor.predict(requests, d, batch_size=cfg.batch_size, base_dir=base_dir)
     for req, out in zip(requests, outputs):
         out.setdefault("question", req.get("question"))
     if args.out:

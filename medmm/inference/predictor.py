@@ -67,23 +67,87 @@ class Predictor:
             raise InvalidInputError(str(request.get("id", "<request>")), "a request needs 'question' or 'conversations'")
         return {"id": request.get("id"), "modalities": request.get("modalities") or {}, "conversations": conv}
 
+    def _aux_model(self, path: str | None):
+        """A draft/amateur text-only LM from a local folder (cached per path)."""
+        from transformers import AutoModelForCausalLM
+
+        if not path:
+            return None
+        cache = self.__dict__.setdefault("_aux", {})
+        if path not in cache:
+            cache[path] = AutoModelForCausalLM.from_pretrained(path, dtype=self.model.llm.dtype).to(self.device).eval()
+        return cache[path]
+
+    def session(self, modalities: dict, base_dir: Path | None = None):
+        """A :class:`~medmm.inference.decoding.Session` over these inputs (encoded once, prefix KV reused)."""
+        from .decoding import Session
+
+        return Session(self.model, self.processor, modalities, base_dir)
+
+    def ask(self, session, question: str, decoding: DecodingConfig, options: list[str] | None = None,
+            on_token=None) -> dict:
+        """One question in a session, with any strategy; ``options`` gives closed-set answering."""
+        t0 = time.perf_counter()
+        if options:
+            res = session.closed_set(question, list(options))
+            out = {"answer": res["answer"], "probs": res["probs"], "new_tokens": 0,
+                   "reused_prefix_tokens": res["reused_prefix_tokens"]}
+        else:
+            d = decoding
+            if d.strategy == "speculative":
+                r = session.speculative(question, draft_llm=self._aux_model(d.draft), k=d.num_draft_tokens,
+                                        max_new_tokens=d.max_new_tokens)
+            elif d.strategy == "prompt_lookup":
+                r = session.speculative(question, prompt_lookup=True, k=d.num_draft_tokens,
+                                        max_new_tokens=d.max_new_tokens)
+            elif d.strategy == "contrastive":
+                r = session.contrastive_decoding(question, self._aux_model(d.amateur), d.cd_alpha, d.cd_beta,
+                                                 d.max_new_tokens)
+            elif d.strategy == "contrastive_search":
+                r = session.contrastive_search(question, d.penalty_alpha, d.search_top_k, d.max_new_tokens)
+            elif d.strategy in ("greedy", "sample"):
+                temp = 0.0 if d.strategy == "greedy" else d.temperature
+                r = session.generate(question, d.max_new_tokens, temp, d.top_k, d.top_p, d.repetition_penalty,
+                                     d.seed, on_token=on_token)
+            else:
+                raise ValueError(f"strategy '{d.strategy}' runs through batched generate, not a session")
+            out = {"answer": self.tokenizer.decode(r.tokens, skip_special_tokens=True).strip(),
+                   "new_tokens": len(r.tokens), "reused_prefix_tokens": r.reused_prefix_tokens}
+            if r.proposed:
+                out["acceptance_rate"] = round(r.acceptance_rate, 4)
+                out["target_forwards"] = r.forwards
+        out["timing_s"] = {"generate": round(time.perf_counter() - t0, 4)}
+        out["decoding"] = dataclasses.asdict(decoding)
+        return out
+
     def predict(self, requests: list[dict], decoding: DecodingConfig | None = None, batch_size: int = 8,
                 base_dir: Path | None = None) -> list[dict]:
-        """One output per request, in input order. Failed requests carry ``error``; nothing is dropped."""
+        """One output per request, in input order. Failed requests carry ``error``; nothing is dropped.
+
+        Requests with ``options`` (closed-set) or ``questions`` (several questions, prefix-cached), and the
+        medmm strategies (speculative, prompt_lookup, contrastive, contrastive_search), run one by one
+        through a session; the rest are batched through HF ``generate``.
+        """
         decoding = decoding or DecodingConfig()
-        kwargs = generation_kwargs(decoding)
         outputs: list[dict | None] = [None] * len(requests)
         ready = []
         for i, req in enumerate(requests):
             source = f"request {i} (id={req.get('id')})"
+            if decoding.strategy in SESSION_STRATEGIES or req.get("options") or req.get("questions"):
+                outputs[i] = self._predict_in_session(req, decoding, base_dir, source)
+                continue
             try:
                 t0 = time.perf_counter()
                 sample = self.processor.process_prompt(self.to_conversation(req), base_dir, source)
                 ready.append((i, sample, time.perf_counter() - t0))
             except (InvalidInputError, ModalityMismatchError) as e:
                 outputs[i] = {"id": req.get("id"), "error": type(e).__name__, "message": str(e)}
+        kwargs = generation_kwargs(decoding) if ready else {}
         ready.sort(key=lambda r: r[1]["input_ids"].shape[0])  # group by length: less padding
         settings = dataclasses.asdict(decoding)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ready), desc="generate", unit="req", disable=len(ready) <= batch_size, leave=False)
         for start in range(0, len(ready), batch_size):
             chunk = ready[start: start + batch_size]
             batch = self.processor.collate([s for _, s, _ in chunk], padding_side="left")
@@ -113,7 +177,27 @@ class Predictor:
                     "decoding": settings,
                     "checkpoint": self.checkpoint,
                 }
+            bar.update(len(chunk))
+        bar.close()
         return outputs  # type: ignore[return-value]
+
+
+    def _predict_in_session(self, req: dict, decoding: DecodingConfig, base_dir, source: str) -> dict:
+        try:
+            sess = self.session(req.get("modalities") or {}, base_dir)
+            questions = req.get("questions") or [req.get("question")]
+            if not all(isinstance(q, str) and q for q in questions):
+                raise InvalidInputError(source, "a request needs 'question' or a list of 'questions'")
+            answers = [self.ask(sess, q, decoding, req.get("options")) for q in questions]
+        except (InvalidInputError, ModalityMismatchError) as e:
+            return {"id": req.get("id"), "error": type(e).__name__, "message": str(e)}
+        if req.get("questions"):
+            return {"id": req.get("id"), "answers": [{"question": q, **a} for q, a in zip(questions, answers)],
+                    "checkpoint": self.checkpoint}
+        return {"id": req.get("id"), **answers[0], "checkpoint": self.checkpoint}
+
+
+SESSION_STRATEGIES = {"speculative", "prompt_lookup", "contrastive", "contrastive_search"}
 
 
 def _strip_length(ids: list[int], pad: int | None, eos: int | None) -> int:

@@ -166,23 +166,32 @@ class MedMMForCausalLM(nn.Module):
         feats, fmask = self.encoders[name](x, mask)  # (M, N, D), (M, N)
         return self.projectors[name](feats, fmask)  # (M, K, H)
 
-    def embed(self, input_ids: torch.Tensor, modality_inputs: dict[str, dict] | None = None) -> torch.Tensor:
-        """Token embeddings with projected modality tokens spliced in at the placeholder positions."""
+    def embed(self, input_ids: torch.Tensor, modality_inputs: dict[str, dict] | None = None,
+              features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Token embeddings with projected modality tokens spliced in at the placeholder positions.
+
+        ``features`` holds already projected ``(M, K, H)`` tokens per modality (a session's cache); the
+        encoder then does not run again.
+        """
         emb = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
         modality_inputs = modality_inputs or {}
+        features = features or {}
         for name, mt in self.modality_tokens.items():
             slots = input_ids == mt.token_id  # (B, T)
             n_slots = int(slots.sum())
             batch = modality_inputs.get(name)
-            if batch is None:
+            if batch is None and name not in features:
                 if n_slots:
                     raise ModalityMismatchError(f"{n_slots // mt.slots} {mt.text} placeholder(s) but no '{name}' input")
                 continue
-            x = batch["x"].to(emb.device)
-            mask = batch.get("mask")
-            proj = self.encode_modality(name, x.to(emb.dtype) if x.is_floating_point() else x,
-                                        None if mask is None else mask.to(emb.device))  # (M, K, H)
-            if batch.get("dummy"):
+            if name in features:
+                proj = features[name]
+            else:
+                x = batch["x"].to(emb.device)
+                mask = batch.get("mask")
+                proj = self.encode_modality(name, x.to(emb.dtype) if x.is_floating_point() else x,
+                                            None if mask is None else mask.to(emb.device))  # (M, K, H)
+            if batch is not None and batch.get("dummy"):
                 # Keep every rank running every encoder (ZeRO-3 gathers are collective); contributes 0.
                 if n_slots:
                     raise ModalityMismatchError(f"{mt.text} placeholders in a batch whose '{name}' input is a dummy")

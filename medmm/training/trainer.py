@@ -193,5 +193,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
                 for recs in failed.values():
                     for r in recs:
                         f.write(json.dumps(r) + "\n")
-        print(f"final loss {last_loss:.4f}; model written to {final}", flush=True)
+        from ..eval.plots import plot_loss_curve
+
+        plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
+        print(f"final loss {last_loss:.4f}; model written to {final}; loss curve {out / 'loss.png'}", flush=True)
     return {"step": t.max_steps, "loss": last_loss, "output_dir": str(out), "checkpoint": str(out / "checkpoint")}

@@ -1,0 +1,158 @@
+"""Decoding strategies: pure functions, speculative and prompt-lookup equal greedy, contrastive decoding and
+search, closed-set probabilities, and prefix-cached sessions that match uncached runs."""
+
+import math
+
+import pytest
+import torch
+
+from medmm.config import ModelConfig, config_from_dict
+from medmm.inference.decoding import (
+    Session,
+    apply_repetition_penalty,
+    contrastive_decoding_scores,
+    contrastive_search_select,
+    filter_top_k_top_p,
+    greedy_token,
+    prompt_lookup_proposal,
+    sample_token,
+)
+from medmm.model.multimodal import MedMMForCausalLM
+from tests.conftest import model_dict
+
+QUESTIONS = ["Is this molecule drug-like?", "Is this molecule toxic to the liver?"]
+
+
+# ----------------------------------------------------------------------------- pure functions
+def test_sampling_functions():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    assert greedy_token(logits) == 1
+    assert sample_token(logits, temperature=0) == 1
+    assert torch.isinf(filter_top_k_top_p(logits, top_k=2)).tolist() == [True, False, False, True]
+    kept = ~torch.isinf(filter_top_k_top_p(logits, top_p=0.5))
+    assert kept.tolist() == [False, True, False, False]
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_token(logits, 1.0, top_k=2, generator=g) for _ in range(200)}
+    assert draws == {1, 2}
+    pen = apply_repetition_penalty(torch.tensor([2.0, -2.0, 1.0]), [0, 1], 2.0)
+    assert pen.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_contrastive_decoding_scores():
+    expert = torch.tensor([2.0, 1.9, -5.0, 0.0])
+    amateur = torch.tensor([5.0, 0.0, -9.0, 0.0])  # the amateur prefers the greedy token 0
+    assert greedy_token(contrastive_decoding_scores(expert, amateur, alpha=0.1, beta=0.0)) == greedy_token(expert)
+    assert greedy_token(contrastive_decoding_scores(expert, amateur, alpha=0.1, beta=0.5)) == 1
+    s = contrastive_decoding_scores(expert, amateur, alpha=0.1, beta=10.0)
+    assert math.isinf(s[2]) and s[2] < 0  # implausible for the expert: cut, however the amateur scores it
+
+
+def test_contrastive_search_select():
+    probs = torch.tensor([0.6, 0.4])
+    ctx = torch.tensor([[1.0, 0.0]])
+    cand = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # candidate 0 repeats the context
+    assert contrastive_search_select(probs, cand, ctx, alpha=0.0) == 0
+    assert contrastive_search_select(probs, cand, ctx, alpha=0.6) == 1
+
+
+def test_prompt_lookup_proposal():
+    assert prompt_lookup_proposal([5, 6, 7, 8, 1, 5, 6], 2) == [7, 8]
+    assert prompt_lookup_proposal([1, 2, 3], 2) == []
+
+
+# ----------------------------------------------------------------------------- on a saved tiny model
+@pytest.fixture(scope="module")
+def model(tiny_llm, tmp_path_factory):
+    torch.manual_seed(3)
+    m = MedMMForCausalLM.from_config(config_from_dict(ModelConfig, model_dict(tiny_llm, llm_trainable="full")))
+    path = m.save_pretrained(tmp_path_factory.mktemp("dec") / "model")
+    return MedMMForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture
+def session(model):
+    return Session(model, model.processor(512), {"mol": "CC(=O)Oc1ccccc1C(=O)O"})
+
+
+def hf_greedy(model, session, question, n):
+    proc = session.processor
+    s = proc.process_prompt({"modalities": session.record_modalities, "conversations": [
+        {"from": "human", "value": question}]})
+    b = proc.collate([s], padding_side="left")
+    out = model.generate(b["input_ids"], b["attention_mask"], b["modality_inputs"], max_new_tokens=n, do_sample=False)
+    ids = out[0].tolist()
+    eos = model.tokenizer.eos_token_id
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def test_session_greedy_matches_hf_generate(model, session):
+    for q in QUESTIONS:
+        assert session.generate(q, max_new_tokens=12).tokens == hf_greedy(model, session, q, 12)
+
+
+def test_prefix_cache_gives_same_logits_and_encodes_once(model, session, monkeypatch):
+    calls = []
+    monkeypatch.setattr(model, "encode_modality", lambda *a, **k: calls.append(1))  # must not run again
+    ids0 = session.prompt_ids(QUESTIONS[0])
+    session.prefill(ids0)
+    ids1 = session.prompt_ids(QUESTIONS[1])
+    cached, _, reused = session.prefill(ids1)
+    uncached, _, none = session.prefill(ids1, use_cache=False)
+    assert reused > model.modality_tokens["mol"].slots and none == 0
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
+    assert not calls
+
+
+def test_speculative_and_prompt_lookup_equal_greedy(model, session, tiny_llm):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_llm)
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(7)
+    draft = AutoModelForCausalLM.from_config(cfg).eval()  # a different (random) text-only draft
+    for q in QUESTIONS:
+        greedy = session.generate(q, max_new_tokens=16).tokens
+        spec = session.speculative(q, draft_llm=draft, k=3, max_new_tokens=16)
+        assert spec.tokens == greedy and spec.proposed > 0
+        same = session.speculative(q, draft_llm=model.llm, k=3, max_new_tokens=16)  # draft == target
+        assert same.tokens == greedy
+        lookup = session.speculative(q, prompt_lookup=True, k=3, max_new_tokens=16)
+        assert lookup.tokens == greedy
+
+
+def test_contrastive_decoding_beta_zero_is_greedy(model, session, tiny_llm):
+    from transformers import AutoModelForCausalLM
+
+    amateur = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
+    q = QUESTIONS[0]
+    greedy = session.generate(q, max_new_tokens=10).tokens
+    assert session.contrastive_decoding(q, amateur, alpha=0.1, beta=0.0, max_new_tokens=10).tokens == greedy
+    cd = session.contrastive_decoding(q, amateur, alpha=0.5, beta=1.0, max_new_tokens=10)
+    assert cd.extra == {"alpha": 0.5, "beta": 1.0}
+
+
+def test_contrastive_search_alpha_zero_is_greedy(session):
+    q = QUESTIONS[1]
+    assert session.contrastive_search(q, penalty_alpha=0.0, top_k=3, max_new_tokens=8).tokens == \
+        session.generate(q, max_new_tokens=8).tokens
+    assert len(session.contrastive_search(q, penalty_alpha=0.6, top_k=3, max_new_tokens=8).tokens) <= 8
+
+
+def test_closed_set_probabilities(model, session):
+    res = session.closed_set(QUESTIONS[0], ["yes", "no", "uncertain"])
+    assert sum(res["probs"].values()) == pytest.approx(1.0)
+    assert res["answer"] == max(res["probs"], key=res["probs"].get)
+    # brute force: log p(option + eos | prompt) from one uncached forward each
+    ids = session.prompt_ids(QUESTIONS[0])
+    eos = model.tokenizer.eos_token_id
+    for opt in ("yes", "no"):
+        toks = model.tokenizer(opt, add_special_tokens=False)["input_ids"] + [eos]
+        full = torch.tensor([ids + toks])
+        with torch.no_grad():
+            logits = model.llm(inputs_embeds=model.embed(full, features=session.features)).logits[0]
+        logits[:, [mt.token_id for mt in model.modality_tokens.values()]] = -math.inf  # never generated
+        lp = torch.log_softmax(logits, -1)
+        ref = sum(float(lp[len(ids) - 1 + i, t]) for i, t in enumerate(toks))
+        assert res["logprobs"][opt] == pytest.approx(ref, abs=1e-3)
+    with pytest.raises(ValueError):
+        session.closed_set("q", ["yes", "yes"])
