@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import InferConfig, load_config
+from ..config import DecodingConfig, InferConfig, load_config
 from ..errors import InvalidInputError
 
 
