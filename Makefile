@@ -33,6 +33,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) bench/train_step.py
+	$(VPY) bench/decoding.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medmm encoders tests bench train.py infer.py
