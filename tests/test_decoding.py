@@ -118,6 +118,13 @@ def test_speculative_and_prompt_lookup_equal_greedy(model, session, tiny_llm):
         assert same.tokens == greedy
         lookup = session.speculative(q, prompt_lookup=True, k=3, max_new_tokens=16)
         assert lookup.tokens == greedy
+        # a self-speculative draft (the target's first layer) sees the modality features and agrees more often
+        from medmm.inference.decoding import layer_skip_draft
+
+        skip = session.speculative(q, draft_llm=layer_skip_draft(model.llm, 1), k=3, max_new_tokens=16)
+        assert skip.tokens == greedy
+        full = session.speculative(q, draft_llm=layer_skip_draft(model.llm, 2), k=3, max_new_tokens=16)
+        assert full.tokens == greedy and full.acceptance_rate == 1.0  # all layers: the draft is the target
 
 
 def test_contrastive_decoding_beta_zero_is_greedy(model, session, tiny_llm):

@@ -188,13 +188,20 @@ def decode_loop(runner: CausalRunner, logits: torch.Tensor, cache, choose: Calla
 
 
 class DraftProposer:
-    """A draft model proposing ``k`` greedy tokens; keeps its own cache in step with the sequence it is shown."""
+    """A draft model proposing ``k`` greedy tokens; keeps its own cache in step with the sequence it is shown.
 
-    def __init__(self, draft_llm):
-        self.runner = CausalRunner(draft_llm)
+    With ``prefix_embeds`` (1, P, H) the draft's first P positions are those embeddings (the target's
+    spliced prompt, modality features included) instead of token ids: a draft of the target's width
+    then sees the image too.
+    """
+
+    def __init__(self, draft_llm, prefix_embeds: torch.Tensor | None = None, suppress: list[int] | None = None):
+        self.runner = CausalRunner(draft_llm, suppress=suppress)
         self.cache = None
         self.cached: list[int] = []
         self.forwards = 0
+        self.prefix_embeds = prefix_embeds
+        self.prefix_len = 0 if prefix_embeds is None else prefix_embeds.shape[1]
 
     def __call__(self, sequence: list[int], k: int) -> list[int]:
         lcp = 0
@@ -203,7 +210,16 @@ class DraftProposer:
                 break
             lcp += 1
         lcp = min(lcp, len(sequence) - 1)  # feed at least the last token to get next-token logits
+        if self.cache is None and self.prefix_len:
+            _, self.cache, _ = self.runner.forward(None, embeds=self.prefix_embeds)
+            self.forwards += 1
+            self.cached = list(sequence[: self.prefix_len])
+            lcp = min(self.prefix_len, len(sequence) - 1)
+            if lcp < self.prefix_len:
+                raise ValueError("the draft's embedded prefix is longer than the sequence")
         if self.cache is not None:
+            if lcp < self.prefix_len:
+                raise ValueError("the sequence no longer starts with the draft's embedded prefix")
             crop_cache(self.cache, lcp)
         logits, self.cache, _ = self.runner.forward(self.cache, ids=sequence[lcp:])
         self.forwards += 1
@@ -249,6 +265,26 @@ def draft_and_verify(runner: CausalRunner, logits: torch.Tensor, cache, context:
         crop_cache(cache, past + 1 + n)  # keep pending + accepted guesses
         out += guess[:n] + [correction]
         pending = correction
+
+
+def layer_skip_draft(llm, num_layers: int):
+    """A self-speculative draft: the target's first ``num_layers`` decoder layers, embeddings, norm and head.
+
+    Works for HF decoder-only models whose config has ``num_hidden_layers`` (Llama, Qwen2, Mistral, Phi-3).
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(llm.config)
+    if not 0 < num_layers <= cfg.num_hidden_layers:
+        raise ValueError(f"num_layers must be in 1..{cfg.num_hidden_layers}, got {num_layers}")
+    cfg.num_hidden_layers = num_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:num_layers]
+    draft = AutoModelForCausalLM.from_config(cfg).to(device=llm.device, dtype=llm.dtype)
+    missing, _ = draft.load_state_dict(llm.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"draft weights missing from the target: {missing[:5]}")
+    return draft.eval()
 
 
 # ----------------------------------------------------------------------------- sessions with a prefix cache
@@ -395,16 +431,28 @@ class Session:
             last = cand_logits[j]
 
     def speculative(self, question: str, draft_llm=None, k: int = 4, max_new_tokens: int = 64,
-                    prompt_lookup: bool = False) -> DecodeResult:
-        """Greedy speculative decoding with a text-only draft sharing the tokenizer, or prompt lookup."""
+                    prompt_lookup: bool = False, draft_sees_modalities: bool | None = None) -> DecodeResult:
+        """Greedy speculative decoding with a draft sharing the tokenizer, or prompt lookup.
+
+        A draft of the target's width is fed the target's spliced prompt embeddings (it sees the
+        modality features); a narrower, text-only draft gets the prompt without placeholders.
+        """
         ids = self.prompt_ids(question)
         logits, cache, reused = self.prefill(ids)
         placeholders = {mt.token_id for mt in self.model.modality_tokens.values()}
-        context = [t for t in ids if t not in placeholders]
+        # A draft can take the target's spliced embeddings when it has the target's width and vocabulary.
+        same_width = draft_llm is not None and (
+            draft_llm.get_input_embeddings().weight.shape == self.runner.embed_tokens.weight.shape)
+        if draft_sees_modalities is None:
+            draft_sees_modalities = same_width
+        if draft_sees_modalities and not same_width:
+            raise ValueError("a draft that sees the modality features needs the target's hidden size and vocabulary")
+        context = ids if draft_sees_modalities else [t for t in ids if t not in placeholders]
         if prompt_lookup:
             propose = prompt_lookup_proposal
         elif draft_llm is not None:
-            propose = DraftProposer(draft_llm)
+            propose = DraftProposer(draft_llm, self._embed(ids) if draft_sees_modalities else None,
+                                    suppress=sorted(placeholders) if draft_sees_modalities else None)
         else:
             raise ValueError("speculative decoding needs a draft model or prompt_lookup=True")
         res = draft_and_verify(self.runner, logits, cache, context, propose, k, max_new_tokens,
