@@ -34,6 +34,17 @@ def _prepare(argv: list[str]) -> None:
     m.add_argument("--question", default="Is this molecule likely to be an approved drug? Answer yes or no.")
     d = sub.add_parser("dna", help="TSV of sequence<TAB>label")
     d.add_argument("tsv")
+    dc = sub.add_parser("dicom", help="DICOM tree -> de-identified webdataset shards (+ reports or VQA pairs)")
+    dc.add_argument("src")
+    dc.add_argument("--out", required=True)
+    dc.add_argument("--reports", help="CSV: study_uid or accession, then report (task report) or question,answer")
+    dc.add_argument("--task", choices=["report", "vqa"], default="report")
+    dc.add_argument("--window", help="lung | mediastinum | bone | brain | abdomen (default: the file's VOI)")
+    dc.add_argument("--spacing", help="resample volumes to Z,Y,X mm, e.g. 2,1,1")
+    dc.add_argument("--size", help="2D side (224) or D,H,W for volumes (32,128,128); or both: 224:32,128,128")
+    dc.add_argument("--workers", type=int, default=1)
+    dc.add_argument("--salt", help="secret for pseudonyms and date shifts (default: $MEDMM_DEID_SALT)")
+    dc.add_argument("--keep-phi", action="store_true", help="do NOT de-identify (writes identifiers)")
     t = sub.add_parser("tiny-llm", help="train a small tokenizer and save a tiny random causal LM")
     t.add_argument("--family", default="llama")
     t.add_argument("--hidden", type=int, default=64)
@@ -44,6 +55,9 @@ def _prepare(argv: list[str]) -> None:
         p.add_argument("--eval-fraction", type=float, default=0.2)
         p.add_argument("--name")
     a = ap.parse_args(argv)
+    if a.kind == "dicom":
+        _prepare_dicom(a)
+        return
     if a.kind == "vqa":
         res = P.prepare_vqa(a.questions, a.images, a.out, a.eval_fraction, name=a.name or "vqa")
     elif a.kind == "molecules":
@@ -56,6 +70,31 @@ def _prepare(argv: list[str]) -> None:
 
         res = {"llm": str(build_tiny_llm(a.out, sample_texts(), family=a.family, hidden=a.hidden, layers=a.layers))}
     print(json.dumps(res, indent=2))
+
+
+def _prepare_dicom(a) -> None:
+    import logging
+
+    from .data.prepare_dicom import DicomPrepareOptions, prepare_dicom
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    opts = DicomPrepareOptions(window=a.window, task=a.task, workers=a.workers, keep_phi=a.keep_phi,
+                               salt=a.salt or os.environ.get("MEDMM_DEID_SALT", "medmm-default-salt"))
+    if not (a.salt or os.environ.get("MEDMM_DEID_SALT")) and not a.keep_phi:
+        print("warning: no --salt or $MEDMM_DEID_SALT; pseudonyms use the public default salt", file=sys.stderr)
+    if a.keep_phi:
+        print("warning: --keep-phi: the output holds patient identifiers", file=sys.stderr)
+    if a.spacing:
+        opts.spacing = tuple(float(v) for v in a.spacing.split(","))
+    if a.size:
+        two, _, three = a.size.partition(":")
+        if "," in two:
+            two, three = "", two
+        if two:
+            opts.size_2d = int(two)
+        if three:
+            opts.size_3d = tuple(int(v) for v in three.split(","))
+    print(json.dumps(prepare_dicom(a.src, a.out, a.reports, opts), indent=2))
 
 
 def _train(argv: list[str]) -> None:

@@ -29,6 +29,17 @@ def _resolve(value: str, base_dir: Path | None) -> Path:
     return p
 
 
+def _is_array_ref(value: Any) -> bool:
+    v = str(value)
+    return ".tar#" in v or v.endswith((".npz", ".npy"))
+
+
+def _read_array(value: Any, base_dir: Path | None) -> np.ndarray:
+    from .prepare_dicom import read_shard_array
+
+    return np.asarray(read_shard_array(str(value), base_dir), dtype=np.float32)
+
+
 class ModalityLoader:
     """Base class. Subclasses implement ``load``; ``collate`` stacks fixed-size items."""
 
@@ -56,14 +67,18 @@ class ImageLoader(ModalityLoader):
         from ..io.dicom import is_dicom_file, read_dicom, window
         from ..io.images import read_image
 
+        if _is_array_ref(value):  # preprocessed by `prepare dicom`: [0, 1], (H, W) or (H, W, 3)
+            arr = _read_array(value, base_dir)
+            return {"x": self.to_tensor(arr[..., None] if arr.ndim == 2 else arr)}
         path = _resolve(str(value), base_dir)
         if is_dicom_file(path):
-            img = read_dicom(path)
+            img = read_dicom(path, apply_voi=self.pre.window is None)
             frame = img.pixels[img.pixels.shape[0] // 2]
-            if img.is_color:
+            if img.is_color or img.meta.get("voi"):
                 arr = np.clip(frame, 0.0, 1.0)
+                arr = arr if img.is_color else arr[..., None]
             else:
-                arr = window(frame, self.pre.window, fallback=img.meta.get("window"))[..., None]
+                arr = window(frame, self.pre.window)[..., None]
         else:
             arr = read_image(path)
         return {"x": self.to_tensor(arr)}
@@ -97,8 +112,11 @@ class VolumeLoader(ModalityLoader):
 
         from ..io.dicom import read_series, window
 
-        vol, _report = read_series(_resolve(str(value), base_dir))
-        arr = window(vol.numpy()[0], self.pre.window)  # (D, H, W) in [0, 1]
+        if _is_array_ref(value):  # preprocessed by `prepare dicom`: (D, H, W) in [0, 1]
+            arr = _read_array(value, base_dir).astype(np.float32)
+        else:
+            vol, _report = read_series(_resolve(str(value), base_dir))
+            arr = window(vol.numpy()[0], self.pre.window)  # (D, H, W) in [0, 1]
         t = Resize(tuple(self.pre.volume_size), mode="trilinear")(torch.from_numpy(arr)[None])
         return {"x": torch.as_tensor(t).float()}
 

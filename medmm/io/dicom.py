@@ -69,7 +69,37 @@ def _meta(ds) -> dict:
         "frame_of_reference_uid": str(f("FrameOfReferenceUID", "")),
         "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
         "window": _file_window(ds),
+        **_enhanced_geometry(ds),
     }
+
+
+def _enhanced_geometry(ds) -> dict:
+    """Per-frame positions, orientation and spacing of an enhanced multi-frame CT/MR (functional groups)."""
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per:
+        return {}
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+
+    def find(item, seq, attr):
+        for src in (item, shared):
+            if src is not None and seq in src and len(src[seq].value) and attr in src[seq].value[0]:
+                return src[seq].value[0].get(attr)
+        return None
+
+    positions = [find(f, "PlanePositionSequence", "ImagePositionPatient") for f in per]
+    out: dict = {}
+    if all(p is not None for p in positions):
+        out["frame_positions"] = [[float(v) for v in p] for p in positions]
+    ori = find(per[0], "PlaneOrientationSequence", "ImageOrientationPatient")
+    if ori is not None:
+        out["orientation"] = [float(v) for v in ori]
+    ps = find(per[0], "PixelMeasuresSequence", "PixelSpacing")
+    if ps is not None:
+        out["pixel_spacing"] = [float(v) for v in ps]
+    th = find(per[0], "PixelMeasuresSequence", "SliceThickness")
+    if th is not None:
+        out["slice_thickness"] = float(th)
+    return out
 
 
 def _file_window(ds) -> tuple[float, float] | None:
@@ -84,11 +114,15 @@ def _file_window(ds) -> tuple[float, float] | None:
     return (c, w) if w > 0 else None
 
 
-def read_dicom(path: str | Path, stop_before_pixels: bool = False) -> DicomImage:
-    """Read one DICOM file into modality units. Raises DicomError naming the file and the problem."""
+def read_dicom(path: str | Path, stop_before_pixels: bool = False, apply_voi: bool = False) -> DicomImage:
+    """Read one DICOM file into modality units. Raises DicomError naming the file and the problem.
+
+    ``apply_voi=True`` returns grey images already through the file's VOI transform (VOI LUT sequence,
+    else window center/width) and scaled to [0, 1] over the transform's output range (``meta['voi']``).
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     path = Path(path)
     try:
@@ -122,7 +156,17 @@ def read_dicom(path: str | Path, stop_before_pixels: bool = False) -> DicomImage
             arr = arr / float(2 ** int(ds.get("BitsStored", 8)) - 1)
         else:
             arr = apply_modality_lut(arr, ds).astype(np.float32)
-            if photometric == "MONOCHROME1":
+            if apply_voi and ("VOILUTSequence" in ds or meta["window"] is not None):
+                if "VOILUTSequence" in ds:
+                    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+                    lo, hi = 0.0, float(2**bits - 1)
+                else:
+                    lo, hi = 0.0, float(2 ** int(ds.get("BitsStored", 16)) - 1)
+                arr = np.clip((apply_voi_lut(arr, ds, prefer_lut=True).astype(np.float32) - lo) / (hi - lo), 0, 1)
+                meta["voi"] = "lut" if "VOILUTSequence" in ds else "window"
+                if photometric == "MONOCHROME1":
+                    arr = 1.0 - arr
+            elif photometric == "MONOCHROME1":
                 arr = arr.max() + arr.min() - arr  # invert so that higher = brighter
     except Exception as e:
         raise DicomError(path, f"LUT cannot be applied ({type(e).__name__}: {e})") from e
@@ -181,21 +225,25 @@ class SeriesReport:
     other_series: list[str] = field(default_factory=list)
 
 
-def read_series(folder: str | Path, series_uid: str | None = None, spacing_tolerance: float = 0.05):
-    """Assemble one series of single-frame slices (or one multi-frame file) into a ``(1, D, H, W)`` MetaTensor.
+def read_series(folder: str | Path, series_uid: str | None = None, spacing_tolerance: float = 0.05,
+                files: list[Path] | None = None):
+    """Assemble one series (single-frame slices, or one multi-frame file) into a ``(1, D, H, W)`` MetaTensor.
 
-    Slices are ordered by their position along the slice normal. The affine (RAS) uses the real
-    step between slice positions, so a gantry-tilted series keeps its true (sheared) geometry and
-    MONAI's ``Spacing``/``Orientation`` resample it correctly; the tilt angle is reported.
-    Returns ``(volume, report)``.
+    Slices (or frames of an enhanced CT/MR) are ordered by their position along the slice normal.
+    The affine (RAS) uses the real step between slice positions, so a gantry-tilted series keeps
+    its true (sheared) geometry and MONAI's ``Spacing``/``Orientation`` resample it correctly; the
+    tilt angle, uneven spacing and gaps (missing slices) are reported. Returns ``(volume, report)``.
     """
     import torch
     from monai.data import MetaTensor
 
     folder = Path(folder)
-    paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    if files is not None:
+        paths = list(files)
+    else:
+        paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
     report = SeriesReport(files=len(paths))
-    slices: list[DicomImage] = []
+    images: list[DicomImage] = []
     for p in paths:
         try:
             img = read_dicom(p)
@@ -203,12 +251,12 @@ def read_series(folder: str | Path, series_uid: str | None = None, spacing_toler
             report.rejected.append(e.to_record())
             log.warning("skipping %s", e)
             continue
-        slices.append(img)
-    if not slices:
+        images.append(img)
+    if not images:
         raise DicomError(folder, "no readable DICOM image in the series")
     by_series: dict[str, list[DicomImage]] = {}
-    for s in slices:
-        by_series.setdefault(s.meta["series_uid"], []).append(s)
+    for im in images:
+        by_series.setdefault(im.meta["series_uid"], []).append(im)
     if series_uid is None:
         series_uid = max(by_series, key=lambda k: sum(x.pixels.shape[0] for x in by_series[k]))
     if series_uid not in by_series:
@@ -216,62 +264,73 @@ def read_series(folder: str | Path, series_uid: str | None = None, spacing_toler
     report.series_uid = series_uid
     report.other_series = sorted(k for k in by_series if k != series_uid)
     group = by_series[series_uid]
-    if any(s.is_color for s in group):
+    if any(im.is_color for im in group):
         raise DicomError(folder, "colour images do not form a volume")
 
-    if len(group) == 1 and group[0].pixels.shape[0] > 1:  # one multi-frame file
-        img = group[0]
-        data = img.pixels  # (D, H, W)
-        ps = img.meta.get("pixel_spacing") or [1.0, 1.0]
-        dz = img.meta.get("slice_thickness") or 1.0
-        affine = _lps_to_ras(np.diag([dz, ps[0], ps[1], 1.0]))
-        report.slices = data.shape[0]
-        report.spacing = (float(dz), float(ps[0]), float(ps[1]))
+    # (pixels (H, W), position or None) per slice, from files or from the frames of one file
+    slices: list[tuple[np.ndarray, list[float] | None]] = []
+    ori = group[0].meta.get("orientation")
+    for im in group:
+        frames_pos = im.meta.get("frame_positions")
+        if im.pixels.shape[0] > 1:
+            if len(group) > 1:
+                raise DicomError(folder, "a multi-frame file inside a series of files")
+            for k in range(im.pixels.shape[0]):
+                slices.append((im.pixels[k], frames_pos[k] if frames_pos else None))
+        else:
+            slices.append((im.pixels[0], im.meta.get("position")))
+        if im.meta.get("orientation") and ori and not np.allclose(im.meta["orientation"], ori, atol=1e-3):
+            raise DicomError(folder, "slices of the series have different orientations; split them first")
+    if any(sl[0].shape != slices[0][0].shape for sl in slices):
+        raise DicomError(folder, "slices of the series have different sizes")
+    ps = group[0].meta.get("pixel_spacing") or [1.0, 1.0]
+
+    if not ori or any(pos is None for _, pos in slices):
+        if len(slices) > 1 and len(group) > 1:
+            raise DicomError(folder, "slices lack ImageOrientationPatient/ImagePositionPatient; cannot order them")
+        # a multi-frame file without plane geometry: keep frame order, spacing from the thickness
+        dz = float(group[0].meta.get("slice_thickness") or 1.0)
+        data = np.stack([sl[0] for sl in slices])
+        report.slices, report.spacing = data.shape[0], (dz, float(ps[0]), float(ps[1]))
+        affine = _lps_to_ras(np.diag([dz, float(ps[0]), float(ps[1]), 1.0]))
         return MetaTensor(torch.from_numpy(data[None]), affine=torch.from_numpy(affine)), report
 
-    ori = group[0].meta.get("orientation")
-    if not ori or any(s.meta.get("position") is None for s in group):
-        raise DicomError(folder, "slices lack ImageOrientationPatient/ImagePositionPatient; cannot order them")
     row_dir, col_dir = np.array(ori[:3]), np.array(ori[3:])
     normal = np.cross(row_dir, col_dir)
-    for s in group:
-        if s.meta.get("orientation") and not np.allclose(s.meta["orientation"], ori, atol=1e-3):
-            raise DicomError(folder, "slices of the series have different orientations; split them first")
-        if s.pixels.shape[1:] != group[0].pixels.shape[1:]:
-            raise DicomError(folder, "slices of the series have different sizes")
-    pos = np.array([s.meta["position"] for s in group])
+    pos = np.array([sl[1] for sl in slices], dtype=float)
     dist = pos @ normal
     order = np.argsort(dist, kind="stable")
-    group = [group[i] for i in order]
     pos, dist = pos[order], dist[order]
     gaps = np.diff(dist)
     if len(gaps) and np.any(gaps < 1e-4):
         raise DicomError(folder, "two slices share one position (duplicates or several acquisitions)")
-    data = np.stack([s.pixels[0] for s in group])  # (D, H, W)
-    ps = group[0].meta.get("pixel_spacing") or [1.0, 1.0]
-    if len(group) > 1:
-        step = (pos[-1] - pos[0]) / (len(group) - 1)  # mean step vector (includes tilt shear)
+    data = np.stack([slices[i][0] for i in order])  # (D, H, W)
+    if len(slices) > 1:
+        step = (pos[-1] - pos[0]) / (len(slices) - 1)  # mean step vector (includes tilt shear)
         dz = float(np.median(gaps))
         rel = np.abs(gaps - dz) / max(dz, 1e-6)
         report.uneven_spacing = bool(np.any(rel > spacing_tolerance))
-        report.gap_positions = [int(i) for i in np.where(gaps > (1 + spacing_tolerance) * dz * 1.5)[0]]
+        report.gap_positions = [int(i) for i in np.where(gaps > 1.5 * dz)[0]]
         cosang = abs(float(np.dot(step, normal))) / (np.linalg.norm(step) + 1e-12)
         report.gantry_tilt_deg = float(np.degrees(np.arccos(min(1.0, cosang))))
     else:
         dz = float(group[0].meta.get("slice_thickness") or 1.0)
         step = normal * dz
     if report.uneven_spacing:
-        log.warning("%s: uneven slice spacing (%.2f-%.2f mm); using the mean step", folder, gaps.min(), gaps.max())
+        log.warning("%s: uneven slice spacing (%.2f-%.2f mm); the affine uses the mean step", folder.name,
+                    gaps.min(), gaps.max())
+    if report.gap_positions:
+        log.warning("%s: missing slices after positions %s", folder.name, report.gap_positions)
     if report.gantry_tilt_deg > 0.5:
-        log.warning("%s: gantry tilt of %.1f deg; the affine keeps the sheared geometry", folder,
+        log.warning("%s: gantry tilt of %.1f deg; the affine keeps the sheared geometry", folder.name,
                     report.gantry_tilt_deg)
-    # index (k, i, j) -> LPS: k along slice step, i along rows (col_dir), j along columns (row_dir)
+    # index (k, i, j) -> LPS: k along the slice step, i along rows (col_dir), j along columns (row_dir)
     lps = np.eye(4)
     lps[:3, 0] = step
     lps[:3, 1] = col_dir * ps[0]
     lps[:3, 2] = row_dir * ps[1]
     lps[:3, 3] = pos[0]
-    report.slices = len(group)
+    report.slices = len(slices)
     report.spacing = (float(np.linalg.norm(step)), float(ps[0]), float(ps[1]))
     return MetaTensor(torch.from_numpy(data[None]), affine=torch.from_numpy(_lps_to_ras(lps))), report
 
