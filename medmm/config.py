@@ -90,10 +90,26 @@ class PreprocessConfig:
     """mol: Morgan fingerprint length."""
     fingerprint_radius: int = 2
     """mol: Morgan radius."""
+    mol_canonical_tautomer: bool = True
+    """mol (mol_graph loader): replace each molecule by RDKit's canonical tautomer (stereo kept)."""
+    mol_remove_stereo: bool = False
+    """mol (mol_graph loader): drop stereo tags before featurising."""
+    mol_max_heavy_atoms: int = 200
+    """mol (mol_graph loader): larger molecules are rejected with a SmilesError."""
     kmer: int = 1
     """dna: k-mer size of the tokeniser (1 = nucleotides)."""
     max_length: int = 512
     """dna: longest sequence kept (longer ones are centre-cropped)."""
+    slide_mpp: float = 0.5
+    """slide (slide_tiles loader): microns per pixel of the tiles."""
+    slide_tile: int = 224
+    """slide (slide_tiles loader): tile side in pixels at ``slide_mpp`` (resized to ``image_size`` for the encoder)."""
+    slide_min_tissue: float = 0.5
+    """slide (slide_tiles loader): least tissue fraction of a kept tile (Otsu mask)."""
+    slide_max_tiles: int = 4096
+    """slide: tiles per slide at most; larger bags keep an evenly spaced subset (deterministic)."""
+    slide_feature_dim: int = 1024
+    """slide (slide_features loader): width of the precomputed tile features (UNI: 1024); checked on load."""
 
     def __post_init__(self):
         if len(self.volume_size) != 3:
@@ -107,13 +123,15 @@ class ModalityConfig:
     """One modality: how its input is loaded, encoded and projected. Its placeholder is ``<name>``."""
 
     loader: str = "image"
-    """Input loader registry name: image | volume | smiles_fingerprint | dna_tokens."""
+    """Input loader registry name: image | volume | smiles_fingerprint | mol_graph | dna_tokens."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """The encoder."""
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     """The projector into the LLM's embedding space."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """Preprocessing of raw inputs."""
+    max_tokens: int = 256
+    """Cap on LLM tokens per input of this modality (a 3D study or slide must go through the resampler)."""
 
 
 @dataclass
@@ -205,6 +223,12 @@ class TrainerConfig:
     """Log loss every N steps (progress bar, TensorBoard, metrics.jsonl)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on a GPU that supports it, fp32 on CPU."""
+    stage: Literal["sft", "align"] = "sft"
+    """sft = next-token loss on answers; align = image-report contrastive pretraining (open_clip ClipLoss)."""
+    align_modality: str = "image"
+    """align: the modality whose encoder + projector are aligned with the report text."""
+    init_from: str | None = None
+    """A medmm model folder whose encoder and projector weights start this run (e.g. the align stage's)."""
 
     def __post_init__(self):
         for k in ("max_steps", "micro_batch_size", "grad_accum", "save_every", "keep_last", "log_every"):

@@ -53,6 +53,19 @@ class Processor:
         ids, labels = self.encoder.encode(record.get("conversations"), {k: len(v) for k, v in items.items()}, source)
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "items": items, "id": record.get("id")}
 
+    def process_pair(self, record: dict, base_dir: Path | None = None, source: str = "<record>") -> dict:
+        """Alignment sample: the modality items and the token ids of the last answer (the report) alone."""
+        items = self._modality_items(record, source, base_dir)
+        if sum(len(v) for v in items.values()) != 1:
+            raise ConversationError(source, "an alignment record needs exactly one modality input")
+        conv = record.get("conversations") or []
+        if not conv or str(conv[-1].get("from", "")).lower() not in ("gpt", "assistant"):
+            raise ConversationError(source, "an alignment record needs a final answer (the report)")
+        ids = self.encoder.tok(str(conv[-1]["value"]), add_special_tokens=False)["input_ids"][: self.encoder.max_length]
+        if not ids:
+            raise ConversationError(source, "empty report")
+        return {"input_ids": torch.tensor(ids), "items": items, "id": record.get("id")}
+
     def process_prompt(self, record: dict, base_dir: Path | None = None, source: str = "<request>") -> dict:
         """Generation request: the conversation must end with a human turn."""
         items = self._modality_items(record, source, base_dir)
@@ -93,7 +106,11 @@ class ConversationDataset(Dataset):
     and replaced by the next readable record, so every rank keeps the same number of steps.
     """
 
-    def __init__(self, path: str | Path, processor: Processor, name: str | None = None, max_retries: int = 16):
+    def __init__(self, path: str | Path, processor: Processor, name: str | None = None, max_retries: int = 16,
+                 mode: str = "sft"):
+        if mode not in ("sft", "align"):
+            raise ValueError(f"unknown dataset mode {mode}")
+        self.mode = mode
         self.path = Path(path)
         self.records = read_jsonl(self.path)
         if not self.records:
@@ -112,7 +129,8 @@ class ConversationDataset(Dataset):
             rec = self.records[j]
             source = f"{self.path}:{j + 1} (id={rec.get('id')})"
             try:
-                return self.processor.process(rec, self.path.parent, source)
+                fn = self.processor.process if self.mode == "sft" else self.processor.process_pair
+                return fn(rec, self.path.parent, source)
             except InvalidInputError as e:
                 if j not in self.failed:
                     self.failed[j] = e.to_record()

@@ -89,7 +89,8 @@ def _header(path: str) -> dict:
     return {
         "path": path,
         "study": str(ds.get("StudyInstanceUID", "")),
-        "series": str(ds.get("SeriesInstanceUID", "")),
+        # a file without SeriesInstanceUID stands alone rather than merging with other such files
+        "series": str(ds.get("SeriesInstanceUID", "")) or f"no-series:{path}",
         "accession": str(ds.get("AccessionNumber", "")),
         "for": str(ds.get("FrameOfReferenceUID", "")),
         "orientation": tuple(round(float(v), 3) for v in ori) if ori else None,
@@ -145,7 +146,7 @@ def _series_sample(args) -> dict:
                 frame = img.pixels[img.pixels.shape[0] // 2]
                 out, geometry = _image_2d(frame, img.is_color, opts, img.meta)
         else:
-            vol, report = read_series(Path(paths[0]).parent, series_uid=str(first.SeriesInstanceUID),
+            vol, report = read_series(Path(paths[0]).parent, series_uid=str(first.get("SeriesInstanceUID", "")),
                                       files=[Path(p) for p in paths])
             kind = "volume"
             errors.extend(report.rejected)
@@ -178,14 +179,14 @@ def _series_sample(args) -> dict:
     if opts.keep_phi:
         meta.update({"study_uid": study, "series_uid": series, "patient_id": str(first.get("PatientID", "")),
                      "accession": str(first.get("AccessionNumber", ""))})
-        key = pseudonym("keep-phi", series, 24)
+        key = pseudonym("keep-phi", series or paths[0], 24)
     else:
         hdr = copy.deepcopy(first)  # Dataset.copy() shares elements: de-identifying it would alter `first`
         info = deidentify(hdr, opts.salt)
-        meta.update({"study_uid": str(hdr.StudyInstanceUID), "series_uid": str(hdr.SeriesInstanceUID),
+        meta.update({"study_uid": str(hdr.get("StudyInstanceUID", "")), "series_uid": str(hdr.get("SeriesInstanceUID", "")),
                      "patient": info["patient_pseudonym"], "study_date": str(hdr.get("StudyDate", "")),
                      "body_part": str(hdr.get("BodyPartExamined", ""))})
-        key = pseudonym(opts.salt, "series|" + series, 24)
+        key = pseudonym(opts.salt, "series|" + (series or paths[0]), 24)
     return {"sample": {"key": key, "npz": _npz_bytes(out.astype(np.float16)), "meta": meta,
                        "orig_study": study, "orig_accession": str(first.get("AccessionNumber", ""))},
             "errors": errors}

@@ -23,8 +23,11 @@ def reference_of(record: dict) -> str | None:
 
 def evaluate(checkpoint: str | Path, data: list[str | Path], out_dir: str | Path,
              decoding: DecodingConfig | None = None, batch_size: int = 8, device: str = "auto",
-             limit: int | None = None) -> dict:
-    """Run the model over ``data`` files and write predictions and metrics to ``out_dir``."""
+             limit: int | None = None, report: bool = False) -> dict:
+    """Run the model over ``data`` files and write predictions and metrics to ``out_dir``.
+
+    ``report=True`` adds the report-generation metrics (BLEU-1..4, ROUGE-L, METEOR, CIDEr) per file.
+    """
     from ..inference.predictor import Predictor
 
     predictor = Predictor(checkpoint, device=device)
@@ -41,6 +44,10 @@ def evaluate(checkpoint: str | Path, data: list[str | Path], out_dir: str | Path
         ok = [r for r in rows if "error" not in r and r["reference"] is not None]
         m = answer_metrics([r["answer"] for r in ok], [r["reference"] for r in ok], [r["answer_type"] for r in ok])
         m["errors"] = len(rows) - len(ok)
+        if report and ok:
+            from .report_metrics import report_metrics
+
+            m["report"] = report_metrics([r["answer"] for r in ok], [r["reference"] for r in ok])
         per_file[path.name] = m
         all_rows.extend(rows)
     ok = [r for r in all_rows if "error" not in r and r["reference"] is not None]

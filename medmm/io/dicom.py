@@ -155,7 +155,7 @@ def read_dicom(path: str | Path, stop_before_pixels: bool = False, apply_voi: bo
             arr = arr.astype(np.float32)  # pydicom 3 converts YBR to RGB by default
             arr = arr / float(2 ** int(ds.get("BitsStored", 8)) - 1)
         else:
-            arr = apply_modality_lut(arr, ds).astype(np.float32)
+            arr = _modality_lut(arr, ds, apply_modality_lut)
             if apply_voi and ("VOILUTSequence" in ds or meta["window"] is not None):
                 if "VOILUTSequence" in ds:
                     bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
@@ -177,6 +177,21 @@ def read_dicom(path: str | Path, stop_before_pixels: bool = False, apply_voi: bo
     if arr.ndim == 3 and color:
         arr = arr[None]
     return DicomImage(np.ascontiguousarray(arr, dtype=np.float32), meta)
+
+
+def _modality_lut(arr: np.ndarray, ds, apply_modality_lut) -> np.ndarray:
+    """Stored values -> modality units as float32. A plain rescale is done in float32 in place (pydicom's
+    general function goes through float64 temporaries); LUT sequences go through pydicom."""
+    if "ModalityLUTSequence" in ds:
+        return apply_modality_lut(arr, ds).astype(np.float32)
+    out = arr.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0:
+        out *= np.float32(slope)
+    if intercept != 0.0:
+        out += np.float32(intercept)
+    return out
 
 
 def window(img: np.ndarray, window: str | tuple[float, float] | None = None,
@@ -243,6 +258,9 @@ def read_series(folder: str | Path, series_uid: str | None = None, spacing_toler
     else:
         paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
     report = SeriesReport(files=len(paths))
+    if files is None and folder.is_dir():  # text files beside the slices (README, LICENSE) are not errors
+        skipped = [p for p in paths if p.suffix.lower() in (".txt", ".md", ".json", ".csv", ".pdf")]
+        paths = [p for p in paths if p not in set(skipped)]
     images: list[DicomImage] = []
     for p in paths:
         try:
@@ -304,7 +322,9 @@ def read_series(folder: str | Path, series_uid: str | None = None, spacing_toler
     gaps = np.diff(dist)
     if len(gaps) and np.any(gaps < 1e-4):
         raise DicomError(folder, "two slices share one position (duplicates or several acquisitions)")
-    data = np.stack([slices[i][0] for i in order])  # (D, H, W)
+    data = np.empty((len(slices), *slices[0][0].shape), dtype=np.float32)  # (D, H, W), filled in place
+    for k, i in enumerate(order):
+        data[k] = slices[i][0]
     if len(slices) > 1:
         step = (pos[-1] - pos[0]) / (len(slices) - 1)  # mean step vector (includes tilt shear)
         dz = float(np.median(gaps))

@@ -94,6 +94,10 @@ class MedMMForCausalLM(nn.Module):
             if slots is None:
                 raise ConfigError(f"model.modalities.{name}: encoder '{config.modalities[name].encoder.name}' emits "
                                   "a variable number of tokens; use projector type 'resampler' to bound it")
+            if slots > config.modalities[name].max_tokens:
+                raise ConfigError(f"model.modalities.{name}: {slots} LLM tokens per input is over max_tokens="
+                                  f"{config.modalities[name].max_tokens}; use projector type 'resampler' "
+                                  "(num_queries) or a coarser patch size")
             self.modality_tokens[name] = ModalityToken(text, int(tid), int(slots))
 
     # ------------------------------------------------------------------ building

@@ -66,6 +66,27 @@ def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1):
     return f
 
 
+def load_modules_from(model, folder: str | Path) -> dict:
+    """Copy encoder/projector weights of the modalities both models have from a saved medmm folder."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "modules.safetensors"
+    if not path.exists():
+        raise ConfigError(f"trainer.init_from: {path} not found (is '{folder}' a medmm model folder?)")
+    state = load_file(str(path))
+    loaded = {}
+    for part in ("encoders", "projectors"):
+        for name, module in getattr(model, part).items():
+            prefix = f"{part}.{name}."
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if sub:
+                module.load_state_dict(sub, strict=True)
+                loaded[f"{part}.{name}"] = len(sub)
+    if not loaded:
+        raise ConfigError(f"trainer.init_from: {folder} shares no modality with this model")
+    return loaded
+
+
 def _to_device(batch, device):
     import torch
 
@@ -100,12 +121,21 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
 
     seed_everything(t.seed)
     model = MedMMForCausalLM.from_config(cfg.model)
+    if t.init_from:
+        loaded = load_modules_from(model, t.init_from)
+        if rank == 0:
+            print(f"encoders/projectors initialised from {t.init_from}: {loaded}", flush=True)
     proc = model.processor(cfg.data.max_length, cfg.data.system_prompt)
-    datasets = [ConversationDataset(d.path, proc, d.name) for d in cfg.data.datasets]
+    datasets = [ConversationDataset(d.path, proc, d.name, mode=t.stage) for d in cfg.data.datasets]
+    medmm_model = model
+    if t.stage == "align":
+        from .align import AlignmentModel
+
+        model = AlignmentModel(medmm_model, t.align_modality, rank, world)
     mixture = MixtureDataset(datasets, [d.weight for d in cfg.data.datasets])
 
     ds_config = build_ds_config(t, world)
-    params = model.trainable_parameters()
+    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: encoder, projector and LLM are all frozen")
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
@@ -126,7 +156,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     sampler = ResumableBatchSampler(mixture, t.micro_batch_size, rank, world, t.seed, cfg.data.epoch_size,
                                     start=start_step * t.grad_accum)
     loader = DataLoader(mixture, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=partial(proc.collate, pad_missing_modalities=True),
+                        collate_fn=partial(proc.collate, pad_missing_modalities=t.stage == "sft"),
                         persistent_workers=cfg.data.num_workers > 0)
     it = iter(loader)
 
@@ -137,7 +167,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
 
         writer = SummaryWriter(str(out / "tb"))
         bar = tqdm(total=t.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        counts = model.parameter_counts()
+        counts = medmm_model.parameter_counts()
         print(f"world={world} zero={zero_stage} params={counts['total']:,} trainable={counts['trainable']:,} "
               f"datasets={[(d.name, len(d)) for d in datasets]}", flush=True)
     metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
@@ -179,8 +209,9 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
         if done % t.save_every == 0 or done == t.max_steps:
             save_checkpoint(engine, ckpt_root, done, {"step": done, "loss": last_loss}, t.keep_last)
 
-    final = save_final_model(engine, model, out / "checkpoint", zero_stage,
+    final = save_final_model(engine, medmm_model, out / "checkpoint", zero_stage,
                              extra={"training": {"steps": t.max_steps, "final_loss": last_loss, "world_size": world,
+                                                 "stage": t.stage,
                                                  "zero_stage": zero_stage,
                                                  "datasets": [d.path for d in cfg.data.datasets]}})
     if rank == 0:
