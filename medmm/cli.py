@@ -6,6 +6,8 @@
     medmm eval --checkpoint C --data eval.jsonl [--out DIR]
     medmm export --checkpoint C --format hf --out DIR
     medmm demo [--out runs/demo]
+    medmm prepare wsi SRC --out OUT [--mpp 0.5] [--tile 224] [--labels L] [--features ENC]
+    medmm wsi train|eval|heatmap ...                slide classification (ABMIL + head), heat maps
 """
 
 from __future__ import annotations
@@ -45,6 +47,25 @@ def _prepare(argv: list[str]) -> None:
     dc.add_argument("--workers", type=int, default=1)
     dc.add_argument("--salt", help="secret for pseudonyms and date shifts (default: $MEDMM_DEID_SALT)")
     dc.add_argument("--keep-phi", action="store_true", help="do NOT de-identify (writes identifiers)")
+    w = sub.add_parser("wsi", help="whole-slide images -> webdataset shards of tiles or tile features")
+    w.add_argument("src", help="a slide file or a folder of slides (svs, ndpi, mrxs, scn, tif ...)")
+    w.add_argument("--out", required=True)
+    w.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of the tiles (default 0.5)")
+    w.add_argument("--tile", type=int, default=224, help="tile side in pixels at --mpp")
+    w.add_argument("--labels", help="CSV: slide, label and/or report (+ patient, split)")
+    w.add_argument("--features", metavar="ENCODER", help="store tile features from this encoder (e.g. vit_tile)")
+    w.add_argument("--encoder-checkpoint", help="local weights of the --features encoder (UNI/CONCH-style)")
+    w.add_argument("--encoder-kwargs", default="{}", help='JSON, e.g. \'{"model_name": "vit_large_patch16_224"}\'')
+    w.add_argument("--workers", type=int, default=0, help="decoding processes (0 = this one)")
+    w.add_argument("--slide-mpp", type=float, help="scan MPP for slides whose metadata has none")
+    w.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a kept tile")
+    w.add_argument("--mask-mpp", type=float, default=8.0, help="µm per pixel of the tissue mask")
+    w.add_argument("--backend", choices=["auto", "openslide", "tifffile"], default="auto")
+    w.add_argument("--format", choices=["jpg", "png"], default="jpg", help="tile encoding in the shards")
+    w.add_argument("--shard-size", type=int, default=10000, help="samples per shard at most")
+    w.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch (--features)")
+    w.add_argument("--device", default="auto")
+    w.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("tiny-llm", help="train a small tokenizer and save a tiny random causal LM")
     t.add_argument("--family", default="llama")
     t.add_argument("--hidden", type=int, default=64)
@@ -57,6 +78,9 @@ def _prepare(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     if a.kind == "dicom":
         _prepare_dicom(a)
+        return
+    if a.kind == "wsi":
+        _prepare_wsi(a)
         return
     if a.kind == "vqa":
         res = P.prepare_vqa(a.questions, a.images, a.out, a.eval_fraction, name=a.name or "vqa")
@@ -97,6 +121,23 @@ def _prepare_dicom(a) -> None:
     print(json.dumps(prepare_dicom(a.src, a.out, a.reports, opts), indent=2))
 
 
+def _prepare_wsi(a) -> None:
+    from .data.slides import prepare_wsi
+
+    m = prepare_wsi(a.src, a.out, mpp=a.mpp, tile=a.tile, labels=a.labels, features=a.features,
+                    encoder_checkpoint=a.encoder_checkpoint, encoder_kwargs=json.loads(a.encoder_kwargs),
+                    workers=a.workers, slide_mpp=a.slide_mpp, min_tissue=a.min_tissue, mask_mpp=a.mask_mpp,
+                    backend=a.backend, image_format=a.format, shard_maxcount=a.shard_size, batch_size=a.batch_size,
+                    device=a.device, progress=not a.no_progress)
+    print(json.dumps({k: m[k] for k in ("counts", "shards", "timing")} | {"out": a.out}, indent=2))
+
+
+def _wsi(argv: list[str]) -> None:
+    from .training.slide_classification import main
+
+    main(argv)
+
+
 def _train(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="medmm train", add_help=False)
     ap.add_argument("--nproc", type=int, default=1, help="ranks on this machine (runs torchrun)")
@@ -121,9 +162,10 @@ def _eval(argv: list[str]) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--report-metrics", action="store_true", help="also BLEU-1..4, ROUGE-L, METEOR, CIDEr")
     a = ap.parse_args(argv)
     m = evaluate(a.checkpoint, a.data, a.out, DecodingConfig(max_new_tokens=a.max_new_tokens), a.batch_size,
-                 limit=a.limit)
+                 limit=a.limit, report=a.report_metrics)
     print(json.dumps(m, indent=2))
 
 
@@ -149,7 +191,7 @@ def _demo(argv: list[str]) -> None:
     run_demo(a.out, steps=a.steps, nproc=a.nproc)
 
 
-COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "export": _export, "demo": _demo}
+COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "export": _export, "demo": _demo, "wsi": _wsi}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from medmm.config import PreprocessConfig
 from medmm.data.loaders import ImageLoader, VolumeLoader
 from medmm.data.prepare_dicom import DicomPrepareOptions, prepare_dicom, read_shard_array
-from medmm.config import PreprocessConfig
 from medmm.io.deid import deidentify, remap_uid
 
 PHI = {"PatientName": "Doe^Jane", "PatientID": "PID-987654", "PatientBirthDate": "19610415",

@@ -195,4 +195,134 @@ def build_loader(name: str, pre: PreprocessConfig) -> ModalityLoader:
     return _LOADERS[name](pre)
 
 
+class MolGraphLoader(ModalityLoader):
+    """SMILES -> standardised molecule -> atom/bond graph, for the ``mol_gin`` encoders.
+
+    An item holds ``x`` (N, F) atom features, ``adj`` (N, N) bond codes and the edge list
+    (``edge_index`` (2, E), ``edge_code`` (E,)). ``collate`` pads to the batch's largest molecule and
+    packs features and bond codes into one ``x`` (B, N, F + N) with ``mask`` (B, N); it also returns
+    the edge list with node ids offset into the flattened (B * N) padded nodes.
+    """
+
+    name = "mol_graph"
+
+    def options(self):
+        from ..io.molecules import StandardiseOptions
+
+        return StandardiseOptions(canonical_tautomer=self.pre.mol_canonical_tautomer,
+                                  remove_stereo=self.pre.mol_remove_stereo,
+                                  max_heavy_atoms=self.pre.mol_max_heavy_atoms)
+
+    def load(self, value: Any, base_dir: Path | None = None) -> Item:
+        from ..io.molecules import mol_graph, parse_smiles
+
+        return self.from_graph(mol_graph(parse_smiles(str(value), source=f"SMILES '{value}'", options=self.options())))
+
+    @staticmethod
+    def from_graph(graph) -> Item:
+        """An item from a :class:`medmm.io.molecules.MolGraph` (e.g. made in worker processes)."""
+        return {"x": torch.from_numpy(graph.node_features), "adj": torch.from_numpy(graph.adjacency()),
+                "edge_index": torch.from_numpy(graph.edge_index), "edge_code": torch.from_numpy(graph.edge_code)}
+
+    def collate(self, items: list[Item]) -> Item:
+        from encoders.molecule import pack_graphs
+
+        x, mask = pack_graphs([it["x"] for it in items], [it["adj"] for it in items])  # (B, N, F + N), (B, N)
+        n = x.shape[1]
+        edge_index = torch.cat([it["edge_index"] + b * n for b, it in enumerate(items)], 1)  # (2, E)
+        edge_code = torch.cat([it["edge_code"] for it in items])  # (E,)
+        return {"x": x, "mask": mask, "edge_index": edge_index, "edge_code": edge_code}
+
+    def dummy(self) -> Item:
+        from ..io.molecules import mol_graph, parse_smiles
+
+        return self.from_graph(mol_graph(parse_smiles("C", source="<dummy>")))  # methane: one atom, no bonds
+
+
+register_loader("mol_graph", MolGraphLoader)
+
+
+class SlideFeatureLoader(ModalityLoader):
+    """A slide as a bag of precomputed tile features: ``.safetensors`` from ``medmm prepare wsi --features`` or a
+    ``.npy`` (N, D) -> ``x`` (N, D) + ``mask``; ``collate`` pads bags to the longest (``x`` (B, N, D), ``mask`` (B, N)).
+
+    Bags over ``slide_max_tiles`` keep an evenly spaced subset; the item also carries the tiles' level-0
+    ``coords`` and the file's metadata (slide path, tile size) for heat maps."""
+
+    name = "slide_features"
+
+    def load(self, value: Any, base_dir: Path | None = None) -> Item:
+        from ..errors import SlideError
+        from ..io.wsi import evenly_spaced
+        from .slides import load_slide_features
+
+        path = _resolve(str(value), base_dir)
+        feats, coords, meta = load_slide_features(path)
+        if feats.shape[0] == 0:
+            raise SlideError(path, "the slide has no tiles (no tissue found?)")
+        if feats.shape[1] != self.pre.slide_feature_dim:
+            raise SlideError(path, f"tile features have width {feats.shape[1]}, but the model expects "
+                                   f"preprocess.slide_feature_dim={self.pre.slide_feature_dim}")
+        keep = evenly_spaced(feats.shape[0], self.pre.slide_max_tiles)
+        item = {"x": torch.from_numpy(np.ascontiguousarray(feats[keep])), "mask": torch.ones(len(keep), dtype=torch.bool),
+                "meta": {**meta, "path": str(path)}}
+        if coords is not None:
+            item["coords"] = torch.from_numpy(np.ascontiguousarray(coords[keep]))
+        return item
+
+    def collate(self, items: list[Item]) -> Item:
+        n = max(it["x"].shape[0] for it in items)
+        x = torch.zeros(len(items), n, *items[0]["x"].shape[1:], dtype=items[0]["x"].dtype)
+        m = torch.zeros(len(items), n, dtype=torch.bool)
+        for i, it in enumerate(items):
+            x[i, : it["x"].shape[0]] = it["x"]
+            m[i, : it["x"].shape[0]] = it["mask"]
+        return {"x": x, "mask": m}
+
+    def dummy(self) -> Item:
+        return {"x": torch.zeros(1, self.pre.slide_feature_dim), "mask": torch.ones(1, dtype=torch.bool)}
+
+
+class SlideTileLoader(SlideFeatureLoader):
+    """A slide file (SVS, NDPI, MRXS, TIFF ...) tiled on the fly -> ``x`` (N, 3, S, S) normalised tiles + ``mask``.
+
+    Tiles of ``slide_tile`` px at ``slide_mpp`` where the tissue fraction is >= ``slide_min_tissue``, at most
+    ``slide_max_tiles`` (evenly spaced), resized to ``image_size`` and normalised with ``mean``/``std``. For
+    training, precompute features with ``medmm prepare wsi --features`` and use ``slide_features``."""
+
+    name = "slide_tiles"
+
+    def load(self, value: Any, base_dir: Path | None = None) -> Item:
+        from ..errors import SlideError
+        from ..io.wsi import evenly_spaced, open_slide, read_tile, select_level, tile_grid, tissue_mask
+
+        path = _resolve(str(value), base_dir)
+        with open_slide(path) as slide:
+            choice = select_level(slide, self.pre.slide_mpp, self.pre.slide_tile)
+            grid = tile_grid(slide, choice, tissue_mask(slide), self.pre.slide_min_tissue)
+            if len(grid) == 0:
+                raise SlideError(path, f"no tile has >= {self.pre.slide_min_tissue:.0%} tissue")
+            keep = evenly_spaced(len(grid), self.pre.slide_max_tiles)
+            coords = grid.coords[keep]
+            tiles = np.stack([read_tile(slide, choice, int(x), int(y)) for x, y in coords])  # (N, T, T, 3)
+        t = torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, T, T)
+        s = self.pre.image_size
+        if t.shape[-1] != s:
+            t = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(self.pre.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.pre.std).view(1, -1, 1, 1)
+        meta = {"source": str(path), "tile0": choice.tile0, "tile_size": choice.tile_size, "level": choice.level,
+                "mpp": choice.effective_mpp, "path": str(path)}
+        return {"x": (t - mean) / std, "mask": torch.ones(len(keep), dtype=torch.bool),
+                "coords": torch.from_numpy(coords), "meta": meta}
+
+    def dummy(self) -> Item:
+        s = self.pre.image_size
+        return {"x": torch.zeros(1, 3, s, s), "mask": torch.ones(1, dtype=torch.bool)}
+
+
+register_loader("slide_features", SlideFeatureLoader)
+register_loader("slide_tiles", SlideTileLoader)
+
+
 __all__ = ["InvalidInputError", "ModalityLoader", "build_loader", "list_loaders", "register_loader"]

@@ -70,6 +70,38 @@ def _stream(predictor, req: dict, d: DecodingConfig) -> dict:
     return out
 
 
+SLIDE_LOADERS = ("slide_features", "slide_tiles")
+
+
+def _slide_modality(model) -> str:
+    """The model's modality fed by a slide loader (its name is the placeholder, usually ``slide``)."""
+    names = [n for n, m in model.config.modalities.items() if m.loader in SLIDE_LOADERS]
+    if not names:
+        raise SystemExit(f"infer.py: --slide needs a model with a slide modality (loader {' or '.join(SLIDE_LOADERS)});"
+                         f" this one has {list(model.config.modalities)}")
+    return names[0]
+
+
+def _slide_heatmap(predictor, value: str, out_png: str) -> dict:
+    """Attention of the slide modality's aggregator (ABMIL) or resampler over the tiles, drawn on the thumbnail."""
+    import torch
+
+    from ..eval.slide_heatmap import bag_attention, heatmap_from_item
+
+    model = predictor.model
+    name = _slide_modality(model)
+    try:
+        item = predictor.processor.loaders[name].load(value)
+        dev = next(model.parameters()).device
+        x = item["x"][None].to(dev)
+        x = x.to(next(model.encoders[name].parameters()).dtype) if x.is_floating_point() else x
+        with torch.no_grad():
+            att = bag_attention(model.encoders[name], model.projectors[name], x, item["mask"][None].to(dev))[0]
+        return heatmap_from_item(item, att.float().cpu().numpy(), out_png)
+    except InvalidInputError as e:
+        return {"error": type(e).__name__, "message": str(e)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", help="optional InferConfig YAML")
@@ -82,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--fasta", help="FASTA file (first record)")
     src.add_argument("--dna", help="DNA sequence")
     src.add_argument("--modality", action="append", default=[], metavar="NAME=VALUE", help="any modality")
+    src.add_argument("--slide", help="whole slide: its tile-feature file (.safetensors from `medmm prepare wsi "
+                     "--features`) or, with the slide_tiles loader, the slide itself")
+    src.add_argument("--heatmap", metavar="PNG", help="with --slide: write the thumbnail, tissue mask and the "
+                     "aggregator's attention over the tiles as a PNG")
     src.add_argument("--question", action="append", help="the question; repeat it to ask several about one input "
                      "(the input is encoded once and the shared prompt's KV cache is reused)")
     src.add_argument("--options", help="closed-set answering: comma-separated allowed answers, e.g. yes,no")
@@ -166,6 +202,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for kv in args.modality:
             name, _, v = kv.partition("=")
             mods[name] = v
+        if args.slide:
+            mods[_slide_modality(predictor.model)] = args.slide
         req = {"id": "request", "modalities": mods}
         if len(args.question) > 1:
             req["questions"] = args.question
@@ -180,6 +218,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         outputs = predictor.predict(requests, d, batch_size=cfg.batch_size, base_dir=base_dir)
     for req, out in zip(requests, outputs):
         out.setdefault("question", req.get("question"))
+    if args.heatmap:
+        if args.manifest or not args.slide:
+            raise SystemExit("infer.py: --heatmap needs one request with --slide")
+        outputs[0]["heatmap"] = _slide_heatmap(predictor, args.slide, args.heatmap)
     if args.out:
         write_jsonl(args.out, outputs)
         print(json.dumps({"written": args.out, "requests": len(outputs),
