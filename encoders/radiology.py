@@ -117,3 +117,40 @@ def hf_vision(path: str | None = None, config: dict | None = None, drop_cls: boo
               feature_layer: int = -1) -> nn.Module:
     """Hugging Face vision tower (CLIP-style) loaded from a local folder, as LLaVA uses."""
     return HFVisionTower(path=path, config=config, drop_cls=drop_cls, feature_layer=feature_layer)
+
+
+class OpenClipVision(nn.Module):
+    """The vision tower of an open_clip model (CLIP, BiomedCLIP-style) from local files -> patch tokens.
+
+    ``model_name`` is an open_clip architecture name, or the name of a JSON config in ``config_dir``
+    (e.g. a BiomedCLIP ``open_clip_config.json`` copied there). ``weights`` is a local full-CLIP
+    checkpoint (safetensors, or torch loaded with ``weights_only=True``); only the visual tower is kept.
+    """
+
+    def __init__(self, model_name: str = "ViT-B-16", config_dir: str | None = None, weights: str | None = None):
+        super().__init__()
+        import open_clip
+
+        from .registry import load_weights
+
+        if config_dir:
+            open_clip.add_model_config(config_dir)
+        clip = open_clip.create_model(model_name, pretrained=None)
+        if weights:
+            load_weights(clip, weights)
+        self.visual = clip.visual
+        self.visual.output_tokens = True
+        self.out_dim = int(getattr(self.visual, "width", None) or self.visual.transformer.width)
+        grid = getattr(self.visual, "grid_size", None)
+        self.num_tokens = int(grid[0] * grid[1]) if grid is not None else None
+        self.image_size = getattr(self.visual, "image_size", None)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> EncoderOutput:
+        _, tokens = self.visual(x)  # pooled (B, E), tokens (B, N, width)
+        return EncoderOutput(tokens, None)
+
+
+@register_encoder("open_clip_vision", modality="image")
+def open_clip_vision(model_name: str = "ViT-B-16", config_dir: str | None = None, weights: str | None = None):
+    """open_clip vision tower (CLIP / BiomedCLIP-style) from local config + weights files."""
+    return OpenClipVision(model_name, config_dir, weights)

@@ -7,13 +7,33 @@ from encoders import build_encoder, list_encoders
 from encoders.registry import get_encoder_spec
 
 TINY_INPUTS = {
+    "vit_tile_tiny": lambda: (torch.randn(2, 7, 3, 32, 32), torch.arange(7).expand(2, 7) < torch.tensor([[7], [4]])),
+    "abmil_tiny": lambda: (torch.randn(2, 7, 32), torch.arange(7).expand(2, 7) < torch.tensor([[7], [4]])),
+    "slide_tokens_tiny": lambda: (torch.randn(2, 7, 32), torch.arange(7).expand(2, 7) < torch.tensor([[7], [4]])),
     "vit2d_tiny": lambda: (torch.randn(2, 3, 64, 64), None),
     "vit3d_tiny": lambda: (torch.randn(2, 1, 16, 64, 64), None),
     "mol_fingerprint_tiny": lambda: ((torch.rand(2, 2048) > 0.9).float(), None),
     "dna_tiny": lambda: (torch.randint(2, 6, (2, 40)), torch.arange(40).expand(2, 40) < torch.tensor([[40], [25]])),
 }
 # Full-size presets are built with small overrides so the test stays fast.
+def _tiny_open_clip_dir():
+    import json
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="oc-")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
+                                           "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+    with open(f"{d}/tiny-clip.json", "w") as f:
+        json.dump(cfg, f)
+    return d
+
+
 SMALL_OVERRIDES = {
+    "vit_tile": dict(model_name="vit_tiny_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=2),
+    "abmil": dict(in_dim=48, hidden=32, attn_dim=16, branches=2),
+    "slide_tokens": dict(in_dim=48, dim=32),
+    "open_clip_vision": dict(model_name="tiny-clip", config_dir=_tiny_open_clip_dir()),
     "vit2d": dict(model_name="vit_tiny_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=2),
     "vit3d": dict(img_size=(16, 32, 32), patch_size=(8, 16, 16), hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2),
     "mol_fingerprint_mlp": dict(bits=256, hidden=32, num_tokens=3),
@@ -22,6 +42,10 @@ SMALL_OVERRIDES = {
                                   image_size=32, patch_size=8)),
 }
 SMALL_INPUTS = {
+    "vit_tile": lambda: (torch.randn(2, 7, 3, 32, 32), torch.arange(7).expand(2, 7) < torch.tensor([[7], [4]])),
+    "abmil": lambda: (torch.randn(2, 7, 48), torch.arange(7).expand(2, 7) < torch.tensor([[7], [4]])),
+    "slide_tokens": lambda: (torch.randn(2, 7, 48), torch.arange(7).expand(2, 7) < torch.tensor([[7], [4]])),
+    "open_clip_vision": lambda: (torch.randn(2, 3, 32, 32), None),
     "vit2d": lambda: (torch.randn(2, 3, 32, 32), None),
     "vit3d": lambda: (torch.randn(2, 1, 16, 32, 32), None),
     "mol_fingerprint_mlp": lambda: (torch.rand(2, 256), None),
@@ -77,3 +101,17 @@ def test_checkpoint_loading_safetensors_and_torch(tmp_path):
 def test_unknown_encoder():
     with pytest.raises(KeyError, match="unknown encoder"):
         build_encoder("nope")
+
+
+def test_open_clip_weights_from_local_file(tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    d = SMALL_OVERRIDES["open_clip_vision"]["config_dir"]
+    open_clip.add_model_config(d)
+    clip = open_clip.create_model("tiny-clip", pretrained=None)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    enc = build_encoder("open_clip_vision", model_name="tiny-clip", config_dir=d, weights=str(tmp_path / "clip.safetensors"))
+    for k, v in clip.visual.state_dict().items():
+        assert torch.equal(enc.visual.state_dict()[k], v), k
+    assert enc.num_tokens == 16 and enc.out_dim == 32
