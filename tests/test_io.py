@@ -154,3 +154,37 @@ def test_dna_tokenize_and_fasta(shared_data):
     with pytest.raises(SequenceError):
         read_fasta(shared_data / "genomics" / "vcf_cyvcf2" / "empty.vcf")
     assert issubclass(SequenceError, InvalidInputError)
+
+
+def test_enhanced_ct_frames_ordered_by_position(shared_data):
+    path = shared_data / "dicom" / "pydicom_data" / "eCT_Supplemental.dcm"
+    img = read_dicom(path)
+    assert len(img.meta["frame_positions"]) == 2 and img.meta["orientation"]
+    vol, rep = read_series(path)
+    assert vol.shape[1] == 2 and rep.slices == 2 and not rep.frame_order_only
+    normal = np.cross(img.meta["orientation"][:3], img.meta["orientation"][3:])
+    step = np.array(img.meta["frame_positions"]) @ normal
+    assert rep.spacing[0] == pytest.approx(abs(step[1] - step[0]), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["emri_small.dcm", "emri_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm"])
+def test_multiframe_without_plane_geometry(shared_data, name):
+    # these test files carry no functional groups: frames stay in file order, spacing from the header
+    vol, rep = read_series(shared_data / "dicom" / "pydicom_data" / name)
+    assert vol.shape == (1, 10, 64, 64) and rep.frame_order_only and rep.spacing[0] == pytest.approx(1.2)
+
+
+def test_voi_lut_sequence(shared_data):
+    from pydicom.pixels import apply_voi_lut
+
+    path = shared_data / "dicom" / "pydicom_data" / "vlut_04.dcm"
+    ds = pydicom.dcmread(path)
+    img = read_dicom(path, apply_voi=True)
+    assert img.meta["voi"] == "lut" and 0 <= img.pixels.min() and img.pixels.max() <= 1
+    ref = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds).astype(np.float32), ds, prefer_lut=True)
+    np.testing.assert_allclose(img.pixels[0] * (2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1), ref, atol=1e-2)
+
+
+def test_broken_j2k_is_typed(shared_data):
+    with pytest.raises(DicomError, match="too_short"):
+        read_dicom(shared_data / "dicom" / "pydicom_data" / "emri_small_jpeg_2k_lossless_too_short.dcm")

@@ -61,6 +61,8 @@ def _meta(ds) -> dict:
         "frames": int(f("NumberOfFrames", 1) or 1),
         "pixel_spacing": floats(f("PixelSpacing")),
         "slice_thickness": float(f("SliceThickness")) if f("SliceThickness") not in (None, "") else None,
+        "spacing_between_slices": (float(f("SpacingBetweenSlices"))
+                                   if f("SpacingBetweenSlices") not in (None, "") else None),
         "orientation": floats(f("ImageOrientationPatient")),
         "position": floats(f("ImagePositionPatient")),
         "study_uid": str(f("StudyInstanceUID", "")),
@@ -238,6 +240,8 @@ class SeriesReport:
     gantry_tilt_deg: float = 0.0
     series_uid: str = ""
     other_series: list[str] = field(default_factory=list)
+    frame_order_only: bool = False
+    """True when frames had no plane positions and were stacked in file order."""
 
 
 def read_series(folder: str | Path, series_uid: str | None = None, spacing_tolerance: float = 0.05,
@@ -306,8 +310,11 @@ def read_series(folder: str | Path, series_uid: str | None = None, spacing_toler
     if not ori or any(pos is None for _, pos in slices):
         if len(slices) > 1 and len(group) > 1:
             raise DicomError(folder, "slices lack ImageOrientationPatient/ImagePositionPatient; cannot order them")
-        # a multi-frame file without plane geometry: keep frame order, spacing from the thickness
-        dz = float(group[0].meta.get("slice_thickness") or 1.0)
+        # a multi-frame file without plane geometry: keep frame order, spacing from the header
+        m0 = group[0].meta
+        dz = float(m0.get("spacing_between_slices") or m0.get("slice_thickness") or 1.0)
+        report.frame_order_only = True
+        log.warning("%s: no plane positions; frames kept in file order, %.2f mm apart", folder.name, dz)
         data = np.stack([sl[0] for sl in slices])
         report.slices, report.spacing = data.shape[0], (dz, float(ps[0]), float(ps[1]))
         affine = _lps_to_ras(np.diag([dz, float(ps[0]), float(ps[1]), 1.0]))
