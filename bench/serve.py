@@ -1,0 +1,302 @@
+"""Serving benchmark: studies per minute through ``medmm pacs listen`` with N concurrent DICOM senders, on loopback.
+
+The same studies go two ways in one run:
+
+* ``direct``: :class:`~medmm.export.study.ReportPipeline` called on each study folder in a loop (load -> select
+  series -> infer -> write SR) in one worker thread, no network: the ceiling for one model on this machine;
+* ``listener``: the DIMSE storage SCP (:class:`~medmm.export.listener.StudyListener`) fed by N pynetdicom
+  C-STORE senders in threads, one association per study; each study is collected until ``--study-timeout``
+  after its last instance, reported, and its SR sent back by C-STORE to a sink SCP on loopback. A sender
+  that gets 0xA700 (the listener's bounded queue is full) retries the study after 0.2 s.
+
+Each study is a copy of pydicom's CT_small or MR_small (real pixels and headers) with new Study/Series/SOP
+UIDs and ``--instances`` instances. Senders are ``storescu`` processes (dcmtk) by default, so they do not share
+the listener's Python process. The model is random (Llama ``--layers`` x ``--hidden``, ``vit2d_tiny``), greedy,
+``--new-tokens`` tokens per report: at the default 2x64 the figures measure the plumbing; ``--hidden 512
+--layers 8`` makes inference dominate, as it does with a real model.
+Throughput = studies reported OK / (last SR sent - first instance sent); latency = first instance
+received -> SR sent. Bounded: ``--studies`` per run and ``--max-seconds`` per configuration.
+
+Writes ``bench/results/serve.json``; the last printed line is the headline.
+
+    python bench/serve.py                                   # --senders 1,4 --studies 24
+    python bench/serve.py --senders 1,2,8 --studies 40 --instances 3 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_checkpoint(tmp: Path, hidden: int = 64, layers: int = 2) -> Path:
+    from medmm.config import ModelConfig, config_from_dict
+    from medmm.model.multimodal import MedMMForCausalLM
+    from medmm.model.tiny import build_tiny_llm, sample_texts
+
+    llm = build_tiny_llm(tmp / "llm", sample_texts(), hidden=hidden, layers=layers, heads=max(1, hidden // 64),
+                         kv_heads=max(1, hidden // 128))
+    cfg = config_from_dict(ModelConfig, {
+        "llm": str(llm), "llm_trainable": "frozen",
+        "modalities": {"image": {"loader": "image", "encoder": {"name": "vit2d_tiny"},
+                                 "projector": {"type": "mlp2x_gelu"}, "preprocess": {"image_size": 64}}}})
+    torch.manual_seed(0)
+    return MedMMForCausalLM.from_config(cfg).save_pretrained(tmp / "model")
+
+
+def make_studies(out: Path, n: int, instances: int) -> list[list[Path]]:
+    """``n`` studies alternating CT_small / MR_small, each with fresh UIDs and ``instances`` instances."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from medmm.data.prepare import pydicom_test_files
+
+    srcs = [pydicom_test_files() / "CT_small.dcm", pydicom_test_files() / "MR_small.dcm"]
+    studies = []
+    for s in range(n):
+        ds = pydicom.dcmread(srcs[s % 2])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        folder = out / f"study{s:04d}"
+        folder.mkdir(parents=True)
+        paths = []
+        for i in range(instances):
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.InstanceNumber = i + 1
+            paths.append(folder / f"{i}.dcm")
+            ds.save_as(paths[-1], enforce_file_format=True)
+        studies.append(paths)
+    return studies
+
+
+class Sink:
+    """A C-STORE SCP on loopback that accepts the SRs (what the PACS would do) and counts them."""
+
+    def __init__(self, port: int):
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import ComprehensiveSRStorage
+
+        self.count = 0
+        self.last = 0.0
+        ae = AE(ae_title="SINK")
+        ae.add_supported_context(ComprehensiveSRStorage)
+        self.server = ae.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event):
+        self.count += 1
+        self.last = time.perf_counter()
+        return 0x0000
+
+    def close(self):
+        self.server.shutdown()
+
+
+def send_storescu(port: int, paths: list[Path], deadline: float) -> tuple[int, int]:
+    """One ``storescu`` process (one association) per study, as a modality or PACS forward would; a failed
+    store (0xA700 when the listener's queue is full) is retried after 0.2 s. Returns (exit code, retries)."""
+    import subprocess
+
+    retries = 0
+    while True:
+        rc = subprocess.run(["storescu", "-aet", "BENCH", "-aec", "MEDMM", "127.0.0.1", str(port), *map(str, paths)],
+                            capture_output=True).returncode
+        if rc == 0 or time.perf_counter() > deadline:
+            return rc, retries
+        retries += 1
+        time.sleep(0.2)
+
+
+def send_study(port: int, paths: list[Path], datasets: dict) -> tuple[int, int]:
+    """One association per study; retries on 0xA700 (queue full). Returns (status, refusals)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
+    from medmm.export.listener import no_delay
+
+    refusals = 0
+    while True:
+        ae = AE(ae_title="BENCH")
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(MRImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDMM")
+        if not assoc.is_established:
+            return -1, refusals
+        no_delay(assoc)  # as DCMTK's storescu does by default
+        statuses = [int(assoc.send_c_store(datasets[p]).Status) for p in paths]
+        assoc.release()
+        if all(s == 0 for s in statuses):
+            return 0, refusals
+        if any(s == 0xA700 for s in statuses):
+            refusals += 1
+            time.sleep(0.2)
+            continue
+        return statuses[0], refusals
+
+
+def run_listener(pipeline, studies, senders: int, args, tmp: Path) -> dict:
+    import pydicom
+
+    from medmm.export.listener import ListenerConfig, StudyListener
+    from medmm.training.distributed import free_port
+
+    port, sink_port = free_port(), free_port()
+    sink = Sink(sink_port)
+    out = tmp / f"listener_{senders}"
+    listener = StudyListener(pipeline, ListenerConfig(
+        port=port, allowed_aets=["BENCH"], study_timeout_s=args.study_timeout, max_queue=args.max_queue,
+        forward_to=f"SINK@127.0.0.1:{sink_port}", out_dir=str(out))).start()
+    datasets = ({p: pydicom.dcmread(p) for paths in studies for p in paths}  # read once, outside the timing
+                if args.sender == "pynetdicom" else {})
+    todo = iter(studies)
+    lock = threading.Lock()
+    refusals = []
+    deadline = time.perf_counter() + args.max_seconds
+
+    def sender():
+        while time.perf_counter() < deadline:
+            with lock:
+                paths = next(todo, None)
+            if paths is None:
+                return
+            if args.sender == "storescu":
+                _, r = send_storescu(port, paths, deadline)
+            else:
+                _, r = send_study(port, paths, datasets)
+            refusals.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=sender) for _ in range(senders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    idle = listener.wait_idle(max(1.0, deadline - time.perf_counter()))
+    listener.stop()
+    sink.close()
+    records = [json.loads(x) for x in (out / "studies.jsonl").read_text().splitlines()]
+    ok = [r for r in records if r["outcome"] == "ok"]
+    elapsed = (sink.last or time.perf_counter()) - t0
+    lat = [r["total_s"] for r in ok]
+    infer = [next(s["s"] for s in r["steps"] if s["op"] == "infer") for r in ok]
+    return {"senders": senders, "studies_sent": len(refusals), "studies_ok": len(ok),
+            "outcomes": {k: sum(r["outcome"] == k for r in records) for k in {r["outcome"] for r in records}},
+            "srs_received_by_sink": sink.count, "queue_full_retries": sum(refusals), "finished": idle,
+            "elapsed_s": round(elapsed, 3), "studies_per_min": round(len(ok) / elapsed * 60, 1),
+            "latency_s": {"p50": round(statistics.median(lat), 3), "p95": round(sorted(lat)[int(0.95 * (len(lat) - 1))], 3),
+                          "max": round(max(lat), 3)} if lat else None,
+            "infer_s_median": round(statistics.median(infer), 4) if infer else None}
+
+
+def run_direct(pipeline, studies, args) -> dict:
+    """The pipeline in a loop, in a worker thread like the listener's (main-thread inference measured up to 20x
+    slower on this shared 2-core machine, so both paths run off the main thread)."""
+    per: list[float] = []
+    box = {}
+
+    def loop():
+        deadline = time.perf_counter() + args.max_seconds
+        t0 = time.perf_counter()
+        for paths in studies:
+            if time.perf_counter() > deadline:
+                break
+            t = time.perf_counter()
+            pipeline.run(paths[0].parent)
+            per.append(time.perf_counter() - t)
+        box["elapsed"] = time.perf_counter() - t0
+
+    t = threading.Thread(target=loop)
+    t.start()
+    t.join()
+    n, elapsed = len(per), box["elapsed"]
+    return {"studies_ok": n, "elapsed_s": round(elapsed, 3), "studies_per_min": round(n / elapsed * 60, 1),
+            "per_study_s_median": round(statistics.median(per), 4)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--senders", default="1,4", help="comma-separated numbers of concurrent senders")
+    ap.add_argument("--studies", type=int, default=24, help="studies per configuration")
+    ap.add_argument("--instances", type=int, default=1, help="instances per study")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--study-timeout", type=float, default=0.5, help="seconds after a study's last instance")
+    ap.add_argument("--max-queue", type=int, default=16, help="the listener's bound (CLI default 16)")
+    ap.add_argument("--max-seconds", type=float, default=120.0, help="time bound per configuration")
+    ap.add_argument("--sender", choices=["storescu", "pynetdicom"], default="storescu",
+                    help="storescu: one dcmtk process per study (senders outside the listener's process); "
+                         "pynetdicom: SCU threads inside the benchmark process")
+    ap.add_argument("--hidden", type=int, default=64, help="LLM width (64: plumbing-bound; 512: inference-bound)")
+    ap.add_argument("--layers", type=int, default=2, help="LLM layers")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    args = ap.parse_args(argv)
+    import logging
+
+    logging.getLogger("medmm.pacs").setLevel(logging.WARNING)
+    from medmm.config import DecodingConfig
+    from medmm.export.study import ReportConfig, ReportPipeline
+
+    senders = [int(x) for x in args.senders.split(",")]
+    if args.sender == "storescu" and not shutil.which("storescu"):
+        raise SystemExit("storescu not found: apt-get install dcmtk, or run with --sender pynetdicom")
+    with tempfile.TemporaryDirectory(prefix="medmm-bench-serve-") as d:
+        tmp = Path(d)
+        ckpt = build_checkpoint(tmp, args.hidden, args.layers)
+        pipeline = ReportPipeline(ckpt, ReportConfig(decoding=DecodingConfig(max_new_tokens=args.new_tokens)),
+                                  device=args.device)
+        warm = make_studies(tmp / "warm", 2, args.instances)
+        warm_up = threading.Thread(target=lambda: [pipeline.run(s[0].parent) for s in warm])  # imports, first calls
+        warm_up.start()
+        warm_up.join()
+        direct = run_direct(pipeline, make_studies(tmp / "direct", args.studies, args.instances), args)
+        runs = []
+        for n, k in zip(senders, itertools.count()):
+            runs.append(run_listener(pipeline, make_studies(tmp / f"s{k}", args.studies, args.instances), n, args, tmp))
+    result = {
+        "benchmark": "serve",
+        "what": "studies/min through the DIMSE listener (receive, collect until time-out, infer, write SR, C-STORE "
+                "the SR to a sink) vs the same pipeline called directly on the same kind of studies",
+        "device": args.device, "cpu_threads": torch.get_num_threads(), "machine": platform.machine(),
+        "python": platform.python_version(), "torch": torch.__version__, "args": vars(args),
+        "model": f"random Llama {args.layers}x{args.hidden} + vit2d_tiny (64 px), greedy, {args.new_tokens} tokens",
+        "direct": direct, "listener": runs,
+        "ratio_listener_vs_direct": {str(r["senders"]): round(r["studies_per_min"] / direct["studies_per_min"], 3)
+                                     for r in runs},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"direct pipeline: {direct['studies_per_min']:.1f} studies/min ({direct['per_study_s_median']:.3f} s/study)")
+    for r in runs:
+        lat = r["latency_s"] or {}
+        print(f"listener, {r['senders']} sender(s): {r['studies_per_min']:.1f} studies/min, {r['studies_ok']}/"
+              f"{r['studies_sent']} ok, SRs at sink {r['srs_received_by_sink']}, queue-full retries "
+              f"{r['queue_full_retries']}, latency p50 {lat.get('p50')} s p95 {lat.get('p95')} s")
+    print(f"  wrote {out}")
+    best = max(runs, key=lambda r: r["studies_per_min"])
+    print(f"serve: {best['studies_per_min']:.0f} studies/min through the DIMSE listener with {best['senders']} "
+          f"concurrent sender(s) ({best['studies_per_min'] / direct['studies_per_min']:.2f}x the direct pipeline's "
+          f"{direct['studies_per_min']:.0f}/min; {args.device}, Llama {args.layers}x{args.hidden})")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""``medmm pacs http``: a small HTTP API for the same job (FastAPI + uvicorn).
+
+    GET  /v1/health            liveness and the model's identity (no token)
+    POST /v1/studies/report    multipart: one study's DICOM files (+ ``question``) -> report JSON,
+                               or the DICOM SR itself with ``?format=sr`` (application/dicom)
+    POST /v1/ask               JSON {question, modalities: {name: SMILES or DNA sequence}, options?} -> answer
+    GET  /openapi.json, /docs  the OpenAPI spec (``medmm pacs http --openapi spec.json`` writes it to a file)
+
+Every ``/v1`` call except health needs ``Authorization: Bearer <token>``; the token comes from
+``--token-file`` or ``MEDMM_API_TOKEN`` (at least 16 characters) and the server refuses to start
+without one. It binds to 127.0.0.1 unless ``--host`` says otherwise, and answers 413 to a body over
+``--max-request-mb`` before reading it. One model serves every request, one request at a time.
+Uploaded files live in a temporary folder for the duration of the request only.
+
+    MEDMM_API_TOKEN=$(cat /etc/medmm/token) medmm pacs http --checkpoint C --port 8080
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime, and the
+# request/response models are defined inside create_app (fastapi and pydantic are imported lazily).
+import hmac
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Annotated, Literal
+
+from ..errors import InvalidInputError, ModalityMismatchError
+from ..utils import optional_import
+
+log = logging.getLogger("medmm.http")
+TOKEN_ENV = "MEDMM_API_TOKEN"
+MIN_TOKEN_CHARS = 16
+# Inputs /v1/ask accepts inline. Image, volume and FASTA inputs are files: they come through
+# /v1/studies/report as uploads, never as server-side paths a caller could point anywhere.
+_INLINE_LOADERS = {"smiles_fingerprint", "dna_tokens"}
+_SEQUENCE = re.compile(r"^[A-Za-z]+$")
+
+
+def resolve_token(token_file: str | Path | None = None) -> str:
+    """The API token from ``token_file`` or ``$MEDMM_API_TOKEN``; refuses a missing or short one."""
+    token = Path(token_file).read_text().strip() if token_file else os.environ.get(TOKEN_ENV, "").strip()
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"an API token of at least {MIN_TOKEN_CHARS} characters is required "
+                         f"(--token-file or ${TOKEN_ENV})")
+    return token
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a declared Content-Length over the limit, and for a streamed body that outgrows it."""
+
+    class _TooLarge(Exception):
+        pass
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, scope, receive, send):
+        from starlette.responses import JSONResponse
+
+        await JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)(scope, receive,
+                                                                                                       send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyLimit._TooLarge
+            return msg
+
+        async def tracking_send(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyLimit._TooLarge:
+            if not started:
+                await self._reject(scope, receive, send)
+
+
+def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20):
+    """The FastAPI app around a loaded :class:`~medmm.export.study.ReportPipeline`."""
+    optional_import("fastapi")
+    from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile
+    from fastapi.responses import Response
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, Field
+
+    from .. import __version__
+    from ..config import DecodingConfig
+
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"the API token must have at least {MIN_TOKEN_CHARS} characters")
+    model_lock = threading.Lock()  # one model, one request at a time
+    predictor = pipeline.predictor
+    bearer = HTTPBearer(auto_error=False, description="the token from --token-file or $MEDMM_API_TOKEN")
+
+    def require_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    class Health(BaseModel):
+        status: str
+        model: str
+        version: str
+        model_uid: str
+
+    class Step(BaseModel):
+        op: str
+        s: float
+
+        model_config = {"extra": "allow"}
+
+    class ReportOut(BaseModel):
+        report: str = Field(description="the generated report text (also in the SR)")
+        study_instance_uid: str
+        sr_sop_instance_uid: str
+        sr_series_instance_uid: str
+        verification_flag: str = Field(description="always UNVERIFIED: a clinician must verify the report")
+        algorithm: dict
+        steps: list[Step] = Field(description="the audit trail: load_study, select_series, infer, write_sr")
+
+    class AskIn(BaseModel):
+        question: str = Field(min_length=1, max_length=4000)
+        modalities: dict[str, str] = Field(default_factory=dict,
+                                           description="modality name -> SMILES or DNA sequence (inline values only)")
+        options: list[str] | None = Field(default=None, description="closed-set answers to score (returns probs)")
+        max_new_tokens: int = Field(default=64, ge=1, le=1024)
+
+    class AskOut(BaseModel):
+        answer: str
+        probs: dict[str, float] | None = None
+        new_tokens: int | None = None
+        decoding: dict | None = None
+
+    app = FastAPI(title="medmm", version=__version__,
+                  description="Reports from a medmm multimodal model. Not a medical device: every report is "
+                              "UNVERIFIED until a clinician verifies it.")
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+
+    @app.get("/v1/health", response_model=Health)
+    def health() -> Health:
+        a = pipeline.algorithm
+        return Health(status="ok", model=a.name, version=a.version, model_uid=a.uid)
+
+    @app.post("/v1/studies/report", response_model=ReportOut, dependencies=[Depends(require_token)],
+              responses={200: {"content": {"application/dicom": {}},
+                               "description": "the report JSON, or the SR with ?format=sr"},
+                         401: {"description": "missing or wrong token"}, 413: {"description": "body too large"},
+                         422: {"description": "the study cannot be read or reported (typed error record)"}})
+    def report_study(files: Annotated[list[UploadFile], File(description="the DICOM instances of one study")],
+                     question: Annotated[str | None, Form(max_length=4000)] = None,
+                     format: Annotated[Literal["json", "sr"], Query(description="json: report JSON; sr: the SR")] = "json"):
+        with tempfile.TemporaryDirectory(prefix="medmm-upload-") as tmp:
+            folder = Path(tmp) / "upload"
+            folder.mkdir()
+            for i, f in enumerate(files):
+                with open(folder / f"{i:06d}.dcm", "wb") as out:
+                    shutil.copyfileobj(f.file, out)
+            try:
+                with model_lock:
+                    res = pipeline.run(folder, work_dir=Path(tmp) / "work", question=question)
+            except InvalidInputError as e:
+                rec = e.to_record()
+                rec["path"] = rec["path"].replace(tmp, "<upload>")  # no server paths in answers
+                rec["message"] = rec["message"].replace(tmp, "<upload>")
+                raise HTTPException(422, rec) from e
+        if format == "sr":
+            import io
+
+            buf = io.BytesIO()
+            res.sr.save_as(buf, enforce_file_format=True)
+            return Response(buf.getvalue(), media_type="application/dicom",
+                            headers={"Content-Disposition": f'attachment; filename="{res.sr.SOPInstanceUID}.dcm"'})
+        return ReportOut(report=res.text, study_instance_uid=res.record["study_instance_uid"],
+                         sr_sop_instance_uid=str(res.sr.SOPInstanceUID),
+                         sr_series_instance_uid=str(res.sr.SeriesInstanceUID),
+                         verification_flag=str(res.sr.VerificationFlag), algorithm=res.record["algorithm"],
+                         steps=res.record["steps"])
+
+    @app.post("/v1/ask", response_model=AskOut, dependencies=[Depends(require_token)],
+              responses={401: {"description": "missing or wrong token"}, 413: {"description": "body too large"},
+                         422: {"description": "invalid input (typed error record)"}})
+    def ask(req: AskIn) -> AskOut:
+        mods = predictor.model.config.modalities
+        for name, value in req.modalities.items():
+            if name not in mods:
+                raise HTTPException(422, {"error": "ConversationError", "path": name,
+                                          "message": f"unknown modality; the model has {', '.join(mods)}"})
+            if mods[name].loader not in _INLINE_LOADERS:
+                raise HTTPException(422, {"error": "ConversationError", "path": name,
+                                          "message": "file inputs go through /v1/studies/report"})
+            if mods[name].loader == "dna_tokens" and not _SEQUENCE.match(value):
+                raise HTTPException(422, {"error": "SequenceError", "path": name,
+                                          "message": "a DNA input must be a sequence of letters"})
+        record = {"id": "ask", "modalities": dict(req.modalities), "question": req.question}
+        if req.options:
+            record["options"] = list(req.options)
+        with model_lock:
+            try:
+                out = predictor.predict([record], DecodingConfig(max_new_tokens=req.max_new_tokens), batch_size=1)[0]
+            except (InvalidInputError, ModalityMismatchError) as e:
+                raise HTTPException(422, {"error": type(e).__name__, "message": str(e)}) from e
+        if "error" in out:
+            raise HTTPException(422, {"error": out["error"], "message": out["message"]})
+        return AskOut(answer=out["answer"], probs=out.get("probs"), new_tokens=out.get("new_tokens"),
+                      decoding=out.get("decoding"))
+
+    return app
+
+
+def serve(pipeline, token: str, host: str = "127.0.0.1", port: int = 8080, max_request_bytes: int = 256 << 20) -> None:
+    """Run the API with uvicorn until interrupted."""
+    uvicorn = optional_import("uvicorn")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: the API is reachable from the network; put TLS in front of it", host)
+    uvicorn.run(create_app(pipeline, token, max_request_bytes), host=host, port=port, log_level="info")

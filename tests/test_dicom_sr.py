@@ -1,0 +1,129 @@
+"""The study -> SR chain: series selection, the written Comprehensive SR reads back with its references,
+patient module, algorithm identification and flags; typed errors for studies that cannot be reported."""
+
+import json
+
+import pydicom
+import pytest
+import torch
+from pydicom.uid import generate_uid
+
+from medmm.cli import main as cli_main
+from medmm.config import DecodingConfig, ModelConfig, config_from_dict
+from medmm.errors import DicomError
+from medmm.export.dicom_sr import PATIENT_KEYWORDS, algorithm_info, clean_text, read_report
+from medmm.export.study import ReportConfig, ReportPipeline, load_study, select_series
+from medmm.model.multimodal import MedMMForCausalLM
+from tests.conftest import model_dict
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_llm, tmp_path_factory):
+    torch.manual_seed(0)
+    m = MedMMForCausalLM.from_config(config_from_dict(ModelConfig, model_dict(tiny_llm)))
+    return m.save_pretrained(tmp_path_factory.mktemp("ckpt") / "model")
+
+
+@pytest.fixture(scope="module")
+def pipeline(checkpoint):
+    return ReportPipeline(checkpoint, ReportConfig(decoding=DecodingConfig(max_new_tokens=8)))
+
+
+def test_sr_reads_back_with_references_patient_and_algorithm(pipeline, pydicom_files, tmp_path):
+    src = pydicom.dcmread(pydicom_files / "CT_small.dcm")
+    res = pipeline.run(pydicom_files / "CT_small.dcm")
+    path = tmp_path / "sr.dcm"
+    res.sr.save_as(path, enforce_file_format=True)
+
+    back = pydicom.dcmread(path)  # a plain DICOM reader sees a Comprehensive SR in the source study
+    assert back.SOPClassUID == pydicom.uid.ComprehensiveSRStorage and back.Modality == "SR"
+    assert back.StudyInstanceUID == src.StudyInstanceUID
+    assert back.SeriesInstanceUID != src.SeriesInstanceUID  # a new series in the same study
+    for kw in PATIENT_KEYWORDS:  # the patient module, as in the source
+        if kw in src:
+            assert back[kw].value == src[kw].value, kw
+    assert back.PatientName == "CompressedSamples^CT1" and back.PatientID == src.PatientID
+    r = read_report(path)
+    assert (r["verification_flag"], r["completion_flag"], r["preliminary_flag"]) == ("UNVERIFIED", "COMPLETE",
+                                                                                   "PRELIMINARY")
+    assert r["text"] == res.text and r["question"] == "Describe the findings."
+    assert r["referenced_sop_instance_uids"] == [src.SOPInstanceUID]
+    assert r["evidence_sop_instance_uids"] == [src.SOPInstanceUID]
+    alg = algorithm_info(pipeline.predictor.checkpoint)
+    assert r["algorithm"]["name"] == alg.name and r["algorithm"]["version"] == alg.version
+    assert r["device_observer_uid"] == alg.uid  # same weights, same UID
+    assert "strategy=greedy" in r["algorithm"]["parameters"] and "max_new_tokens=8" in r["algorithm"]["parameters"]
+    assert back.SoftwareVersions == alg.version
+
+    import highdicom as hd
+
+    sr = hd.sr.srread(path)  # highdicom parses its content tree too
+    assert isinstance(sr, hd.sr.ComprehensiveSR)
+
+    # the audit trail: one entry per operator, UIDs and counts, no patient identifiers
+    ops = [s["op"] for s in res.record["steps"]]
+    assert ops == ["load_study", "select_series", "infer", "write_sr"]
+    text = json.dumps(res.record)
+    assert src.PatientID not in text and "CompressedSamples" not in text
+
+
+def test_series_selection_volume_and_image(checkpoint, pipeline, shared_data, pydicom_files, tmp_path):
+    series = shared_data / "dicom" / "ct_series_head_GE_tilt"
+    n = len(list(series.glob("*.dcm")))
+    study = load_study(series, tmp_path / "a")
+    cfg = pipeline.predictor.model.config
+    sel = select_series(study, cfg, ReportConfig())
+    assert (sel.loader, sel.modality, len(sel.instances)) == ("volume", "volume", n)
+    positions = [i.position for i in sel.instances]
+    assert positions == sorted(positions)  # ordered along the slice normal
+    # the same series with a higher threshold goes through the image modality: the middle slice only
+    sel = select_series(study, cfg, ReportConfig(min_volume_slices=n + 1))
+    middle = sorted(sel.series.images, key=lambda i: i.position)[n // 2]
+    assert sel.loader == "image" and sel.instances == [middle]
+    res = pipeline.run(series)
+    assert len(read_report(res.sr)["referenced_sop_instance_uids"]) == n
+    # a series filter that matches nothing is an error naming the study
+    with pytest.raises(DicomError, match="no image series"):
+        select_series(load_study(pydicom_files / "CT_small.dcm", tmp_path / "b"), cfg,
+                      ReportConfig(series_modalities=["MR"]))
+
+
+def test_studies_that_cannot_be_reported(pipeline, pydicom_files, tmp_path):
+    ct, mr = pydicom.dcmread(pydicom_files / "CT_small.dcm"), pydicom.dcmread(pydicom_files / "MR_small.dcm")
+    with pytest.raises(DicomError, match="2 studies"):
+        pipeline.run([ct, mr])
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    with pytest.raises(DicomError, match="no readable DICOM instance"):
+        pipeline.run(tmp_path)
+    # an SR alone: nothing to read
+    sr = pipeline.run([ct]).sr
+    with pytest.raises(DicomError, match="no image series"):
+        pipeline.run([sr])
+    # pixels that cannot be decoded: the predictor's typed error comes through
+    bad = pydicom.dcmread(pydicom_files / "CT_small.dcm")
+    bad.SOPInstanceUID = generate_uid()
+    bad.PixelData = bad.PixelData[:100]
+    with pytest.raises(DicomError, match="inference failed"):
+        pipeline.run([bad])
+
+
+def test_in_memory_datasets_and_question_override(pipeline, pydicom_files):
+    ds = pydicom.dcmread(pydicom_files / "MR_small.dcm")
+    del ds.file_meta  # as DIMSE delivers it: no file meta group
+    res = pipeline.run([ds], question="Is there a lesion?")
+    r = read_report(res.sr)
+    assert r["question"] == "Is there a lesion?" and "question=Is there a lesion?" in r["algorithm"]["parameters"]
+    assert r["referenced_sop_instance_uids"] == [ds.SOPInstanceUID]
+
+
+def test_clean_text_drops_control_characters():
+    assert clean_text("a\x08b\tc\nd\x00\x9b ") == "ab\tc\nd"
+
+
+def test_cli_report(checkpoint, pydicom_files, tmp_path, capsys):
+    out = tmp_path / "sr.dcm"
+    cli_main(["pacs", "report", "--checkpoint", str(checkpoint), "--input", str(pydicom_files / "MR_small.dcm"),
+              "--out", str(out), "--max-new-tokens", "4", "--question", "Which sequence?"])
+    printed = json.loads(capsys.readouterr().out)
+    r = read_report(out)
+    assert r["text"] == printed["report"] and r["question"] == "Which sequence?"
