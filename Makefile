@@ -32,8 +32,7 @@ test-fast: $(STAMP)
 	$(VPY) -m pytest -m "not slow and not deepspeed and not integration" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(VPY) bench/train_step.py
-	$(VPY) bench/decoding.py
+	for b in train_step decoding dicom_load wsi_tiles molecules serve; do $(VPY) bench/$$b.py || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medmm encoders tests bench train.py infer.py

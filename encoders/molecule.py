@@ -88,7 +88,7 @@ class GINLayer(nn.Module):
     def __init__(self, dim: int, num_bond_codes: int, dropout: float = 0.0):
         super().__init__()
         self.bond = nn.Embedding(num_bond_codes + 1, dim)
-        self.eps = nn.Parameter(torch.zeros(()))
+        self.eps = nn.Parameter(torch.zeros(1))  # (1,), not a 0-dim tensor: DeepSpeed views params as bytes
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.drop = nn.Dropout(dropout)

@@ -4,8 +4,16 @@
     medmm train --config C [--nproc N] [--resume] [key=value ...]
     medmm infer --checkpoint C --input X --question Q      (same flags as infer.py)
     medmm eval --checkpoint C --data eval.jsonl [--out DIR]
-    medmm export --checkpoint C --format hf --out DIR
+    medmm export --checkpoint C --format hf|onnx|torchscript --out DIR [--with-llm]
+    medmm pacs report --checkpoint C --input STUDY --out sr.dcm        one study -> DICOM SR (no network)
+    medmm pacs pull-run-push --dicomweb URL --study UID --checkpoint C  WADO-RS -> model -> STOW-RS
+    medmm pacs listen --aet AET --port P --allowed-aets A,B --checkpoint C [--forward-to AET@host:port|URL]
+    medmm pacs http --checkpoint C [--port 8080] [--token-file F]       HTTP API (token, loopback, size limit)
     medmm demo [--out runs/demo]
+    medmm prepare molecules CSV --smiles-col S [--label-col L] [--split scaffold] [--qa] --out OUT
+    medmm prepare variants --vcf V --reference FA --out OUT [--flank 50] [--label-info KEY]
+    medmm train --config configs/tasks/druggability_head.yaml      encoder + head recipes (no LLM)
+    medmm eval druggability --checkpoint C --data D [--smiles-col S --label-col L] [--calibration F]
     medmm prepare wsi SRC --out OUT [--mpp 0.5] [--tile 224] [--labels L] [--features ENC]
     medmm wsi train|eval|heatmap ...                slide classification (ABMIL + head), heat maps
 """
@@ -34,6 +42,21 @@ def _prepare(argv: list[str]) -> None:
     m.add_argument("--smiles-col", default="smiles")
     m.add_argument("--label-col")
     m.add_argument("--question", default="Is this molecule likely to be an approved drug? Answer yes or no.")
+    m.add_argument("--split", choices=["random", "scaffold"], default="random",
+                   help="scaffold: no Bemis-Murcko scaffold in both train and eval")
+    m.add_argument("--workers", type=int, default=0, help="RDKit worker processes")
+    m.add_argument("--remove-stereo", action="store_true", help="drop stereo tags when standardising")
+    m.add_argument("--no-tautomer", action="store_true", help="keep the input tautomer")
+    m.add_argument("--qa", action="store_true", help="also write descriptor/rule Q&A records (molecule_qa_*.jsonl)")
+    va = sub.add_parser("variants", help="VCF/BCF + reference FASTA -> variant-effect Q&A on DNA windows")
+    va.add_argument("--vcf", required=True)
+    va.add_argument("--reference", required=True, help="reference FASTA (an index is built in a cache if missing)")
+    va.add_argument("--out", required=True)
+    va.add_argument("--flank", type=int, default=50, help="bases either side of the variant")
+    va.add_argument("--label-info", help="INFO key holding the answer (default: SnpEff ANN/EFF effect)")
+    va.add_argument("--region", help="only this region (needs a .tbi/.csi index)")
+    va.add_argument("--eval-fraction", type=float, default=0.2)
+    va.add_argument("--name", default="variants")
     d = sub.add_parser("dna", help="TSV of sequence<TAB>label")
     d.add_argument("tsv")
     dc = sub.add_parser("dicom", help="DICOM tree -> de-identified webdataset shards (+ reports or VQA pairs)")
@@ -85,8 +108,15 @@ def _prepare(argv: list[str]) -> None:
     if a.kind == "vqa":
         res = P.prepare_vqa(a.questions, a.images, a.out, a.eval_fraction, name=a.name or "vqa")
     elif a.kind == "molecules":
+        from .io.molecules import StandardiseOptions
+
         res = P.prepare_molecules(a.csv, a.out, a.smiles_col, a.label_col, a.question, a.eval_fraction,
-                                  name=a.name or "molecules")
+                                  name=a.name or "molecules", split=a.split, workers=a.workers, qa=a.qa,
+                                  options=StandardiseOptions(canonical_tautomer=not a.no_tautomer,
+                                                             remove_stereo=a.remove_stereo))
+    elif a.kind == "variants":
+        res = P.prepare_variants(a.vcf, a.reference, a.out, flank=a.flank, label_info=a.label_info, region=a.region,
+                                 eval_fraction=a.eval_fraction, name=a.name)
     elif a.kind == "dna":
         res = P.prepare_dna(a.tsv, a.out, eval_fraction=a.eval_fraction, name=a.name or "dna")
     else:
@@ -142,6 +172,13 @@ def _train(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="medmm train", add_help=False)
     ap.add_argument("--nproc", type=int, default=1, help="ranks on this machine (runs torchrun)")
     a, rest = ap.parse_known_args(argv)
+    from .tasks.head import is_task_config
+
+    if is_task_config(rest):  # configs/tasks/*.yaml: encoder + head in a plain torch loop, no DeepSpeed
+        from .tasks.head import main as task_main
+
+        task_main(rest)
+        return
     if a.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}", f"--master_port={free_port()}",
                "-m", "medmm.training", *rest]
@@ -152,6 +189,11 @@ def _train(argv: list[str]) -> None:
 
 
 def _eval(argv: list[str]) -> None:
+    if argv[:1] == ["druggability"]:  # AUROC / AUPRC / Brier of a head or LLM checkpoint on labelled molecules
+        from .tasks.druggability import eval_main
+
+        eval_main(argv[1:])
+        return
     from .config import DecodingConfig
     from .eval.runner import evaluate
 
@@ -172,12 +214,112 @@ def _eval(argv: list[str]) -> None:
 def _export(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="medmm export")
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--format", choices=["hf"], default="hf")
+    ap.add_argument("--format", choices=["hf", "onnx", "torchscript"], default="hf")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--metrics", help="hf: an eval metrics.json for the model card (default: <run>/eval/metrics.json)")
+    ap.add_argument("--with-llm", action="store_true", help="onnx: also export the language model (no KV cache)")
+    ap.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                    help="onnx: torch.export-based exporter, the TorchScript-based one, or dynamo with fallback")
+    ap.add_argument("--opset", type=int, default=18)
+    ap.add_argument("--atol", type=float, default=1e-4, help="onnx/torchscript: parity tolerance against PyTorch")
     a = ap.parse_args(argv)
-    from .export.hf import export_hf
+    if a.format == "hf":
+        from .export.hf import export_hf
 
-    print(json.dumps({"exported": str(export_hf(a.checkpoint, a.out)), "format": a.format}))
+        print(json.dumps({"exported": str(export_hf(a.checkpoint, a.out, metrics=a.metrics)), "format": a.format}))
+        return
+    from .export.onnx import export_graphs
+
+    try:
+        rep = export_graphs(a.checkpoint, a.out, a.format, with_llm=a.with_llm, exporter=a.exporter, opset=a.opset,
+                            atol=a.atol)
+    except RuntimeError as e:
+        raise SystemExit(f"medmm export: {e}") from e
+    summary = {n: {"file": r["file"], "exporter": r["exporter"], "max_abs_diff": r["max_abs_diff"]}
+               for n, r in rep["modalities"].items()}
+    if "llm" in rep:
+        summary["llm"] = {k: rep["llm"].get(k) for k in ("exported", "exporter", "max_abs_diff", "error")}
+    print(json.dumps({"exported": a.out, "format": a.format, "graphs": summary,
+                      "validation": os.path.join(a.out, "validation.json")}, indent=2))
+
+
+def _pacs(argv: list[str]) -> None:
+    """``medmm pacs report|pull-run-push|listen|http``: DICOM SR out of a study, over files, DICOMweb, DIMSE or HTTP."""
+    ap = argparse.ArgumentParser(prog="medmm pacs")
+    sub = ap.add_subparsers(dest="kind", required=True)
+    rep = sub.add_parser("report", help="one study from disk -> a DICOM SR file (no network)")
+    rep.add_argument("--input", required=True, help="a DICOM file or a study folder")
+    rep.add_argument("--out", required=True, help="the SR file to write")
+    pull = sub.add_parser("pull-run-push", help="WADO-RS retrieve a study, run the model, STOW-RS the SR back")
+    pull.add_argument("--dicomweb", required=True, help="DICOMweb root URL, e.g. http://pacs:8042/dicom-web")
+    pull.add_argument("--study", required=True, help="StudyInstanceUID")
+    pull.add_argument("--no-push", action="store_true", help="retrieve and report, but do not store the SR")
+    pull.add_argument("--token-file", help="a bearer token for the DICOMweb server")
+    lis = sub.add_parser("listen", help="DIMSE storage SCP: each received study -> SR (C-STORE or STOW-RS)")
+    lis.add_argument("--aet", default="MEDMM")
+    lis.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    lis.add_argument("--port", type=int, default=11112)
+    lis.add_argument("--allowed-aets", required=True, help="comma-separated calling AE titles that may send")
+    lis.add_argument("--forward-to", help="AET@host:port (C-STORE) or http(s)://.../dicom-web (STOW-RS)")
+    lis.add_argument("--study-timeout", type=float, default=5.0, help="seconds after the last instance")
+    lis.add_argument("--max-queue", type=int, default=16, help="studies collecting/waiting; more get 0xA700")
+    lis.add_argument("--out", default="runs/pacs", help="SRs, studies.jsonl and the spool")
+    lis.add_argument("--keep-studies", action="store_true", help="keep received instances after processing")
+    web = sub.add_parser("http", help="HTTP API (FastAPI): token required, loopback by default")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8080)
+    web.add_argument("--token-file", help="file holding the API token (default: $MEDMM_API_TOKEN)")
+    web.add_argument("--max-request-mb", type=float, default=256.0)
+    web.add_argument("--openapi", help="write the OpenAPI spec to this file and exit")
+    for p in (rep, pull, lis, web):
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--question", default="Describe the findings.")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--min-volume-slices", type=int, default=8)
+        p.add_argument("--series-modalities", help="only series of these DICOM modalities, e.g. CT,MR")
+        p.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    import logging
+
+    from .config import DecodingConfig
+    from .export.study import ReportConfig, ReportPipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines narrate every attribute copy
+    cfg = ReportConfig(question=a.question, decoding=DecodingConfig(max_new_tokens=a.max_new_tokens),
+                       min_volume_slices=a.min_volume_slices,
+                       series_modalities=a.series_modalities.split(",") if a.series_modalities else None)
+    if a.kind == "http":
+        from .export.http import create_app, resolve_token, serve
+
+        token = resolve_token(a.token_file)
+        pipeline = ReportPipeline(a.checkpoint, cfg, device=a.device)
+        if a.openapi:
+            from pathlib import Path
+
+            Path(a.openapi).write_text(json.dumps(create_app(pipeline, token).openapi(), indent=2))
+            print(json.dumps({"openapi": a.openapi}))
+            return
+        serve(pipeline, token, a.host, a.port, int(a.max_request_mb * (1 << 20)))
+        return
+    if a.kind == "listen":
+        from .export.listener import ListenerConfig, StudyListener
+
+        lcfg = ListenerConfig(aet=a.aet, host=a.host, port=a.port, allowed_aets=a.allowed_aets.split(","),
+                              study_timeout_s=a.study_timeout, max_queue=a.max_queue, forward_to=a.forward_to,
+                              out_dir=a.out, keep_studies=a.keep_studies)
+        StudyListener(ReportPipeline(a.checkpoint, cfg, device=a.device), lcfg).serve_forever()
+        return
+    pipeline = ReportPipeline(a.checkpoint, cfg, device=a.device)
+    if a.kind == "report":
+        res = pipeline.run(a.input)
+        res.sr.save_as(a.out, enforce_file_format=True)
+        print(json.dumps({**res.record, "report": res.text, "sr_file": a.out}, indent=2))
+    else:
+        from .export.dicomweb import pull_run_push
+
+        print(json.dumps(pull_run_push(a.dicomweb, a.study, pipeline, push=not a.no_push, token_file=a.token_file),
+                         indent=2))
 
 
 def _demo(argv: list[str]) -> None:
@@ -192,6 +334,7 @@ def _demo(argv: list[str]) -> None:
 
 
 COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "export": _export, "demo": _demo, "wsi": _wsi}
+COMMANDS["pacs"] = _pacs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,16 @@ import torch
 from encoders import build_encoder, list_encoders
 from encoders.registry import get_encoder_spec
 
+
+def _mol_graphs():
+    """Two packed molecular graphs (5 and 3 atoms): x (2, 5, 58 + 5), mask (2, 5)."""
+    from encoders.molecule import DEFAULT_ATOM_DIM, pack_graphs
+
+    feats = [torch.eye(DEFAULT_ATOM_DIM)[[0, 0, 1, 2, 0]], torch.eye(DEFAULT_ATOM_DIM)[[0, 2, 0]]]
+    adj = [torch.tensor([[0, 1, 0, 0, 0], [1, 0, 8, 0, 0], [0, 8, 0, 2, 0], [0, 0, 2, 0, 1], [0, 0, 0, 1, 0]]),
+           torch.tensor([[0, 4, 0], [4, 0, 1], [0, 1, 0]])]
+    return pack_graphs(feats, adj)
+
 TINY_INPUTS = {
     "vit_tile_tiny": lambda: (torch.randn(2, 7, 3, 32, 32), torch.arange(7).expand(2, 7) < torch.tensor([[7], [4]])),
     "abmil_tiny": lambda: (torch.randn(2, 7, 32), torch.arange(7).expand(2, 7) < torch.tensor([[7], [4]])),
@@ -13,6 +23,7 @@ TINY_INPUTS = {
     "vit2d_tiny": lambda: (torch.randn(2, 3, 64, 64), None),
     "vit3d_tiny": lambda: (torch.randn(2, 1, 16, 64, 64), None),
     "mol_fingerprint_tiny": lambda: ((torch.rand(2, 2048) > 0.9).float(), None),
+    "mol_gin_tiny": _mol_graphs,
     "dna_tiny": lambda: (torch.randint(2, 6, (2, 40)), torch.arange(40).expand(2, 40) < torch.tensor([[40], [25]])),
 }
 # Full-size presets are built with small overrides so the test stays fast.
@@ -37,6 +48,7 @@ SMALL_OVERRIDES = {
     "vit2d": dict(model_name="vit_tiny_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=2),
     "vit3d": dict(img_size=(16, 32, 32), patch_size=(8, 16, 16), hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2),
     "mol_fingerprint_mlp": dict(bits=256, hidden=32, num_tokens=3),
+    "mol_gin": dict(hidden=32, layers=1, readout="graph", num_tokens=2),
     "dna_cnn_transformer": dict(dim=32, layers=1, heads=2, max_length=256),
     "hf_vision": dict(config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                   image_size=32, patch_size=8)),
@@ -49,6 +61,7 @@ SMALL_INPUTS = {
     "vit2d": lambda: (torch.randn(2, 3, 32, 32), None),
     "vit3d": lambda: (torch.randn(2, 1, 16, 32, 32), None),
     "mol_fingerprint_mlp": lambda: (torch.rand(2, 256), None),
+    "mol_gin": _mol_graphs,
     "dna_cnn_transformer": lambda: (torch.randint(2, 6, (2, 50)), None),
     "hf_vision": lambda: (torch.randn(2, 3, 32, 32), None),
 }

@@ -1,7 +1,8 @@
 """Modality input loaders: a raw value (path, SMILES, sequence) -> the tensor an encoder takes.
 
 Registry: ``image`` (PNG/JPEG/DICOM -> (C, S, S)), ``volume`` (DICOM series folder or multi-frame
-file -> (1, D, H, W)), ``smiles_fingerprint`` (SMILES -> (bits,)), ``dna_tokens`` (sequence or FASTA
+file -> (1, D, H, W)), ``smiles_fingerprint`` (SMILES -> (bits,)), ``mol_graph`` (SMILES -> atom/bond graph, packed
+(B, N, F + N) + mask), ``dna_tokens`` (sequence or FASTA
 -> (L,) ids + mask). Each loader also collates a list of items and makes a dummy item, which the
 trainer feeds when a batch lacks the modality (every rank must run every encoder under ZeRO-3).
 """
@@ -264,8 +265,8 @@ class SlideFeatureLoader(ModalityLoader):
             raise SlideError(path, f"tile features have width {feats.shape[1]}, but the model expects "
                                    f"preprocess.slide_feature_dim={self.pre.slide_feature_dim}")
         keep = evenly_spaced(feats.shape[0], self.pre.slide_max_tiles)
-        item = {"x": torch.from_numpy(np.ascontiguousarray(feats[keep])), "mask": torch.ones(len(keep), dtype=torch.bool),
-                "meta": {**meta, "path": str(path)}}
+        item = {"x": torch.from_numpy(np.ascontiguousarray(feats[keep])),
+                "mask": torch.ones(len(keep), dtype=torch.bool), "meta": {**meta, "path": str(path)}}
         if coords is not None:
             item["coords"] = torch.from_numpy(np.ascontiguousarray(coords[keep]))
         return item

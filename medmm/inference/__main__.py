@@ -3,6 +3,7 @@
     python infer.py --checkpoint runs/demo/checkpoint --input CT_small.dcm --question "What modality is this?"
     python infer.py --checkpoint C --smiles "CCO" --question "Is this molecule drug-like?" --strategy beam
     python infer.py --checkpoint C --manifest requests.jsonl --out answers.jsonl
+    python infer.py --checkpoint C --molecules in.csv --question "Is this molecule likely to be approved?" --out out.csv
 
 Prints JSON (one object, or one line per manifest row when no --out is given).
 """
@@ -102,6 +103,22 @@ def _slide_heatmap(predictor, value: str, out_png: str) -> dict:
         return {"error": type(e).__name__, "message": str(e)}
 
 
+def _molecules(args, cfg: InferConfig) -> dict:
+    """``--molecules in.csv``: score every row (an LLM checkpoint's closed-set yes/no, or a head checkpoint)."""
+    from ..tasks.druggability import predict_molecules_csv
+
+    if not args.out:
+        raise SystemExit("infer.py: --molecules needs --out (the output CSV)")
+    options = [o.strip() for o in (args.options or "yes,no").split(",") if o.strip()]
+    try:
+        res = predict_molecules_csv(cfg.checkpoint, args.molecules, args.out, args.smiles_col,
+                                    args.question[0] if args.question else None, options, args.workers, cfg.device)
+    except InvalidInputError as e:
+        raise SystemExit(f"infer.py: {e}") from e
+    print(json.dumps(res))
+    return res
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", help="optional InferConfig YAML")
@@ -125,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch = ap.add_argument_group("batch")
     batch.add_argument("--manifest", help="JSONL of requests ({modalities, question} or conversations)")
     batch.add_argument("--out", help="write outputs here (JSONL) instead of stdout")
+    batch.add_argument("--molecules", help="CSV of SMILES: one output row per input row (canonical SMILES, score, "
+                       "answer, rule report, error); --out names the output CSV")
+    batch.add_argument("--smiles-col", default="smiles", help="--molecules: the SMILES column")
+    batch.add_argument("--workers", type=int, default=0, help="--molecules: RDKit worker processes")
     dec = ap.add_argument_group("decoding")
     dec.add_argument("--strategy", choices=["greedy", "beam", "sample", "speculative", "prompt_lookup", "contrastive",
                                             "contrastive_search"])
@@ -175,6 +196,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cfg.batch_size = args.batch_size
     if args.device:
         cfg.device = args.device
+    if args.molecules:
+        return [_molecules(args, cfg)]
 
     from ..inference.predictor import Predictor
     from ..utils import read_jsonl, write_jsonl

@@ -13,7 +13,8 @@ The standardisation pipeline (:func:`parse_smiles`), in order, each step switcha
 5. ``TautomerEnumerator.Canonicalize``: the canonical tautomer. Stereo on sp3 centres and double
    bonds is *kept* (RDKit's default would drop it from e.g. every amino acid's alpha carbon), and
    enumeration stops at ``max_tautomers`` (RDKit's default of 1000 costs ~25 ms a molecule; 64
-   changes the pick for ~1% of ClinTox at a fifth of the cost);
+   changes the pick for ~1% of ClinTox at a fifth of the cost). A changed molecule is canonicalised
+   again until its SMILES is stable, so standardising a canonical SMILES returns it unchanged;
 6. optionally, every stereo tag removed.
 
 RDKit's log output is captured while it works (never printed) and turned into the error message or
@@ -198,7 +199,8 @@ def parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = True
     if mol is None:
         reason = _parse_reason(log.lines())
         raise smiles_error(source, "syntax", f"RDKit cannot parse '{_short(smiles)}': {reason}")
-    mol.UpdatePropertyCache(strict=False)
+    with captured_rdkit_log():
+        mol.UpdatePropertyCache(strict=False)
     err = _problem_error(mol, source, smiles)
     if err is not None:
         raise err
@@ -221,6 +223,26 @@ def parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = True
     return mol
 
 
+def _canonical_tautomer(mol, max_tautomers: int, passes: int = 3):
+    """RDKit's canonical tautomer, repeated until the SMILES stops changing (at most ``passes`` times).
+
+    One pass is not always a fixed point (e.g. a tetracycline's imidic acid ``C(=N)O`` becomes the amide
+    only on a second pass, as enumeration stops at ``max_tautomers`` transforms), and canonical SMILES
+    must be stable for de-duplication and joins. Molecules the first pass leaves unchanged cost one pass.
+    """
+    from rdkit import Chem
+
+    te = _tautomer_enumerator(max_tautomers)
+    smi = Chem.MolToSmiles(mol)
+    for _ in range(passes):
+        mol = te.Canonicalize(mol)
+        new = Chem.MolToSmiles(mol)
+        if new == smi:
+            break
+        smi = new
+    return mol
+
+
 def _standardise(mol, opts: StandardiseOptions, source: str, smiles: str, warnings: list[str] | None):
     from rdkit import Chem
     from rdkit.Chem.MolStandardize import rdMolStandardize
@@ -234,13 +256,16 @@ def _standardise(mol, opts: StandardiseOptions, source: str, smiles: str, warnin
             if opts.neutralise:
                 mol = _uncharger().uncharge(mol)
             if opts.canonical_tautomer:
-                mol = _tautomer_enumerator(opts.max_tautomers).Canonicalize(mol)
+                mol = _canonical_tautomer(mol, opts.max_tautomers)
             if opts.remove_stereo:
                 Chem.RemoveStereochemistry(mol)
             Chem.SanitizeMol(mol)
         except Exception as e:  # RDKit raises its own types (e.g. AtomValenceException)
-            reason = "; ".join(log.lines()) or str(e)
-            raise smiles_error(source, "standardise", f"RDKit cannot standardise '{_short(smiles)}': {reason}") from e
+            reason = "; ".join(dict.fromkeys(log.lines())) or str(e)
+            kind = ("valence" if isinstance(e, Chem.AtomValenceException) else
+                    "kekulize" if isinstance(e, (Chem.KekulizeException, Chem.AtomKekulizeException)) else
+                    "standardise")
+            raise smiles_error(source, kind, f"RDKit cannot standardise '{_short(smiles)}': {reason}") from e
     if warnings is not None:
         warnings.extend(log.lines())
     return mol
@@ -434,17 +459,19 @@ def process_one(index: int, smiles: str, source: str, options: StandardiseOption
     except SmilesError as e:
         rec.error = {**e.to_record(), "kind": getattr(e, "kind", "standardise")}
         return rec
-    rec.smiles = canonical_smiles(mol)
-    if "graph" in features:
-        rec.graph = mol_graph(mol)
-    if "fingerprint" in features:
-        rec.fingerprint = morgan_fingerprint(mol, fingerprint_bits, fingerprint_radius)
-    if "descriptors" in features or "druglikeness" in features:
-        rec.descriptors = descriptors(mol)
-    if "druglikeness" in features:
-        rec.druglikeness = druglikeness(mol, rec.descriptors)
-    if "scaffold" in features:
-        rec.scaffold = murcko_scaffold(mol)
+    with captured_rdkit_log() as log:  # featurising can log too (e.g. scaffolds of charged atoms)
+        rec.smiles = canonical_smiles(mol)
+        if "graph" in features:
+            rec.graph = mol_graph(mol)
+        if "fingerprint" in features:
+            rec.fingerprint = morgan_fingerprint(mol, fingerprint_bits, fingerprint_radius)
+        if "descriptors" in features or "druglikeness" in features:
+            rec.descriptors = descriptors(mol)
+        if "druglikeness" in features:
+            rec.druglikeness = druglikeness(mol, rec.descriptors)
+        if "scaffold" in features:
+            rec.scaffold = murcko_scaffold(mol)
+    rec.warnings += log.lines()
     return rec
 
 
@@ -456,7 +483,7 @@ def _process_chunk(args) -> list[MoleculeRecord]:
 def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = None,
                       options: StandardiseOptions | None = None, features: Sequence[str] = ("graph",),
                       workers: int = 0, chunksize: int = 64, fingerprint_bits: int = 2048,
-                      fingerprint_radius: int = 2, start_method: str = "forkserver") -> list[MoleculeRecord]:
+                      fingerprint_radius: int = 2, start_method: str | None = None) -> list[MoleculeRecord]:
     """Run :func:`process_one` over many SMILES: one record per input, in input order, failures kept.
 
     Args:
@@ -465,8 +492,8 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
         options: standardisation settings.
         features: any of ``graph, fingerprint, descriptors, druglikeness, scaffold``.
         workers: worker processes (0 = this process). Chunks of ``chunksize`` rows go to each worker.
-        start_method: multiprocessing start method; ``forkserver`` avoids forking a process that holds
-            torch's thread pools.
+        start_method: multiprocessing start method; None = the platform's default (``fork`` on Linux, as
+            torch's DataLoader workers; the workers run RDKit only, never torch).
     """
     bad = sorted(set(features) - set(FEATURES))
     if bad:
@@ -485,20 +512,20 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
         return [r for part in pool.map(_process_chunk, chunks) for r in part]
 
 
-def molecule_qa(mol) -> list[tuple[str, str]]:
-    """Question/answer pairs about ``mol`` whose answers RDKit computes (a molecule Q&A training set)."""
-    d = descriptors(mol)
-    r = druglikeness(mol, d)
+def molecule_qa(desc: dict, rules: dict) -> list[tuple[str, str]]:
+    """Question/answer pairs whose answers RDKit computed: ``desc`` from :func:`descriptors`, ``rules`` from
+    :func:`druglikeness` (the molecule Q&A recipe's training data)."""
     yn = {True: "yes", False: "no"}
     return [
-        ("How many hydrogen bond donors does this molecule have?", str(d["hbd"])),
-        ("How many hydrogen bond acceptors does this molecule have?", str(d["hba"])),
-        ("How many rotatable bonds does this molecule have?", str(d["rotatable_bonds"])),
-        ("How many aromatic rings does this molecule have?", str(d["aromatic_rings"])),
+        ("How many hydrogen bond donors does this molecule have?", str(desc["hbd"])),
+        ("How many hydrogen bond acceptors does this molecule have?", str(desc["hba"])),
+        ("How many rotatable bonds does this molecule have?", str(desc["rotatable_bonds"])),
+        ("How many aromatic rings does this molecule have?", str(desc["aromatic_rings"])),
         ("What is the topological polar surface area of this molecule, rounded to the nearest integer?",
-         str(round(d["tpsa"]))),
-        ("What is the molecular weight of this molecule, rounded to the nearest integer?", str(round(d["mol_weight"]))),
-        ("Does this molecule pass Lipinski's rule of five? Answer yes or no.", yn[r["lipinski_pass"]]),
-        ("Does this molecule pass Veber's rules? Answer yes or no.", yn[r["veber_pass"]]),
-        ("Does this molecule contain a PAINS substructure alert? Answer yes or no.", yn[not r["pains_pass"]]),
+         str(round(desc["tpsa"]))),
+        ("What is the molecular weight of this molecule, rounded to the nearest integer?",
+         str(round(desc["mol_weight"]))),
+        ("Does this molecule pass Lipinski's rule of five? Answer yes or no.", yn[rules["lipinski_pass"]]),
+        ("Does this molecule pass Veber's rules? Answer yes or no.", yn[rules["veber_pass"]]),
+        ("Does this molecule contain a PAINS substructure alert? Answer yes or no.", yn[not rules["pains_pass"]]),
     ]

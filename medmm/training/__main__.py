@@ -8,6 +8,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from ..tasks.head import is_task_config
+
+    if is_task_config(argv):  # configs/tasks/*.yaml: encoder + head recipes run their own plain torch loop
+        from ..tasks.head import main as task_main
+
+        return task_main(argv)
     ap = argparse.ArgumentParser(prog="train.py", description="Train a medmm model with DeepSpeed.")
     ap.add_argument("--config", required=True, help="YAML recipe in configs/")
     ap.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")

@@ -1,0 +1,471 @@
+"""Molecules: the RDKit pipeline on edge cases and on real MoleculeNet sets, graph tensors and the GIN, rules,
+scaffold split, the druggability head on ClinTox, and the LLM path (closed-set scores, eval, batch CSV)."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from medmm.errors import InvalidInputError, SmilesError
+from medmm.io.molecules import (
+    ATOM_FEATURE_DIM,
+    ERROR_KINDS,
+    NUM_BOND_CODES,
+    StandardiseOptions,
+    canonical_smiles,
+    descriptors,
+    druglikeness,
+    mol_graph,
+    murcko_scaffold,
+    parse_smiles,
+    process_molecules,
+)
+from tests.conftest import REPO
+
+MOLNET = ("molecules", "moleculenet")
+
+
+# ----------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("smiles,expected", [
+    ("CC(=O)[O-].[Na+]", "CC(=O)O"),  # salt: counter-ion dropped, acid neutralised
+    ("[Cl-].C[NH+](C)CCc1ccccc1", "CN(C)CCc1ccccc1"),  # hydrochloride salt
+    ("c1ccccc1.CCO", "c1ccccc1"),  # mixture: largest fragment
+    ("CCO.CCN", "CCN"),  # tie on heavy atoms: RDKit's chooser counts hydrogens too
+    ("[NH3+]CC(=O)[O-]", "NCC(=O)O"),  # zwitterion neutralised
+    ("C[N+](C)(C)C.[Cl-]", "C[N+](C)(C)C"),  # quaternary N has no neutral form: the charge stays
+    ("[Na+].[Cl-]", "Cl"),  # nothing organic: the largest fragment, neutralised
+    ("C[C@H](N)C(=O)O", "C[C@H](N)C(=O)O"),  # stereo kept through tautomer canonicalisation
+    ("F/C=C/F", "F/C=C/F"),  # E/Z kept
+    ("Oc1ccccn1", "O=c1cccc[nH]1"),  # canonical tautomer (2-pyridone)
+    ("CC(O)=CC", "CCC(C)=O"),  # enol -> ketone
+    ("c1cc[nH]c1", "c1cc[nH]c1"),  # aromatic N with its H
+    ("C1=CC=CC=C1", "c1ccccc1"),  # Kekulé input, aromatic output
+])
+def test_standardised_as_documented(smiles, expected):
+    assert canonical_smiles(parse_smiles(smiles, source="assay.csv:7")) == expected
+
+
+def test_stereo_removal_is_optional():
+    opts = StandardiseOptions(remove_stereo=True)
+    assert canonical_smiles(parse_smiles("C[C@H](N)C(=O)O", options=opts)) == "CC(N)C(=O)O"
+    assert canonical_smiles(parse_smiles("F/C=C/F", options=opts)) == "FC=CF"
+    raw = StandardiseOptions(largest_fragment=False, neutralise=False, canonical_tautomer=False)
+    assert canonical_smiles(parse_smiles("Oc1ccccn1.[Na+]", options=raw)) == "Oc1ccccn1.[Na+]"
+
+
+@pytest.mark.parametrize("smiles,kind,reason", [
+    ("", "empty", "no SMILES"),
+    ("   ", "empty", "no SMILES"),
+    (None, "empty", "no SMILES"),
+    ("C(C)(C)(C)(C)C", "valence", "Explicit valence for atom # 0 C, 5"),  # pentavalent carbon
+    ("CN(C)(C)C", "valence", "Explicit valence for atom # 1 N, 4"),  # neutral tetravalent N
+    ("c1cccn1", "kekulize", r"Can't kekulize mol.*\[nH\]"),  # aromatic N without its H: hint names [nH]
+    ("c1cccc1", "kekulize", r"Can't kekulize mol.  Unkekulized atoms: 0 1 2 3 4 \(SMILES 'c1cccc1'\)$"),  # odd ring
+    ("C1CC", "syntax", "unclosed ring"),
+    ("CC(C", "syntax", "extra open parentheses"),
+    ("CC%", "syntax", "syntax error"),
+    ("C" * 500, "too_large", "500 heavy atoms is over the limit of 200"),  # 500-atom input
+    ("[H][H]", "no_heavy_atoms", "nothing but hydrogen"),
+])
+def test_rejected_with_row_and_rdkit_reason(smiles, kind, reason):
+    with pytest.raises(SmilesError, match=reason) as e:
+        parse_smiles(smiles, source="assay.csv:7")
+    assert e.value.kind == kind and e.value.source == "assay.csv:7"
+    rec = e.value.to_record()
+    assert rec["path"] == "assay.csv:7" and rec["error"] == "SmilesError" and rec["message"].startswith(ERROR_KINDS[kind])
+
+
+def test_size_limit_is_a_setting_and_checked_before_standardising():
+    mol = parse_smiles("C" * 500, options=StandardiseOptions(max_heavy_atoms=600))
+    assert mol.GetNumHeavyAtoms() == 500
+    # The limit applies to the fragment that is kept: 16 heavy atoms in all, 9 in the largest fragment.
+    assert canonical_smiles(parse_smiles("CCCCCCC.CCCCCCCCC", max_heavy_atoms=10)) == "CCCCCCCCC"
+    with pytest.raises(SmilesError, match="50 heavy atoms is over the limit of 10"):
+        parse_smiles("CCO." + "C" * 50, max_heavy_atoms=10)
+    with pytest.raises(SmilesError, match="characters is over the limit"):
+        parse_smiles("C" * 5000)  # rejected before RDKit parses it
+
+
+def test_rdkit_log_is_captured_not_printed(capfd):
+    for bad in ("C1CC", "c1cccn1", "C(C)(C)(C)(C)C", "CC(C"):
+        with pytest.raises(SmilesError):
+            parse_smiles(bad)
+    warnings: list[str] = []
+    parse_smiles("CC(C)(C)c1ccc(O)cc1CCCCCCCCCCC(=O)O", warnings=warnings)
+    recs = process_molecules(["C1CC", "CCO", "[Cu+2].[O-]C(=O)C"], workers=0)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
+    assert [r.ok for r in recs] == [False, True, True] and recs[0].error["kind"] == "syntax"
+
+
+# ----------------------------------------------------------------------------- real molecules
+def _table(path, col):
+    with open(path, newline="") as f:
+        return [(i, r) for i, r in enumerate(csv.DictReader(f), start=2)], col
+
+
+@pytest.mark.parametrize("name,col,every", [("bbbp.csv", "smiles", 4), ("clintox.csv", "smiles", 3),
+                                            ("tox21.csv", "smiles", 16)])
+def test_real_moleculenet_sets(shared_data, name, col, every):
+    """Every row is standardised (one fragment, idempotent, stereo never invented) or rejected with its row."""
+    path = shared_data.joinpath(*MOLNET, name)
+    rows, _ = _table(path, col)
+    rows = rows[::every]
+    recs = process_molecules([r[col] for _, r in rows], [f"{path}:{i}" for i, _ in rows],
+                             features=("graph", "scaffold"), workers=2)
+    assert len(recs) == len(rows) and [r.index for r in recs] == list(range(len(rows)))
+    ok = [r for r in recs if r.ok]
+    assert len(ok) >= 0.97 * len(rows)
+    for r in recs:
+        if not r.ok:
+            assert r.error["path"] == r.source and r.error["kind"] in ERROR_KINDS, r.error
+            assert "RDKit" in r.error["message"] or r.error["kind"] in ("empty", "too_large"), r.error
+            continue
+        assert "." not in r.smiles, r.smiles  # one fragment
+        assert len(re.findall("@@?", r.smiles)) <= len(re.findall("@@?", r.input))  # stereo never invented
+        assert r.graph.node_features.shape == (r.graph.num_nodes, ATOM_FEATURE_DIM)
+        assert r.scaffold is not None
+    again = process_molecules([r.smiles for r in ok], workers=0)
+    same = sum(a.smiles == r.smiles for a, r in zip(again, ok))
+    assert same >= 0.995 * len(ok), f"standardising twice changed {len(ok) - same} of {len(ok)}"
+
+
+def test_known_rejections_in_real_sets_name_row_and_reason(shared_data):
+    """The real sets' rows RDKit rejects, each named by file:line with RDKit's own reason: Tox21's
+    hexavalent aluminium salts fail at parsing; three more fail while standardising."""
+    tox = shared_data.joinpath(*MOLNET, "tox21.csv")
+    rows, _ = _table(tox, "smiles")
+    raw = StandardiseOptions(largest_fragment=False, neutralise=False, canonical_tautomer=False)
+    recs = process_molecules([r["smiles"] for _, r in rows], [f"{tox}:{i}" for i, _ in rows], raw, features=(),
+                             workers=2)
+    bad = [r for r in recs if not r.ok]
+    assert [r.source for r in bad] == [f"{tox}:{i}" for i in (1324, 2292, 2299, 3560, 4567, 4651, 5540, 6725)]
+    assert all(r.error["kind"] == "valence" and re.search(r"RDKit: Explicit valence for atom # \d+ Al, 6", r.error[
+        "message"]) for r in bad)
+    bbbp = shared_data.joinpath(*MOLNET, "bbbp.csv")
+    picks = [(tox, 5734, "kekulize", "Can't kekulize"), (tox, 6549, "valence", "Explicit valence for atom # 0 Sb"),
+             (bbbp, 2038, "kekulize", "Can't kekulize")]
+    for path, line, kind, reason in picks:
+        smi = dict(_table(path, "smiles")[0])[line]["smiles"]
+        with pytest.raises(SmilesError, match=reason) as e:
+            parse_smiles(smi, source=f"{path}:{line}")
+        assert e.value.kind == kind and e.value.source == f"{path}:{line}" and "RDKit cannot standardise" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- graphs, fingerprints, rules
+def test_graph_tensors_and_loader_packing():
+    from encoders.molecule import DEFAULT_ATOM_DIM, DEFAULT_BOND_CODES
+    from medmm.config import PreprocessConfig
+    from medmm.data.loaders import build_loader
+
+    assert (DEFAULT_ATOM_DIM, DEFAULT_BOND_CODES) == (ATOM_FEATURE_DIM, NUM_BOND_CODES)
+    g = mol_graph(parse_smiles("c1ccccc1C(=O)O"))  # benzoic acid: 9 heavy atoms, 9 bonds
+    assert g.node_features.shape == (9, ATOM_FEATURE_DIM) and g.edge_index.shape == (2, 18)
+    adj = g.adjacency()
+    assert (adj == adj.T).all() and set(np.unique(adj)) == {0, 1, 2, 8}  # none, single, double, aromatic in ring
+    assert (g.node_features[:, 0] == [1] * 7 + [0, 0]).all()  # element one-hot: 7 carbons then 2 oxygens
+    loader = build_loader("mol_graph", PreprocessConfig())
+    items = [loader.load(s) for s in ("CCO", "c1ccccc1C(=O)O", "[Na+].CC(=O)[O-]")]
+    b = loader.collate(items)
+    assert b["x"].shape == (3, 9, ATOM_FEATURE_DIM + 9) and b["mask"].sum(1).tolist() == [3, 9, 4]
+    assert b["edge_index"].shape == (2, 4 + 18 + 6) and int(b["edge_index"].max()) < 27
+    with pytest.raises(SmilesError, match="kekulize"):
+        loader.load("c1cccn1")
+    d = loader.collate([loader.dummy()])
+    assert d["mask"].tolist() == [[True]]
+
+
+@pytest.mark.parametrize("readout", ["nodes", "graph"])
+def test_gin_padding_and_atom_order_invariance(readout):
+    from rdkit import Chem
+
+    from encoders import build_encoder
+    from medmm.config import PreprocessConfig
+    from medmm.data.loaders import MolGraphLoader, build_loader
+
+    torch.manual_seed(0)
+    enc = build_encoder("mol_gin_tiny", readout=readout, num_tokens=2).eval()
+    loader = build_loader("mol_graph", PreprocessConfig())
+    mol = parse_smiles("CC(=O)Oc1ccccc1C(=O)O")
+    alone = loader.collate([MolGraphLoader.from_graph(mol_graph(mol))])
+    padded = loader.collate([MolGraphLoader.from_graph(mol_graph(mol)), loader.load("C" * 30)])
+    renum = Chem.RenumberAtoms(mol, list(reversed(range(mol.GetNumAtoms()))))
+    perm = loader.collate([MolGraphLoader.from_graph(mol_graph(renum))])
+    with torch.no_grad():
+        a, _ = enc(alone["x"], alone["mask"])
+        p, _ = enc(padded["x"], padded["mask"])
+        r, _ = enc(perm["x"], perm["mask"])
+    n = mol.GetNumAtoms()
+    torch.testing.assert_close(p[0, :n] if readout == "nodes" else p[0], a[0], atol=1e-5, rtol=1e-4)
+    if readout == "nodes":
+        torch.testing.assert_close(r[0].flip(0), a[0], atol=1e-5, rtol=1e-4)
+    else:
+        torch.testing.assert_close(r, a, atol=1e-5, rtol=1e-4)
+
+
+def test_descriptors_and_rule_report():
+    aspirin = parse_smiles("CC(=O)Oc1ccccc1C(=O)O")
+    d = descriptors(aspirin)
+    assert d["mol_weight"] == pytest.approx(180.159, abs=0.01) and d["tpsa"] == pytest.approx(63.6, abs=0.01)
+    assert (d["hbd"], d["hba"], d["heavy_atoms"], d["aromatic_rings"]) == (1, 3, 13, 1)
+    assert 0.5 < d["qed"] < 0.6
+    r = druglikeness(aspirin)
+    assert r["lipinski_pass"] and r["veber_pass"] and r["pains_pass"] and r["lipinski_violations"] == []
+    cyclosporin = parse_smiles("CC[C@H]1C(=O)N(CC(=O)N([C@H](C(=O)N[C@H](C(=O)N([C@H](C(=O)N[C@H](C(=O)N[C@@H](C(=O)"
+                               "N([C@H](C(=O)N([C@H](C(=O)N([C@H](C(=O)N([C@H](C(=O)N1)[C@@H]([C@H](C)C/C=C/C)O)C)"
+                               "C(C)C)C)CC(C)C)C)CC(C)C)C)C)C)CC(C)C)C)C(C)C)CC(C)C)C)C")
+    r = druglikeness(cyclosporin)
+    assert not r["lipinski_pass"] and "MW>500" in r["lipinski_violations"] and not r["veber_pass"]
+    assert druglikeness(parse_smiles("Oc1ccc(N=Nc2ccccc2)cc1"))["pains_alerts"] == ["azo_A(324)"]
+    assert druglikeness(parse_smiles("Cc1ccc(O)c(O)c1"))["pains_alerts"] == ["catechol_A(92)"]
+
+
+def test_scaffold_split_keeps_scaffolds_apart(shared_data):
+    from medmm.data.splits import scaffold_split
+
+    path = shared_data.joinpath(*MOLNET, "clintox.csv")
+    rows, _ = _table(path, "smiles")
+    recs = process_molecules([r["smiles"] for _, r in rows], features=("scaffold",),
+                             options=StandardiseOptions(canonical_tautomer=False), workers=2)
+    scaf = [r.scaffold for r in recs if r.ok]
+    tr, va, te = scaffold_split(scaf, (0.8, 0.1, 0.1), seed=0)
+    assert sorted(tr + va + te) == list(range(len(scaf)))
+    sets = [{scaf[i] for i in part} for part in (tr, va, te)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert abs(len(te) - 0.1 * len(scaf)) <= 0.02 * len(scaf) and abs(len(va) - 0.1 * len(scaf)) <= 0.02 * len(scaf)
+    assert scaffold_split(scaf, (0.8, 0.1, 0.1), seed=0) == (tr, va, te)
+    assert murcko_scaffold(parse_smiles("CCCC")) == ""  # acyclic molecules share the empty scaffold
+
+
+# ----------------------------------------------------------------------------- prepare
+def test_prepare_molecules_scaffold_split_and_qa(tmp_path):
+    from medmm.data.prepare import prepare_molecules
+
+    src = tmp_path / "assay.csv"
+    src.write_text("smiles,active\nCC(=O)Oc1ccccc1C(=O)O,1\nc1cccn1,0\n,1\nCC(=O)[O-].[Na+],0\n"
+                   "c1ccccc1CCN,1\nc1ccccc1CCO,0\nC1CCCCC1N,1\nCCO,x\nc1ccc2ccccc2c1,0\n")
+    m = prepare_molecules(src, tmp_path / "out", "smiles", "active", "Active?", 0.3, 0, "mols",
+                          split="scaffold", qa=True)
+    assert (m["train"], m["eval"], m["rejected"]) == (4, 2, 3)
+    errors = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [e["path"] for e in errors] == [f"{src}:3", f"{src}:4", f"{src}:9"]
+    assert "kekulize" in errors[0]["message"] and "empty" in errors[1]["message"] and "not 0/1" in errors[2]["message"]
+    train = [json.loads(x) for x in (tmp_path / "out" / "mols_train.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in (tmp_path / "out" / "mols_eval.jsonl").read_text().splitlines()]
+    scaf = lambda r: murcko_scaffold(parse_smiles(r["modalities"]["mol"]))  # noqa: E731
+    assert not {scaf(r) for r in train} & {scaf(r) for r in evals}
+    acid = next(r for r in train + evals if r["input"]["row"] == 5)
+    assert acid["modalities"]["mol"] == "CC(=O)O" and acid["conversations"][1]["value"] == "no"
+    qa = [json.loads(x) for x in (tmp_path / "out" / "mols_qa_train.jsonl").read_text().splitlines()]
+    aspirin = next((r for r in qa if r["modalities"]["mol"] == "CC(=O)Oc1ccccc1C(=O)O"), None)
+    if aspirin is None:
+        qa_eval = [json.loads(x) for x in (tmp_path / "out" / "mols_qa_eval.jsonl").read_text().splitlines()]
+        aspirin = next(r for r in qa_eval if r["modalities"]["mol"] == "CC(=O)Oc1ccccc1C(=O)O")
+    turns = aspirin["conversations"]
+    assert turns[0]["value"].startswith("<mol>\n") and turns[1]["value"] == "1"  # one H-bond donor
+    assert turns[13]["value"] == "yes"  # passes Lipinski
+
+
+# ----------------------------------------------------------------------------- druggability head on ClinTox
+@pytest.mark.slow
+def test_druggability_head_on_clintox_scaffold_split(tmp_path, shared_data):
+    """The head recipe trains on ClinTox FDA_APPROVED with a scaffold split; held-out AUROC well above chance."""
+    from medmm.config import load_config
+    from medmm.tasks.head import HeadPredictor, HeadTaskConfig, run_head_task
+
+    cfg = load_config(HeadTaskConfig, REPO / "configs/tasks/druggability_head.yaml", [
+        f"data.path={shared_data.joinpath(*MOLNET, 'clintox.csv')}", f"output_dir={tmp_path / 'run'}",
+        "data.fractions=[0.7,0.1,0.2]", "trainer.epochs=20"])
+    m = run_head_task(cfg)
+    assert m["rows"]["usable"] == 1478 and m["rows"]["test"] == 296
+    assert m["test"]["raw"]["auroc"] > 0.75, m["test"]  # chance is 0.5
+    assert m["test"]["calibrated"]["auroc"] == m["test"]["raw"]["auroc"]  # temperature never changes ranking
+    assert m["val"]["calibrated"]["log_loss"] <= m["val"]["raw"]["log_loss"] + 1e-4  # T was fitted there
+    ckpt = tmp_path / "run" / "checkpoint"
+    with open(ckpt / "predictions_test.csv") as f:
+        preds = list(csv.DictReader(f))
+    assert len(preds) == 296 and {"lipinski_pass", "pains_alerts", "qed"} <= set(preds[0])
+    hp = HeadPredictor(ckpt)
+    feats, logits = hp.predict([p["input"] for p in preds[:20]], reports=False)
+    probs = 1 / (1 + np.exp(-logits / hp.temperature))
+    np.testing.assert_allclose(probs, [float(p["prob"]) for p in preds[:20]], atol=1e-4)
+    # `medmm eval druggability` on the held-out rows reproduces the test AUROC from the checkpoint alone.
+    test_csv = tmp_path / "test.csv"
+    with open(test_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["smiles", "FDA_APPROVED"])
+        w.writerows([(p["input"], p["label"]) for p in preds])
+        w.writerow(["C1CC", "1"])  # a bad row is reported, not dropped
+    from medmm.cli import main as cli
+
+    cli(["eval", "druggability", "--checkpoint", str(ckpt), "--data", str(test_csv), "--label-col", "FDA_APPROVED",
+         "--out", str(tmp_path / "ev")])
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["kind"] == "head" and ev["raw"]["auroc"] == pytest.approx(m["test"]["raw"]["auroc"], abs=1e-3)
+    assert ev["errors"] == 1 and ev["calibrated"]["brier"] == pytest.approx(m["test"]["calibrated"]["brier"], abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- the LLM path
+@pytest.fixture
+def mol_llm(tmp_path, tiny_llm):
+    """A tiny medmm model with the druggability LLM recipe's mol modality (GIN -> resampler), saved and reloaded."""
+    from medmm.config import TrainConfig, load_config
+    from medmm.model.multimodal import MedMMForCausalLM
+
+    cfg = load_config(TrainConfig, REPO / "configs/druggability_llm.yaml", [
+        f"model.llm={tiny_llm}", "model.modalities.mol.encoder.name=mol_gin_tiny",
+        "model.modalities.mol.encoder.kwargs={}", "model.modalities.mol.projector.num_queries=4"])
+    torch.manual_seed(0)
+    model = MedMMForCausalLM.from_config(cfg.model)
+    return model, model.save_pretrained(tmp_path / "ckpt")
+
+
+def test_mol_graph_modality_trains_in_the_llm(mol_llm):
+    """One optimiser step through LLM + resampler + GIN on a real batch (mol_graph loader, padded graphs)."""
+    model, _ = mol_llm
+    model.train()
+    proc = model.processor(128)
+    recs = [{"modalities": {"mol": s}, "conversations": [{"from": "human", "value": "<mol>\nApproved?"},
+                                                        {"from": "gpt", "value": a}]}
+            for s, a in (("CC(=O)Oc1ccccc1C(=O)O", "yes"), ("[Na+].CCCCCCCCCCCCOS(=O)(=O)[O-]", "no"))]
+    batch = proc.collate([proc.process(r) for r in recs])
+    before = {n: p.detach().clone() for n, p in model.encoders["mol"].named_parameters()}
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert any(not torch.equal(before[n], p) for n, p in model.encoders["mol"].named_parameters())
+
+
+def test_llm_batch_inference_and_eval(mol_llm, tmp_path):
+    """infer.py --molecules: one row per input row (errors kept); medmm eval druggability on the same model."""
+    from medmm.inference.__main__ import main as infer
+
+    _, ckpt = mol_llm
+    src = tmp_path / "in.csv"
+    rows = [("aspirin", "CC(=O)Oc1ccccc1C(=O)O", 1), ("bad", "c1cccn1", 0), ("salt", "CC(=O)[O-].[Na+]", 0),
+            ("empty", "", 1), ("azo", "Oc1ccc(N=Nc2ccccc2)cc1", 0), ("big", "C" * 500, 0), ("caffeine",
+            "Cn1cnc2c1c(=O)n(C)c(=O)n2C", 1)]
+    with open(src, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "SMILES", "approved"])
+        w.writerows(rows)
+    out = tmp_path / "out.csv"
+    infer(["--checkpoint", str(ckpt), "--molecules", str(src), "--smiles-col", "SMILES", "--question",
+           "Is this molecule likely to be an approved drug?", "--out", str(out)])
+    with open(out) as f:
+        got = list(csv.DictReader(f))
+    assert [g["name"] for g in got] == [r[0] for r in rows]  # nothing dropped, order kept
+    by = {g["name"]: g for g in got}
+    for name in ("aspirin", "salt", "azo", "caffeine"):
+        g = by[name]
+        assert g["error"] == "" and 0 < float(g["score"]) < 1 and g["answer"] in ("yes", "no")
+    assert by["salt"]["canonical_smiles"] == "CC(=O)O" and by["azo"]["pains_alerts"] == "azo_A(324)"
+    assert by["aspirin"]["lipinski_pass"] == "1"
+    assert "kekulize" in by["bad"]["error"] and by["bad"]["error_kind"] == "kekulize" and by["bad"]["score"] == ""
+    assert by["empty"]["error_kind"] == "empty" and by["big"]["error_kind"] == "too_large"
+    # the same score through the Python API (Session.closed_set)
+    from medmm.inference.predictor import Predictor
+    from medmm.tasks.druggability import llm_scores
+
+    s = llm_scores(Predictor(ckpt), ["CC(=O)Oc1ccccc1C(=O)O"], "Is this molecule likely to be an approved drug?",
+                   ["yes", "no"])
+    assert s[0]["score"] == pytest.approx(float(by["aspirin"]["score"]), abs=1e-4)
+
+    from medmm.tasks.druggability import evaluate_druggability
+
+    m = evaluate_druggability(ckpt, src, tmp_path / "ev", "SMILES", "approved", calibration=src)
+    assert m["kind"] == "llm" and m["scored"] == 4 and m["errors"] == 3
+    assert m["raw"]["auroc"] is not None and 0 <= m["raw"]["brier"] <= 1 and m["temperature"] > 0
+    with open(tmp_path / "ev" / "predictions.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_infer_molecules_needs_out_and_question(mol_llm, tmp_path):
+    from medmm.tasks.druggability import predict_molecules_csv
+
+    _, ckpt = mol_llm
+    src = tmp_path / "in.csv"
+    src.write_text("smiles\nCCO\n")
+    with pytest.raises(InvalidInputError, match="--question"):
+        predict_molecules_csv(ckpt, src, tmp_path / "o.csv")
+    with pytest.raises(InvalidInputError, match="no column 'SMILES'"):
+        predict_molecules_csv(ckpt, src, tmp_path / "o.csv", smiles_col="SMILES", question="q")
+    r = subprocess.run([sys.executable, str(REPO / "infer.py"), "--checkpoint", str(ckpt), "--molecules", str(src)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode != 0 and "--out" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_druggability_llm_recipe_trains_with_deepspeed(tmp_path, tiny_llm, shared_data):
+    """configs/druggability_llm.yaml through train.py (DeepSpeed, one process) on scaffold-split ClinTox records,
+    then `medmm eval druggability` on the eval JSONL (closed-set yes/no probabilities)."""
+    import os
+
+    from medmm.data.prepare import prepare_molecules
+    from medmm.tasks.druggability import evaluate_druggability
+
+    rows = (shared_data.joinpath(*MOLNET, "clintox.csv")).read_text().splitlines()
+    src = tmp_path / "clintox_part.csv"
+    src.write_text("\n".join(rows[:1] + rows[1:60] + [r for r in rows[1:] if r.split(",")[1] == "0"][:20]) + "\n")
+    prepare_molecules(src, tmp_path / "data", "smiles", "FDA_APPROVED", split="scaffold", eval_fraction=0.25)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("DS_ACCELERATOR", None)
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/druggability_llm.yaml"),
+                        f"model.llm={tiny_llm}", "model.modalities.mol.encoder.name=mol_gin_tiny",
+                        "model.modalities.mol.encoder.kwargs={}", f"data.datasets.0.path={tmp_path / 'data'}/"
+                        "molecules_train.jsonl", f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=4",
+                        "trainer.micro_batch_size=4", "trainer.save_every=4", "trainer.warmup_steps=0",
+                        f"trainer.deepspeed={REPO / 'configs/deepspeed/zero0.json'}"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = evaluate_druggability(tmp_path / "run" / "checkpoint", tmp_path / "data" / "molecules_eval.jsonl",
+                              tmp_path / "ev", label_col=None)
+    n_eval = len((tmp_path / "data" / "molecules_eval.jsonl").read_text().splitlines())
+    assert m["kind"] == "llm" and m["scored"] == m["rows"] == n_eval >= 15 and m["errors"] == 0
+    assert m["raw"]["n"] == n_eval and 0 <= m["raw"]["brier"] <= 1
+
+
+def _head_task_configs():
+    import yaml
+
+    from medmm.tasks.head import TASKS
+
+    return [p for p in sorted((REPO / "configs" / "tasks").glob("*.yaml"))
+            if (yaml.safe_load(p.read_text()) or {}).get("task") in TASKS]
+
+
+@pytest.mark.parametrize("path", _head_task_configs(), ids=lambda p: p.name)
+def test_head_task_configs_load_and_build(path):
+    """configs/tasks/ encoder + head recipes (HeadTaskConfig, not TrainConfig): each loads, builds, runs a batch."""
+    from medmm.config import load_config
+    from medmm.data.loaders import build_loader
+    from medmm.tasks.head import HeadTaskConfig, build_model, is_task_config
+
+    cfg = load_config(HeadTaskConfig, path)
+    assert is_task_config(["--config", str(path)])
+    model = build_model(cfg)
+    assert all(p.dim() > 0 for p in model.parameters())  # DeepSpeed broadcasts parameters viewed as bytes
+    loader = build_loader(cfg.loader, cfg.preprocess)
+    batch = loader.collate([loader.dummy(), loader.dummy()])
+    logits = model(batch["x"], batch.get("mask"))
+    assert logits.shape == (2,) and torch.isfinite(logits).all()
+    assert (REPO / cfg.data.path).resolve().exists()  # the recipe's default data is the shared real set
+
+
+def test_head_task_config_errors():
+    from medmm.config import ConfigError, config_from_dict
+    from medmm.tasks.head import HeadTaskConfig
+
+    with pytest.raises(ConfigError, match="scaffold needs molecules"):
+        config_from_dict(HeadTaskConfig, {"task": "sequence_classification", "loader": "dna_tokens"})
+    with pytest.raises(ConfigError, match="unknown key 'data.smiles'"):
+        config_from_dict(HeadTaskConfig, {"data": {"smiles": "x"}})
+    with pytest.raises(ConfigError, match="frozen"):
+        config_from_dict(HeadTaskConfig, {"encoder": {"name": "mol_gin", "trainable": "lora"}})
