@@ -34,6 +34,8 @@ class LoraSettings:
     """Dropout on the LoRA input."""
     target_modules: list[str] | None = None
     """Module name suffixes to adapt; None means every ``nn.Linear`` except the output head."""
+    modules_to_save: list[str] | None = None
+    """LLM modules trained in full beside the adapter (peft ``modules_to_save``), e.g. ``[lm_head]``."""
 
     def __post_init__(self):
         if self.r <= 0:

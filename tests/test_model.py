@@ -83,9 +83,12 @@ def test_placeholder_prepended_when_missing(model):
     assert int((s["input_ids"] == model.modality_tokens["image"].token_id).sum()) == model.modality_tokens["image"].slots
 
 
-@pytest.mark.parametrize("llm_mode,image_mode", [("lora", "lora"), ("full", "frozen"), ("frozen", "full")])
-def test_save_load_round_trip_identical_logits(tiny_llm, tmp_path, llm_mode, image_mode):
-    cfg = config_from_dict(ModelConfig, model_dict(tiny_llm, llm_trainable=llm_mode, image_trainable=image_mode))
+@pytest.mark.parametrize("llm_mode,image_mode,save", [("lora", "lora", None), ("full", "frozen", None),
+                                                      ("frozen", "full", None), ("lora", "full", ["lm_head"])])
+def test_save_load_round_trip_identical_logits(tiny_llm, tmp_path, llm_mode, image_mode, save):
+    d = model_dict(tiny_llm, llm_trainable=llm_mode, image_trainable=image_mode)
+    d["lora"]["modules_to_save"] = save
+    cfg = config_from_dict(ModelConfig, d)
     torch.manual_seed(0)
     m = MedMMForCausalLM.from_config(cfg)
     # perturb trainable weights so the round trip is not of the initialisation

@@ -70,7 +70,7 @@ def _llm_lora(llm, lora: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-                     target_modules=lora.target_modules or "all-linear")
+                     target_modules=lora.target_modules or "all-linear", modules_to_save=lora.modules_to_save)
     return get_peft_model(llm, cfg)
 
 
@@ -250,7 +250,10 @@ class MedMMForCausalLM(nn.Module):
         sd = self._base_llm().state_dict()
         if not self.has_llm_adapter:
             return sd
-        return {k.replace(".base_layer.", "."): v for k, v in sd.items() if "lora_" not in k}
+        # LoRA layers keep the base weight under ".base_layer."; modules_to_save keep it under
+        # ".original_module." beside the trained copy (which lives in the adapter).
+        return {k.replace(".base_layer.", ".").replace(".original_module.", "."): v for k, v in sd.items()
+                if "lora_" not in k and ".modules_to_save." not in k}
 
     def save_pretrained(self, path: str | Path, include_base_llm: bool = True, extra: dict | None = None) -> Path:
         """Write the folder atomically (a temp folder renamed into place)."""
