@@ -59,10 +59,11 @@ def dcm_files(folder: Path) -> list[Path]:
 def make_synthetic(folder: Path, n: int, size: int, seed: int = 0) -> None:
     """``n`` slices of CT_small.dcm (upsampled to ``size`` px), 1 mm apart, one series, shuffled file names."""
     import pydicom
-    from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
-    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    from medmm.data.prepare import pydicom_test_files
+
+    src = pydicom.dcmread(pydicom_test_files() / "CT_small.dcm")  # read from the wheel, never downloaded
     arr = src.pixel_array
     if size and size != arr.shape[0]:
         f = max(1, size // arr.shape[0])

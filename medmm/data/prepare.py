@@ -241,7 +241,7 @@ def prepare_dicom_modality(files: list[str | Path], out: str | Path, name: str =
 
 
 def pydicom_test_files() -> Path:
-    """The test files shipped inside the pydicom wheel (read directly; get_testdata_files downloads)."""
+    """The test files shipped inside the pydicom wheel, read in place (pydicom's own helper downloads)."""
     import pydicom
 
     return Path(pydicom.__file__).parent / "data" / "test_files"

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model.projectors import Resampler
 from ..utils import atomic_write_text, optional_import
 
 # Real values for loaders whose inputs are not plain float tensors (random ids would be out of vocabulary).
@@ -54,24 +53,7 @@ class EncoderProjector(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         feats, fmask = self.encoder(x, mask)  # (B, N, D), (B, N) or None
-        if isinstance(self.projector, Resampler):
-            return resampler_graph_forward(self.projector, feats, fmask)
         return self.projector(feats, fmask)  # (B, K, H)
-
-
-def resampler_graph_forward(r: Resampler, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """:meth:`Resampler.forward` without its all-masked-row check, a data-dependent Python branch that
-    ``torch.export`` cannot trace. Same modules, same arithmetic; the parity check compares it with the
-    original. Callers of the graph must not send an input whose tokens are all masked."""
-    kv = r.proj_in(x)  # (B, N, D)
-    q = r.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, K, D)
-    pad = None if mask is None else ~mask.bool()  # True = ignore
-    for layer in r.layers:
-        kvn = layer["norm_kv"](kv)
-        attn, _ = layer["attn"](layer["norm_q"](q), kvn, kvn, key_padding_mask=pad, need_weights=False)
-        q = q + attn
-        q = q + layer["ff"](layer["norm_ff"](q))
-    return r.norm_out(q)  # (B, K, D)
 
 
 class LLMLogits(nn.Module):

@@ -57,6 +57,10 @@ def mlp2x_gelu(in_dim: int, out_dim: int, **_) -> nn.Module:
     return _TokenwiseProjector(nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)))
 
 
+def _tracing() -> bool:
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+
+
 class Resampler(nn.Module):
     """Perceiver-style resampler: ``num_queries`` learned queries cross-attend to the (masked) input tokens."""
 
@@ -85,7 +89,8 @@ class Resampler(nn.Module):
         kv = self.proj_in(x)  # (B, N, D)
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, K, D)
         pad = None if mask is None else ~mask.bool()  # True = ignore
-        if pad is not None and bool(pad.all(dim=1).any()):
+        # A data-dependent check: skipped while torch.export / ONNX / TorchScript trace the graph.
+        if pad is not None and not _tracing() and bool(pad.all(dim=1).any()):
             raise ValueError("resampler got an input whose tokens are all masked")
         for layer in self.layers:
             kvn = layer["norm_kv"](kv)
