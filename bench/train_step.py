@@ -134,11 +134,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_step.json"))
     args = ap.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
-    device = torch.device(args.device)
+    from medmm.inference.predictor import pick_device
+
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        ap.error(f"--device: {e}")
+    args.device = device.type
     size = SIZES[args.size]
     vision = dict(size["vision"])
 

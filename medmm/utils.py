@@ -53,6 +53,21 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_folder_config(path: str | Path, config_name: str, format_version: int, what: str) -> dict:
+    """The JSON config of a saved model folder, checked: present, and of the format this code reads.
+
+    ``what`` names the kind of folder in the error ("medmm model folder", "slide classifier folder").
+    """
+    path = Path(path)
+    cfg_file = path / config_name
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: not a {what} ({config_name} missing)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("format_version") != format_version:
+        raise ValueError(f"{cfg_file}: format version {cfg.get('format_version')}; this medmm reads {format_version}")
+    return cfg
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch RNGs."""
     import numpy as np

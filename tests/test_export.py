@@ -142,3 +142,15 @@ def test_graph_export_fails_loudly_beyond_tolerance(graph_checkpoint, tmp_path):
         export_graphs(graph_checkpoint, tmp_path / "ts", "torchscript", atol=-1.0, rtol=0.0)
     rep = json.loads((tmp_path / "ts" / "validation.json").read_text())
     assert not any(r["ok"] for r in rep["modalities"].values())  # the report is written all the same
+
+
+def test_folder_config_checks(tmp_path):
+    import json
+
+    from medmm.utils import read_folder_config
+
+    (tmp_path / "cfg.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99"):
+        read_folder_config(tmp_path, "cfg.json", 1, "medmm model folder")
+    with pytest.raises(FileNotFoundError, match="not a slide classifier folder"):
+        read_folder_config(tmp_path, "missing.json", 1, "slide classifier folder")

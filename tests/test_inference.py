@@ -108,3 +108,13 @@ def test_strategy_flags(checkpoint, tiny_llm, capsys):
     assert capsys.readouterr().err.strip().endswith(greedy) if greedy else True
     with pytest.raises(SystemExit, match="draft"):
         infer_main(base + ["--strategy", "speculative"])
+
+
+def test_pick_device():
+    from medmm.inference.predictor import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            pick_device("cuda")

@@ -34,8 +34,11 @@ def generation_kwargs(d: DecodingConfig) -> dict:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda when present, else cpu; asking for cuda without a device is an error, not a fallback."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' was asked for, but no CUDA device is available")
     return torch.device(device)
 
 

@@ -303,14 +303,11 @@ class MedMMForCausalLM(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..utils import read_folder_config
+
         path = Path(path)
-        cfg_file = path / CONFIG_NAME
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{path}: not a medmm model folder ({CONFIG_NAME} missing)")
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format version {meta.get('format_version')} is not {FORMAT_VERSION}")
-        config = config_from_dict(ModelConfig, meta["model"], str(cfg_file))
+        meta = read_folder_config(path, CONFIG_NAME, FORMAT_VERSION, "medmm model folder")
+        config = config_from_dict(ModelConfig, meta["model"], str(path / CONFIG_NAME))
         llm_dir = path / "llm" if meta.get("base_llm_included") else Path(config.llm)
         tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
         llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype or torch.float32,

@@ -78,14 +78,10 @@ class SlideClassifier(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> SlideClassifier:
         from safetensors.torch import load_file
 
+        from ..utils import read_folder_config
+
         path = Path(path)
-        cfg_path = path / CONFIG_NAME
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"{path}: not a slide classifier folder (no {CONFIG_NAME})")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: format version {cfg.get('format_version')}, "
-                             f"this medmm reads {FORMAT_VERSION}")
+        cfg = read_folder_config(path, CONFIG_NAME, FORMAT_VERSION, "slide classifier folder")
         model = cls(cfg["aggregator"], cfg["aggregator_kwargs"], cfg["classes"], cfg["dropout"], cfg["max_tiles"])
         model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
         return model.to(device).eval()
