@@ -11,21 +11,26 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv system-deps demo test test-fast bench lint clean
 
 venv: $(STAMP)
+
+# Orthanc + DICOMweb plugin, dcmtk, java, a C compiler, chromium: installed from Debian when root (or
+# password-less sudo), otherwise one line says the command to run. See scripts/system-deps.sh.
+system-deps:
+	bash scripts/system-deps.sh
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip wheel setuptools
 	$(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e ".[dev]"
+	$(VPY) -m pip install -q -e ".[all,dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: system-deps $(STAMP)
 	$(VENV)/bin/medmm demo --out runs/demo
 
-test: $(STAMP)
+test: system-deps $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -3,19 +3,26 @@
     medmm prepare vqa|molecules|dna|tiny-llm ...   raw data -> conversation JSONL (+ errors.jsonl)
     medmm train --config C [--nproc N] [--resume] [key=value ...]
     medmm infer --checkpoint C --input X --question Q      (same flags as infer.py)
-    medmm eval --checkpoint C --data eval.jsonl [--out DIR]
+    medmm eval --checkpoint C --data eval.jsonl [--out DIR]     answer metrics (+ --report-metrics)
+    medmm eval NAME --checkpoint C --data D | --predictions P [--out DIR]   a benchmark (medmm eval list), 95% CIs
+    medmm eval compare RUN_A RUN_B                    paired bootstrap difference per metric
+    medmm eval suite configs/eval/SUITE.yaml --checkpoint C    several benchmarks -> results.json + report.html
     medmm export --checkpoint C --format hf|onnx|torchscript --out DIR [--with-llm]
     medmm pacs report --checkpoint C --input STUDY --out sr.dcm        one study -> DICOM SR (no network)
     medmm pacs pull-run-push --dicomweb URL --study UID --checkpoint C  WADO-RS -> model -> STOW-RS
     medmm pacs listen --aet AET --port P --allowed-aets A,B --checkpoint C [--forward-to AET@host:port|URL]
+    medmm pacs resend DIR --to AET@host:port|URL [--retry-seconds 60]   deliver the SRs the listener kept
     medmm pacs http --checkpoint C [--port 8080] [--token-file F]       HTTP API (token, loopback, size limit)
     medmm demo [--out runs/demo]
     medmm prepare molecules CSV --smiles-col S [--label-col L] [--split scaffold] [--qa] --out OUT
     medmm prepare variants --vcf V --reference FA --out OUT [--flank 50] [--label-info KEY]
-    medmm train --config configs/tasks/druggability_head.yaml      encoder + head recipes (no LLM)
+    medmm train --config configs/tasks/druggability_head.yaml      encoder + head recipes (trainer.stage: head)
+    medmm eval head --checkpoint C --data D [--out DIR]            a head model on a labelled file
     medmm eval druggability --checkpoint C --data D [--smiles-col S --label-col L] [--calibration F]
+    medmm prepare text SRC... --out DIR [--jaccard 0.8] [--languages en]   dedup + filters -> train/eval.jsonl
     medmm prepare wsi SRC --out OUT [--mpp 0.5] [--tile 224] [--labels L] [--features ENC]
-    medmm wsi train|eval|heatmap ...                slide classification (ABMIL + head), heat maps
+    medmm prepare instructions FILE --format alpaca|sharegpt|promptcblue --out DIR   text-only conversations
+    medmm wsi train|eval|heatmap ...                slide classification (= train / eval head / the heat map)
 """
 
 from __future__ import annotations
@@ -68,10 +75,17 @@ def _prepare(argv: list[str]) -> None:
     dc.add_argument("--spacing", help="resample volumes to Z,Y,X mm, e.g. 2,1,1")
     dc.add_argument("--size", help="2D side (224) or D,H,W for volumes (32,128,128); or both: 224:32,128,128")
     dc.add_argument("--workers", type=int, default=1)
-    dc.add_argument("--salt", help="secret for pseudonyms and date shifts (default: $MEDMM_DEID_SALT)")
+    dc.add_argument("--on-gap", choices=["keep", "split", "reject"], default="keep",
+                    help="missing slices in a series: keep one volume and report the gaps (default), split it into "
+                         "one volume per run of slices, or reject it")
+    dc.add_argument("--salt", help="secret for pseudonyms and date shifts (default: $MEDMM_DEID_SALT, else a random "
+                                   "one kept in OUT/.deid_salt, mode 0600, and reused by later runs into OUT)")
     dc.add_argument("--keep-phi", action="store_true", help="do NOT de-identify (writes identifiers)")
+    dc.add_argument("--keep-report-phi", action="store_true",
+                    help="write report/VQA text as given (by default names, IDs, dates and contact details that "
+                         "it holds are removed or shifted like the headers')")
     w = sub.add_parser("wsi", help="whole-slide images -> webdataset shards of tiles or tile features")
-    w.add_argument("src", help="a slide file or a folder of slides (svs, ndpi, mrxs, scn, tif ...)")
+    w.add_argument("src", help="a slide file or a folder of slides (svs, ndpi, mrxs, scn, tif, DICOM dcm ...)")
     w.add_argument("--out", required=True)
     w.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of the tiles (default 0.5)")
     w.add_argument("--tile", type=int, default=224, help="tile side in pixels at --mpp")
@@ -83,16 +97,42 @@ def _prepare(argv: list[str]) -> None:
     w.add_argument("--slide-mpp", type=float, help="scan MPP for slides whose metadata has none")
     w.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a kept tile")
     w.add_argument("--mask-mpp", type=float, default=8.0, help="µm per pixel of the tissue mask")
-    w.add_argument("--backend", choices=["auto", "openslide", "tifffile"], default="auto")
+    w.add_argument("--backend", choices=["auto", "openslide", "tifffile", "dicom"], default="auto")
     w.add_argument("--format", choices=["jpg", "png"], default="jpg", help="tile encoding in the shards")
     w.add_argument("--shard-size", type=int, default=10000, help="samples per shard at most")
     w.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch (--features)")
     w.add_argument("--device", default="auto")
     w.add_argument("--no-progress", action="store_true")
+    tx = sub.add_parser("text", help="text corpora -> deduplicated, filtered train/eval JSONL (pretraining)")
+    tx.add_argument("src", nargs="+", help=".jsonl (a 'text' field) or .txt (a document per line) files or folders")
+    tx.add_argument("--out", required=True)
+    tx.add_argument("--text-field", default="text")
+    tx.add_argument("--jaccard", type=float, default=0.8, help="near-duplicate threshold (MinHash estimate)")
+    tx.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    tx.add_argument("--shingle", type=int, default=5, help="words per shingle")
+    tx.add_argument("--min-chars", type=int, default=10)
+    tx.add_argument("--min-words", type=int, default=2)
+    tx.add_argument("--max-chars", type=int, default=100_000)
+    tx.add_argument("--min-alpha", type=float, default=0.6, help="least fraction of letters among non-space chars")
+    tx.add_argument("--languages", help="keep only these language tags, e.g. en or en,de (default: tag, keep all)")
+    tx.add_argument("--no-exact-dedup", action="store_true")
+    tx.add_argument("--no-near-dedup", action="store_true")
+    tx.add_argument("--eval-fraction", type=float, default=0.01, help="held out in eval.jsonl (hash of the text)")
+    tx.add_argument("--seed", type=int, default=0)
+    tx.add_argument("--no-progress", action="store_true")
+    ins = sub.add_parser("instructions", help="Alpaca / ShareGPT / PromptCBLUE -> text-only conversation JSONL")
+    ins.add_argument("file", help="JSON array or JSON lines")
+    ins.add_argument("--format", required=True, choices=["alpaca", "sharegpt", "promptcblue"])
+    ins.add_argument("--out", required=True, help="writes OUT/train.jsonl and OUT/eval.jsonl")
+    ins.add_argument("--eval-fraction", type=float, default=0.05)
+    ins.add_argument("--seed", type=int, default=0)
+    ins.add_argument("--name", help="prefix of generated record ids (default: the file stem)")
     t = sub.add_parser("tiny-llm", help="train a small tokenizer and save a tiny random causal LM")
     t.add_argument("--family", default="llama")
     t.add_argument("--hidden", type=int, default=64)
     t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--vocab-size", type=int, default=1024)
+    t.add_argument("--texts", help="train the tokenizer on this corpus (.jsonl 'text' / .txt) instead of the sample")
     for p in (v, m, d, t):
         p.add_argument("--out", required=True)
     for p in (v, m, d):
@@ -104,6 +144,15 @@ def _prepare(argv: list[str]) -> None:
         return
     if a.kind == "wsi":
         _prepare_wsi(a)
+        return
+    if a.kind == "text":
+        _prepare_text(a)
+        return
+    if a.kind == "instructions":
+        from .data.instructions import prepare_instructions
+
+        print(json.dumps(prepare_instructions(a.file, a.format, a.out, a.eval_fraction, a.seed, a.name), indent=2,
+                         ensure_ascii=False))
         return
     if a.kind == "vqa":
         res = P.prepare_vqa(a.questions, a.images, a.out, a.eval_fraction, name=a.name or "vqa")
@@ -122,7 +171,13 @@ def _prepare(argv: list[str]) -> None:
     else:
         from .model.tiny import build_tiny_llm, sample_texts
 
-        res = {"llm": str(build_tiny_llm(a.out, sample_texts(), family=a.family, hidden=a.hidden, layers=a.layers))}
+        texts = sample_texts()
+        if a.texts:
+            from .data.text import read_documents
+
+            texts = read_documents(a.texts)
+        res = {"llm": str(build_tiny_llm(a.out, texts, family=a.family, hidden=a.hidden, layers=a.layers,
+                                         vocab_size=a.vocab_size))}
     print(json.dumps(res, indent=2))
 
 
@@ -132,10 +187,9 @@ def _prepare_dicom(a) -> None:
     from .data.prepare_dicom import DicomPrepareOptions, prepare_dicom
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # no salt given: prepare_dicom takes $MEDMM_DEID_SALT or OUT/.deid_salt and says which on stderr
     opts = DicomPrepareOptions(window=a.window, task=a.task, workers=a.workers, keep_phi=a.keep_phi,
-                               salt=a.salt or os.environ.get("MEDMM_DEID_SALT", "medmm-default-salt"))
-    if not (a.salt or os.environ.get("MEDMM_DEID_SALT")) and not a.keep_phi:
-        print("warning: no --salt or $MEDMM_DEID_SALT; pseudonyms use the public default salt", file=sys.stderr)
+                               keep_report_phi=a.keep_report_phi, salt=a.salt or None, on_gap=a.on_gap)
     if a.keep_phi:
         print("warning: --keep-phi: the output holds patient identifiers", file=sys.stderr)
     if a.spacing:
@@ -151,6 +205,20 @@ def _prepare_dicom(a) -> None:
     print(json.dumps(prepare_dicom(a.src, a.out, a.reports, opts), indent=2))
 
 
+def _prepare_text(a) -> None:
+    from .data.text import TextPrepareOptions, prepare_text
+
+    opts = TextPrepareOptions(text_field=a.text_field, min_chars=a.min_chars, min_words=a.min_words,
+                              max_chars=a.max_chars, min_alpha_fraction=a.min_alpha,
+                              languages=a.languages.split(",") if a.languages else None,
+                              dedup_exact=not a.no_exact_dedup, dedup_near=not a.no_near_dedup, jaccard=a.jaccard,
+                              num_perm=a.num_perm, shingle=a.shingle, eval_fraction=a.eval_fraction, seed=a.seed,
+                              progress=not a.no_progress)
+    stats = prepare_text(a.src, a.out, opts)
+    print(json.dumps({k: stats[k] for k in ("read", "kept", "dropped", "train", "eval", "errors")} | {"out": a.out},
+                     indent=2))
+
+
 def _prepare_wsi(a) -> None:
     from .data.slides import prepare_wsi
 
@@ -163,22 +231,37 @@ def _prepare_wsi(a) -> None:
 
 
 def _wsi(argv: list[str]) -> None:
-    from .training.slide_classification import main
+    """``medmm wsi train|eval|heatmap``: aliases of ``medmm train`` (trainer.stage: head), ``medmm eval head`` and
+    the heat map of :mod:`medmm.inference.heatmap`."""
+    ap = argparse.ArgumentParser(prog="medmm wsi", description="slide classification (ABMIL + head) and heat maps")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="= medmm train --config C (configs/tasks/slide_classification.yaml)", add_help=False)
+    sub.add_parser("eval", help="= medmm eval head --checkpoint C --data D --out O", add_help=False)
+    h = sub.add_parser("heatmap", help="thumbnail + tissue mask + attention heat map (PNG)")
+    h.add_argument("--checkpoint", required=True)
+    h.add_argument("--features", required=True, help="a slide's .safetensors from `medmm prepare wsi --features`")
+    h.add_argument("--slide", help="the slide file, if it moved since the features were written")
+    h.add_argument("--slide-mpp", type=float)
+    h.add_argument("--out", required=True)
+    h.add_argument("--device", default="auto")
+    if argv[:1] == ["train"]:
+        _train(argv[1:])
+        return
+    if argv[:1] == ["eval"]:
+        from .eval.heads import main as eval_head
 
-    main(argv)
+        eval_head(argv[1:])
+        return
+    a = ap.parse_args(argv)
+    from .inference.heatmap import head_heatmap
+
+    print(json.dumps(head_heatmap(a.checkpoint, a.features, a.out, a.slide, a.slide_mpp, a.device), indent=2))
 
 
 def _train(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="medmm train", add_help=False)
     ap.add_argument("--nproc", type=int, default=1, help="ranks on this machine (runs torchrun)")
     a, rest = ap.parse_known_args(argv)
-    from .tasks.head import is_task_config
-
-    if is_task_config(rest):  # configs/tasks/*.yaml: encoder + head in a plain torch loop, no DeepSpeed
-        from .tasks.head import main as task_main
-
-        task_main(rest)
-        return
     if a.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}", f"--master_port={free_port()}",
                "-m", "medmm.training", *rest]
@@ -189,10 +272,17 @@ def _train(argv: list[str]) -> None:
 
 
 def _eval(argv: list[str]) -> None:
-    if argv[:1] == ["druggability"]:  # AUROC / AUPRC / Brier of a head or LLM checkpoint on labelled molecules
-        from .tasks.druggability import eval_main
+    from .eval.__main__ import is_eval_command
 
-        eval_main(argv[1:])
+    if is_eval_command(argv):  # a registered benchmark (medmm eval list), compare or suite: medmm/eval/benchmarks
+        from .eval.__main__ import main as eval_main
+
+        eval_main(argv)
+        return
+    if argv[:1] == ["head"]:  # a head model (trainer.stage: head) on a labelled file
+        from .eval.heads import main as eval_head
+
+        eval_head(argv[1:])
         return
     from .config import DecodingConfig
     from .eval.runner import evaluate
@@ -244,7 +334,8 @@ def _export(argv: list[str]) -> None:
 
 
 def _pacs(argv: list[str]) -> None:
-    """``medmm pacs report|pull-run-push|listen|http``: DICOM SR out of a study, over files, DICOMweb, DIMSE or HTTP."""
+    """``medmm pacs report|pull-run-push|listen|resend|http``: DICOM SR out of a study, over files, DICOMweb, DIMSE
+    or HTTP."""
     ap = argparse.ArgumentParser(prog="medmm pacs")
     sub = ap.add_subparsers(dest="kind", required=True)
     rep = sub.add_parser("report", help="one study from disk -> a DICOM SR file (no network)")
@@ -255,6 +346,7 @@ def _pacs(argv: list[str]) -> None:
     pull.add_argument("--study", required=True, help="StudyInstanceUID")
     pull.add_argument("--no-push", action="store_true", help="retrieve and report, but do not store the SR")
     pull.add_argument("--token-file", help="a bearer token for the DICOMweb server")
+    pull.add_argument("--retry-seconds", type=float, default=60.0, help="retry failed requests this long (back-off)")
     lis = sub.add_parser("listen", help="DIMSE storage SCP: each received study -> SR (C-STORE or STOW-RS)")
     lis.add_argument("--aet", default="MEDMM")
     lis.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
@@ -265,6 +357,16 @@ def _pacs(argv: list[str]) -> None:
     lis.add_argument("--max-queue", type=int, default=16, help="studies collecting/waiting; more get 0xA700")
     lis.add_argument("--out", default="runs/pacs", help="SRs, studies.jsonl and the spool")
     lis.add_argument("--keep-studies", action="store_true", help="keep received instances after processing")
+    lis.add_argument("--retry-seconds", type=float, default=60.0,
+                     help="retry SR delivery this long (back-off) before keeping it in OUT/undelivered")
+    lis.add_argument("--amend-window", type=float, default=3600.0,
+                     help="keep a study's instances this long after its SR, so a later burst is reported with them")
+    rs = sub.add_parser("resend", help="deliver kept SRs (OUT/undelivered); delivered files move to DIR/delivered")
+    rs.add_argument("dir", help="a folder of SR files (its *.dcm) or one SR file")
+    rs.add_argument("--to", required=True, help="AET@host:port (C-STORE) or http(s)://.../dicom-web (STOW-RS)")
+    rs.add_argument("--aet", default="MEDMM", help="our calling AE title (C-STORE)")
+    rs.add_argument("--retry-seconds", type=float, default=60.0, help="retry each delivery this long (back-off)")
+    rs.add_argument("--token-file", help="a bearer token for the DICOMweb server")
     web = sub.add_parser("http", help="HTTP API (FastAPI): token required, loopback by default")
     web.add_argument("--host", default="127.0.0.1")
     web.add_argument("--port", type=int, default=8080)
@@ -281,10 +383,22 @@ def _pacs(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     import logging
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.kind == "resend":  # no model: exit status 1 when any SR was not delivered
+        from .export.listener import Destination, resend
+
+        try:
+            res = resend(a.dir, Destination.parse(a.to, "--to"), a.aet, a.retry_seconds, a.token_file)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"medmm pacs resend: {e}") from e
+        print(json.dumps(res, indent=2))
+        if res["failed"]:
+            raise SystemExit(1)
+        return
+
     from .config import DecodingConfig
     from .export.study import ReportConfig, ReportPipeline
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines narrate every attribute copy
     cfg = ReportConfig(question=a.question, decoding=DecodingConfig(max_new_tokens=a.max_new_tokens),
                        min_volume_slices=a.min_volume_slices,
@@ -307,7 +421,8 @@ def _pacs(argv: list[str]) -> None:
 
         lcfg = ListenerConfig(aet=a.aet, host=a.host, port=a.port, allowed_aets=a.allowed_aets.split(","),
                               study_timeout_s=a.study_timeout, max_queue=a.max_queue, forward_to=a.forward_to,
-                              out_dir=a.out, keep_studies=a.keep_studies)
+                              out_dir=a.out, keep_studies=a.keep_studies, retry_s=a.retry_seconds,
+                              amend_window_s=a.amend_window)
         StudyListener(ReportPipeline(a.checkpoint, cfg, device=a.device), lcfg).serve_forever()
         return
     pipeline = ReportPipeline(a.checkpoint, cfg, device=a.device)
@@ -318,8 +433,8 @@ def _pacs(argv: list[str]) -> None:
     else:
         from .export.dicomweb import pull_run_push
 
-        print(json.dumps(pull_run_push(a.dicomweb, a.study, pipeline, push=not a.no_push, token_file=a.token_file),
-                         indent=2))
+        print(json.dumps(pull_run_push(a.dicomweb, a.study, pipeline, push=not a.no_push, token_file=a.token_file,
+                                       retry_s=a.retry_seconds), indent=2))
 
 
 def _demo(argv: list[str]) -> None:
@@ -344,14 +459,22 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     cmd, rest = argv[0], argv[1:]
-    if cmd == "infer":
-        from .inference.__main__ import main as infer_main
+    try:
+        if cmd == "infer":
+            from .inference.__main__ import main as infer_main
 
-        infer_main(rest)
-        return
-    if cmd not in COMMANDS:
-        raise SystemExit(f"medmm: unknown command '{cmd}'; commands: infer, {', '.join(COMMANDS)}")
-    COMMANDS[cmd](rest)
+            infer_main(rest)
+            return
+        if cmd not in COMMANDS:
+            raise SystemExit(f"medmm: unknown command '{cmd}'; commands: infer, {', '.join(COMMANDS)}")
+        COMMANDS[cmd](rest)
+    except ModuleNotFoundError as e:  # an optional extra is missing: say which one installs it
+        from .utils import missing_extra_message
+
+        msg = missing_extra_message(e)
+        if msg is None:
+            raise
+        raise SystemExit(msg) from e
 
 
 if __name__ == "__main__":

@@ -166,11 +166,17 @@ class DatasetConfig:
     """One dataset of a training mixture."""
 
     path: str = ""
-    """Conversation JSONL file."""
+    """Conversation JSONL file (``format: text``: a corpus file or folder)."""
     weight: float = 1.0
     """Relative sampling weight in the mixture."""
     name: str | None = None
     """Display name (defaults to the file stem)."""
+    format: Literal["conversation", "text"] = "conversation"
+    """conversation = LLaVA-style records; text = pretraining documents: JSONL with a ``text`` field or ``.txt``
+    (one document per non-empty line). Stage pretrain reads both: a conversation record there becomes a captioning
+    document (its modality inputs, then its last answer, e.g. an image and its report)."""
+    text_field: str = "text"
+    """format text: the JSONL field holding the document."""
 
     def __post_init__(self):
         if self.weight <= 0:
@@ -187,10 +193,16 @@ class DataConfig:
     """Samples per mixture epoch; None = sum of dataset sizes."""
     max_length: int = 512
     """Sequences longer than this are truncated (modality tokens are never cut)."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (load failures in workers still reach ``errors.jsonl``)."""
+    pin_memory: bool = True
+    """Pin host batches for faster copies to the GPU (only on CUDA)."""
     system_prompt: str | None = None
     """Optional system message prepended to every conversation."""
+    packing: Literal["none", "concat", "neat"] = "none"
+    """none = each batch padded to its longest sample; concat (stage pretrain) = documents joined with EOS and cut
+    into ``max_length`` blocks, attention across documents; neat (pretrain, sft) = ``max_length`` blocks whose
+    documents keep their own positions and attend only to themselves (``medmm.data.packing``)."""
 
 
 @dataclass
@@ -225,17 +237,136 @@ class TrainerConfig:
     """Log loss every N steps (progress bar, TensorBoard, metrics.jsonl)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on a GPU that supports it, fp32 on CPU."""
-    stage: Literal["sft", "align"] = "sft"
-    """sft = next-token loss on answers; align = image-report contrastive pretraining (open_clip ClipLoss)."""
-    align_modality: str = "image"
-    """align: the modality whose encoder + projector are aligned with the report text."""
+    stage: str = "sft"
+    """A registered training stage (``medmm.training.stages.list_stages()``): sft = next-token loss on answers;
+    align = image-report contrastive pretraining (section ``align``); head = an encoder + classification head
+    without the LLM (section ``head``)."""
     init_from: str | None = None
     """A medmm model folder whose encoder and projector weights start this run (e.g. the align stage's)."""
+    init_llm: Literal["merged", "adapter", "none"] = "merged"
+    """With ``init_from``, how its language model starts this run: merged = its weights with its LoRA adapter folded
+    in (a ``model.llm_trainable: lora`` run then trains a new adapter); adapter = its base weights and its adapter,
+    trained on (same LoRA settings); none = only encoders and projectors are carried."""
+    eval_fraction: float = 0.0
+    """Stage pretrain: share of the documents held out (by a hash of their text) and scored every ``eval_every``
+    steps as ``eval_loss`` and ``eval_ppl`` (held-out perplexity) in ``metrics.jsonl``."""
+    epochs: int | None = None
+    """When set, train this many passes over the stage's training data; replaces ``max_steps``."""
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """cosine = linear warm-up then cosine decay to 10% of the peak; constant = warm-up then the peak."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    eval_every: int = 0
+    """Score the stage's validation data every N optimizer steps; 0 = after every epoch when ``epochs`` is set,
+    else never. Stages without validation data skip it."""
+    patience: int = 0
+    """Stop after this many evaluations in a row without a better validation score (0 = never stop early)."""
+    restore_best: bool = False
+    """At the end, go back to the weights of the best evaluation (ZeRO 0-2); the final folder holds those."""
+    cpu_threads: int | None = None
+    """torch CPU threads per rank (None = torch's default)."""
 
     def __post_init__(self):
         for k in ("max_steps", "micro_batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"trainer.{k} must be positive, got {getattr(self, k)}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"trainer.epochs must be positive, got {self.epochs}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"trainer.adam_betas needs two numbers in [0, 1), got {self.adam_betas}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"trainer.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_every < 0 or self.patience < 0:
+            raise ConfigError("trainer.eval_every and trainer.patience must be >= 0")
+        if self.grad_clip < 0:
+            raise ConfigError(f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+
+
+@dataclass
+class AlignConfig:
+    """The ``align`` stage: one modality's encoder + projector aligned with report text (CLIP-style)."""
+
+    modality: str = "image"
+    """The modality whose encoder + projector are aligned with the report text."""
+
+
+@dataclass
+class HeadDataConfig:
+    """The ``head`` stage's labelled data and how it is split."""
+
+    path: str = ""
+    """The labelled file: CSV/TSV (``.gz`` allowed) for molecules and DNA, a slide JSONL for slides."""
+    input_col: str = "smiles"
+    """Column holding the input (SMILES, DNA sequence); table featurisers only."""
+    label_col: str = "label"
+    """Column (or JSONL field) holding the label; blank cells are reported and skipped."""
+    delimiter: str | None = None
+    """Field separator; None = tab for .tsv/.txt files, comma otherwise."""
+    split: Literal["scaffold", "stratified", "random", "none"] = "scaffold"
+    """scaffold (Bemis-Murcko, molecules only) | stratified | random into train/validation/test by ``fractions``;
+    none = all of ``path`` trains, and ``eval_path`` is both the validation and the test part."""
+    fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    """Train / validation / test shares."""
+    eval_path: str | None = None
+    """split none: a held-out labelled file scored after every epoch and at the end."""
+    seed: int = 0
+    """Seed of the split."""
+    workers: int = 2
+    """Featurisation worker processes (0 = in this process)."""
+    limit: int | None = None
+    """Read at most this many rows (quick runs)."""
+
+    def __post_init__(self):
+        if self.split != "none" and (len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-6
+                                     or any(f < 0 for f in self.fractions)):
+            raise ConfigError(f"head.data.fractions must be three shares summing to 1, got {self.fractions}")
+
+
+@dataclass
+class HeadStageConfig:
+    """The ``head`` stage: a registered featuriser, encoder and head trained on labels, without the LLM."""
+
+    featuriser: str = "molecules"
+    """Featuriser registry name (``medmm.data.featurisers.list_featurisers()``): molecules | dna | slides."""
+    data: HeadDataConfig = field(default_factory=HeadDataConfig)
+    loader: str = "mol_graph"
+    """Input loader registry name matching the encoder (mol_graph, smiles_fingerprint, dna_tokens, slide_features)."""
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="mol_gin", trainable="full"))
+    """The encoder (or slide aggregator); ``trainable: frozen`` trains the head alone (a probe)."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """Input preprocessing (saved in the checkpoint)."""
+    type: str = "mlp"
+    """Head registry name (``medmm.model.heads.list_heads()``): mlp (masked mean + max -> MLP) | linear."""
+    hidden: int = 128
+    """mlp: hidden width."""
+    dropout: float = 0.1
+    """Dropout before the output layer."""
+    objective: Literal["binary", "multiclass"] = "binary"
+    """binary = one logit, BCE, 0/1 labels (or the two ``classes``); multiclass = one logit per class, cross-entropy."""
+    classes: list[str] = field(default_factory=list)
+    """Class names in output order; empty = 0/1 for binary, the sorted training labels for multiclass."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """balanced = inverse class frequency in the loss."""
+    calibration: Literal["temperature", "none"] = "temperature"
+    """binary: temperature scaling fitted on the validation part after training."""
+    train_max_tokens: int | None = None
+    """Training only: a random subset of at most this many encoder inputs (tiles of a slide) per item and epoch."""
+    bootstrap: int = 0
+    """Bootstrap resamples for the final metrics' 95% intervals (multiclass; 0 = none)."""
+
+    def __post_init__(self):
+        if self.encoder.trainable == "lora":
+            raise ConfigError("head.encoder.trainable: head stages train the encoder 'full' or keep it 'frozen'")
+        if self.data.split == "scaffold" and self.featuriser != "molecules":
+            raise ConfigError("head.data.split=scaffold needs molecules (head.featuriser: molecules)")
+        if self.data.split == "none" and not self.data.eval_path and self.data.path:
+            raise ConfigError("head.data.split=none needs head.data.eval_path (the held-out file)")
+        if self.objective == "binary" and self.classes and len(self.classes) != 2:
+            raise ConfigError(f"head.objective=binary takes two classes, got {self.classes}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"head.classes has duplicates: {self.classes}")
+        if self.objective == "multiclass" and self.calibration != "none":
+            raise ConfigError("head.calibration=temperature is for objective binary; set head.calibration: none")
 
 
 @dataclass
@@ -243,8 +374,15 @@ class TrainConfig:
     """Everything ``train.py`` needs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The multimodal causal LM (stages sft, align)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Conversation data (stages sft, align)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """The loop; ``trainer.stage`` names the stage, which reads its own section below."""
+    align: AlignConfig = field(default_factory=AlignConfig)
+    """Stage ``align``."""
+    head: HeadStageConfig = field(default_factory=HeadStageConfig)
+    """Stage ``head``."""
 
 
 @dataclass

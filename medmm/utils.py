@@ -13,13 +13,52 @@ from pathlib import Path
 from typing import Any
 
 
+# import name -> the pyproject extra that installs it (``pip install 'medmm[EXTRA]'``); tests check it against
+# pyproject.toml, so a package moved between extras cannot leave a wrong hint behind.
+EXTRA_OF_MODULE: dict[str, str] = {
+    "highdicom": "pacs",
+    "pynetdicom": "pacs",
+    "dicomweb_client": "pacs",
+    "urllib3": "pacs",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "pydantic": "serve",
+    "uvicorn": "serve",
+    "multipart": "serve",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "export",
+    "openslide": "wsi",
+    "tifffile": "wsi",
+    "imagecodecs": "wsi",
+    "rdkit": "bio",
+    "Bio": "bio",
+    "pysam": "bio",
+}
+
+
 def optional_import(module: str, extra: str | None = None):
-    """Import ``module`` or raise an ImportError that says which extra to install."""
+    """Import ``module`` or raise an ImportError that names the extra installing it.
+
+    Args:
+        module: dotted module name (``"rdkit.Chem"``).
+        extra: the pyproject extra; default: looked up in :data:`EXTRA_OF_MODULE` by the top-level name.
+    """
     try:
         return importlib.import_module(module)
-    except ImportError as e:  # pragma: no cover - message path
+    except ImportError as e:
+        extra = extra or EXTRA_OF_MODULE.get(module.split(".")[0])
         hint = f" (pip install 'medmm[{extra}]')" if extra else ""
         raise ImportError(f"medmm needs the optional package '{module}'{hint}: {e}") from e
+
+
+def missing_extra_message(exc: BaseException) -> str | None:
+    """For a ``ModuleNotFoundError`` of an optional package, the one line telling which extra installs it."""
+    name = getattr(exc, "name", None) or ""
+    extra = EXTRA_OF_MODULE.get(name.split(".")[0])
+    if not isinstance(exc, ModuleNotFoundError) or extra is None:
+        return None
+    return f"medmm: this command needs '{name}', which is not installed: pip install 'medmm[{extra}]'"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

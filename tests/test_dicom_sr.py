@@ -1,6 +1,7 @@
 """The study -> SR chain: series selection, the written Comprehensive SR reads back with its references,
 patient module, algorithm identification and flags; typed errors for studies that cannot be reported."""
 
+import copy
 import json
 
 import pydicom
@@ -127,3 +128,33 @@ def test_cli_report(checkpoint, pydicom_files, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     r = read_report(out)
     assert r["text"] == printed["report"] and r["question"] == "Which sequence?"
+
+
+def test_amended_report_lists_its_predecessor(pipeline, pydicom_files, tmp_path):
+    ct = pydicom.dcmread(pydicom_files / "CT_small.dcm")
+    first = pipeline.run([ct]).sr
+    first_path = tmp_path / "first.dcm"
+    first.save_as(first_path, enforce_file_format=True)
+    second = copy.deepcopy(ct)
+    second.SOPInstanceUID = generate_uid()  # a second instance of the same study, arrived later
+    res = pipeline.run([ct, second], predecessor=first_path)
+    path = tmp_path / "second.dcm"
+    res.sr.save_as(path, enforce_file_format=True)
+
+    back = pydicom.dcmread(path)  # as a PACS reads it: plain pydicom
+    (study,) = back.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == ct.StudyInstanceUID
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    (ref,) = series.ReferencedSOPSequence
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (first.SOPClassUID, first.SOPInstanceUID)
+    r = read_report(path)
+    assert r["predecessor_sop_instance_uids"] == [first.SOPInstanceUID]
+    assert sorted(r["evidence_sop_instance_uids"]) == sorted([ct.SOPInstanceUID, second.SOPInstanceUID])
+    assert res.record["predecessor_sr"] == first.SOPInstanceUID
+    assert res.record["sr_sop_instance_uid"] != first.SOPInstanceUID
+    assert read_report(first_path)["predecessor_sop_instance_uids"] == []
+    # an SR of another study cannot be amended by this one
+    mr = pydicom.dcmread(pydicom_files / "MR_small.dcm")
+    with pytest.raises(DicomError, match="another study"):
+        pipeline.run([mr], predecessor=first)

@@ -205,18 +205,32 @@ def test_prepare_dna_decodes_kmers(shared_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 def test_dna_classifier_trains_above_chance(tmp_path, shared_data):
-    """The head recipe on DNABERT's 1,000 labelled sequences: held-out accuracy and AUROC above chance."""
-    from medmm.config import load_config
-    from medmm.tasks.head import HeadTaskConfig, run_head_task
+    """The head recipe (trainer.stage: head) through train.py on DNABERT's 1,000 labelled sequences: held-out
+    accuracy and AUROC above chance; `medmm eval head` on the test rows reproduces them from the checkpoint."""
+    import csv
 
-    cfg = load_config(HeadTaskConfig, REPO / "configs/tasks/dna_classification_head.yaml", [
-        f"data.path={shared_data / 'genomics/dna_classification_dnabert/dev.tsv'}", f"output_dir={tmp_path}"])
-    m = run_head_task(cfg)
+    import train
+    from medmm.eval.heads import evaluate_head
+
+    data = shared_data / "genomics/dna_classification_dnabert/dev.tsv"
+    res = train.main(["--config", str(REPO / "configs/tasks/dna_classification_head.yaml"),
+                      f"head.data.path={data}", f"trainer.output_dir={tmp_path}"])
+    m = res["metrics"]
     assert m["rows"]["usable"] == 1000 and m["rows"]["test"] == 150
     t = m["test"]["calibrated"]
     assert t["accuracy"] > 0.7 and t["auroc"] > 0.8, t  # chance: 0.5 on a 500/500 set
     assert m["test"]["calibrated"]["auroc"] == m["test"]["raw"]["auroc"]
+    test = set(json.loads((tmp_path / "checkpoint" / "split.json").read_text())["test"])
+    rows = [r for r in csv.DictReader(open(data), delimiter="\t")]
+    sub = tmp_path / "test.tsv"
+    with open(sub, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["sequence", "label"])
+        w.writerows([(r["sequence"], r["label"]) for i, r in enumerate(rows, start=2) if f"{data}:{i}" in test])
+    ev = evaluate_head(tmp_path / "checkpoint", sub, tmp_path / "ev", device="cpu")
+    assert ev["scored"] == 150 and ev["calibrated"]["auroc"] == pytest.approx(t["auroc"], abs=1e-3)
 
 
 def test_variant_dataclass_name():

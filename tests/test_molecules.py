@@ -273,27 +273,31 @@ def test_prepare_molecules_scaffold_split_and_qa(tmp_path):
 
 # ----------------------------------------------------------------------------- druggability head on ClinTox
 @pytest.mark.slow
+@pytest.mark.deepspeed
 def test_druggability_head_on_clintox_scaffold_split(tmp_path, shared_data):
-    """The head recipe trains on ClinTox FDA_APPROVED with a scaffold split; held-out AUROC well above chance."""
-    from medmm.config import load_config
-    from medmm.tasks.head import HeadPredictor, HeadTaskConfig, run_head_task
+    """The head recipe (trainer.stage: head) through train.py on ClinTox FDA_APPROVED with a scaffold split:
+    held-out AUROC well above chance; the checkpoint alone reproduces the scores and the AUROC."""
+    import train
+    from medmm.inference.head import HeadPredictor
 
-    cfg = load_config(HeadTaskConfig, REPO / "configs/tasks/druggability_head.yaml", [
-        f"data.path={shared_data.joinpath(*MOLNET, 'clintox.csv')}", f"output_dir={tmp_path / 'run'}",
-        "data.fractions=[0.7,0.1,0.2]", "trainer.epochs=20"])
-    m = run_head_task(cfg)
+    res = train.main(["--config", str(REPO / "configs/tasks/druggability_head.yaml"),
+                      f"head.data.path={shared_data.joinpath(*MOLNET, 'clintox.csv')}",
+                      f"trainer.output_dir={tmp_path / 'run'}", "head.data.fractions=[0.7,0.1,0.2]",
+                      "trainer.epochs=20"])
+    m = res["metrics"]
     assert m["rows"]["usable"] == 1478 and m["rows"]["test"] == 296
     assert m["test"]["raw"]["auroc"] > 0.75, m["test"]  # chance is 0.5
     assert m["test"]["calibrated"]["auroc"] == m["test"]["raw"]["auroc"]  # temperature never changes ranking
     assert m["val"]["calibrated"]["log_loss"] <= m["val"]["raw"]["log_loss"] + 1e-4  # T was fitted there
+    assert res["best_step"] % 17 == 0  # early stopping follows the per-epoch validation AUROC (17 steps/epoch)
     ckpt = tmp_path / "run" / "checkpoint"
+    assert json.loads((ckpt / "metrics.json").read_text())["test"] == m["test"]
     with open(ckpt / "predictions_test.csv") as f:
         preds = list(csv.DictReader(f))
     assert len(preds) == 296 and {"lipinski_pass", "pains_alerts", "qed"} <= set(preds[0])
     hp = HeadPredictor(ckpt)
     feats, logits = hp.predict([p["input"] for p in preds[:20]], reports=False)
-    probs = 1 / (1 + np.exp(-logits / hp.temperature))
-    np.testing.assert_allclose(probs, [float(p["prob"]) for p in preds[:20]], atol=1e-4)
+    np.testing.assert_allclose(hp.probabilities(logits), [float(p["prob"]) for p in preds[:20]], atol=1e-4)
     # `medmm eval druggability` on the held-out rows reproduces the test AUROC from the checkpoint alone.
     test_csv = tmp_path / "test.csv"
     with open(test_csv, "w", newline="") as f:
@@ -371,13 +375,13 @@ def test_llm_batch_inference_and_eval(mol_llm, tmp_path):
     assert by["empty"]["error_kind"] == "empty" and by["big"]["error_kind"] == "too_large"
     # the same score through the Python API (Session.closed_set)
     from medmm.inference.predictor import Predictor
-    from medmm.tasks.druggability import llm_scores
+    from medmm.inference.molecules import llm_scores
 
     s = llm_scores(Predictor(ckpt), ["CC(=O)Oc1ccccc1C(=O)O"], "Is this molecule likely to be an approved drug?",
                    ["yes", "no"])
     assert s[0]["score"] == pytest.approx(float(by["aspirin"]["score"]), abs=1e-4)
 
-    from medmm.tasks.druggability import evaluate_druggability
+    from medmm.eval.druggability import evaluate_druggability
 
     m = evaluate_druggability(ckpt, src, tmp_path / "ev", "SMILES", "approved", calibration=src)
     assert m["kind"] == "llm" and m["scored"] == 4 and m["errors"] == 3
@@ -387,7 +391,7 @@ def test_llm_batch_inference_and_eval(mol_llm, tmp_path):
 
 
 def test_infer_molecules_needs_out_and_question(mol_llm, tmp_path):
-    from medmm.tasks.druggability import predict_molecules_csv
+    from medmm.inference.molecules import predict_molecules_csv
 
     _, ckpt = mol_llm
     src = tmp_path / "in.csv"
@@ -409,7 +413,7 @@ def test_druggability_llm_recipe_trains_with_deepspeed(tmp_path, tiny_llm, share
     import os
 
     from medmm.data.prepare import prepare_molecules
-    from medmm.tasks.druggability import evaluate_druggability
+    from medmm.eval.druggability import evaluate_druggability
 
     rows = (shared_data.joinpath(*MOLNET, "clintox.csv")).read_text().splitlines()
     src = tmp_path / "clintox_part.csv"
@@ -432,40 +436,47 @@ def test_druggability_llm_recipe_trains_with_deepspeed(tmp_path, tiny_llm, share
     assert m["raw"]["n"] == n_eval and 0 <= m["raw"]["brier"] <= 1
 
 
-def _head_task_configs():
-    import yaml
+def test_head_recipe_is_a_train_config_of_stage_head():
+    """configs/tasks/druggability_head.yaml is a TrainConfig whose stage is head; its default data is the shared set."""
+    from medmm.config import TrainConfig, load_config
 
-    from medmm.tasks.head import TASKS
-
-    return [p for p in sorted((REPO / "configs" / "tasks").glob("*.yaml"))
-            if (yaml.safe_load(p.read_text()) or {}).get("task") in TASKS]
-
-
-@pytest.mark.parametrize("path", _head_task_configs(), ids=lambda p: p.name)
-def test_head_task_configs_load_and_build(path):
-    """configs/tasks/ encoder + head recipes (HeadTaskConfig, not TrainConfig): each loads, builds, runs a batch."""
-    from medmm.config import load_config
-    from medmm.data.loaders import build_loader
-    from medmm.tasks.head import HeadTaskConfig, build_model, is_task_config
-
-    cfg = load_config(HeadTaskConfig, path)
-    assert is_task_config(["--config", str(path)])
-    model = build_model(cfg)
-    assert all(p.dim() > 0 for p in model.parameters())  # DeepSpeed broadcasts parameters viewed as bytes
-    loader = build_loader(cfg.loader, cfg.preprocess)
-    batch = loader.collate([loader.dummy(), loader.dummy()])
-    logits = model(batch["x"], batch.get("mask"))
-    assert logits.shape == (2,) and torch.isfinite(logits).all()
-    assert (REPO / cfg.data.path).resolve().exists()  # the recipe's default data is the shared real set
+    cfg = load_config(TrainConfig, REPO / "configs/tasks/druggability_head.yaml")
+    assert cfg.trainer.stage == "head" and cfg.head.featuriser == "molecules" and cfg.head.data.split == "scaffold"
+    assert (REPO / cfg.head.data.path).resolve().exists()
 
 
-def test_head_task_config_errors():
-    from medmm.config import ConfigError, config_from_dict
-    from medmm.tasks.head import HeadTaskConfig
+def test_head_stage_config_errors():
+    from medmm.config import ConfigError, HeadStageConfig, TrainConfig, config_from_dict
 
     with pytest.raises(ConfigError, match="scaffold needs molecules"):
-        config_from_dict(HeadTaskConfig, {"task": "sequence_classification", "loader": "dna_tokens"})
-    with pytest.raises(ConfigError, match="unknown key 'data.smiles'"):
-        config_from_dict(HeadTaskConfig, {"data": {"smiles": "x"}})
+        config_from_dict(HeadStageConfig, {"featuriser": "dna", "loader": "dna_tokens"})
+    with pytest.raises(ConfigError, match="unknown key 'head.data.smiles'"):
+        config_from_dict(TrainConfig, {"head": {"data": {"smiles": "x"}}})
     with pytest.raises(ConfigError, match="frozen"):
-        config_from_dict(HeadTaskConfig, {"encoder": {"name": "mol_gin", "trainable": "lora"}})
+        config_from_dict(HeadStageConfig, {"encoder": {"name": "mol_gin", "trainable": "lora"}})
+    with pytest.raises(ConfigError, match="two classes"):
+        config_from_dict(HeadStageConfig, {"classes": ["a", "b", "c"]})
+
+
+def test_molecule_featuriser_and_head_model_round_trip(tmp_path):
+    """Featurise real SMILES (bad ones become error records), build mol_gin + mlp, save and reload the folder."""
+    from medmm.config import HeadStageConfig, config_from_dict
+    from medmm.data.featurisers import Row, build_featuriser, featurise_rows, label_parser
+    from medmm.model.heads import HeadModel, build_head_model, predict_logits
+
+    cfg = config_from_dict(HeadStageConfig, {"encoder": {"name": "mol_gin_tiny", "trainable": "full"},
+                                             "data": {"workers": 0}, "hidden": 16})
+    f = build_featuriser(cfg)
+    rows = [Row("r1", "CC(=O)Oc1ccccc1C(=O)O", "1"), Row("r2", "c1cccn1", "0"), Row("r3", "CCO", "x"),
+            Row("r4", "[Na+].CC(=O)[O-]", "0.0")]
+    feats = featurise_rows(f, rows, label_parser(["0", "1"], "label"))
+    assert feats.sources == ["r1", "r4"] and feats.labels == [1, 0] and feats.canonical[1] == "CC(=O)O"
+    assert {e["path"] for e in feats.errors} == {"r2", "r3"} and feats.groups == ["c1ccccc1", ""]
+    torch.manual_seed(0)
+    model = build_head_model(cfg)
+    z = predict_logits(model, f, feats.items)
+    model.temperature = 2.0
+    model.save_pretrained(tmp_path / "m")
+    back = HeadModel.from_pretrained(tmp_path / "m")
+    assert back.temperature == 2.0 and back.config.encoder.name == "mol_gin_tiny"
+    np.testing.assert_allclose(predict_logits(back, f, feats.items), z, atol=1e-6)

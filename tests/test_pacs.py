@@ -3,6 +3,7 @@ ports with its own storage folder): DICOMweb pull-run-push, the DIMSE listener f
 calling AE titles, a bounded queue, and a failing study that does not stop the listener."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -10,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -32,18 +32,88 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # from the orthanc-dicomweb package
 
 
-@dataclass
+def _require(orthanc: bool = True, storescu: bool = False) -> None:
+    """Fail (not skip) naming exactly what is missing and the Debian packages that provide it."""
+    missing = []
+    if orthanc and not Path(ORTHANC).exists():
+        missing.append(("orthanc", f"the Orthanc server ({ORTHANC})"))
+    if orthanc and not DICOMWEB_PLUGIN.exists():
+        missing.append(("orthanc-dicomweb", f"Orthanc's DICOMweb plugin ({DICOMWEB_PLUGIN})"))
+    if storescu and not shutil.which("storescu"):
+        missing.append(("dcmtk", "dcmtk's storescu (not on PATH)"))
+    if missing:
+        pytest.fail("missing " + "; ".join(f"{what}, from the Debian package {pkg}" for pkg, what in missing)
+                    + f". Install with: apt-get install -y {' '.join(pkg for pkg, _ in missing)}"
+                    + " (.ci/run installs them before `make test`)")
+
+
 class Orthanc:
-    url: str
-    dicomweb: str
-    aet: str
-    dicom_port: int
+    """A real Orthanc on loopback ports with its own storage folder; it can be stopped and started again
+    (same ports, same storage), as a PACS that restarts."""
+
+    aet = "ORTHANC"
+
+    def __init__(self, folder: Path):
+        _require(orthanc=True)
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        http_port, self.dicom_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.dicomweb = f"{self.url}/dicom-web"
+        cfg = {"Name": "medmm-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+               "HttpPort": http_port, "DicomPort": self.dicom_port, "DicomAet": self.aet,
+               "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [str(DICOMWEB_PLUGIN)],
+               "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "DicomAlwaysAllowStore": True,
+               "DicomCheckCalledAet": True}
+        (folder / "orthanc.json").write_text(json.dumps(cfg))
+        self.proc = None
+        self.start()
+
+    def _log_tail(self) -> str:
+        return (self.folder / "orthanc.log").read_text(errors="replace")[-2000:]
+
+    def start(self) -> None:
+        import requests
+
+        with open(self.folder / "orthanc.log", "a") as log:
+            self.proc = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=log,
+                                         stderr=subprocess.STDOUT)
+        for _ in range(600):
+            if self.proc.poll() is not None:
+                pytest.fail(f"Orthanc exited ({self.proc.returncode}): {self._log_tail()}")
+            try:
+                if requests.get(f"{self.url}/system", timeout=1).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"Orthanc did not start within 60 s: {self._log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
     def upload(self, path: Path) -> None:
         import requests
 
         r = requests.post(f"{self.url}/instances", data=Path(path).read_bytes(), timeout=30)
         r.raise_for_status()
+
+    def has_instance(self, sop_uid: str) -> bool:
+        """Whether Orthanc stores ``sop_uid`` (its REST API, /tools/lookup)."""
+        import requests
+
+        r = requests.post(f"{self.url}/tools/lookup", data=sop_uid, timeout=30)
+        r.raise_for_status()
+        return any(x["Type"] == "Instance" for x in r.json())
 
     def sr_instances(self, study_uid: str) -> list:
         """The SR instances of a study, retrieved over WADO-RS."""
@@ -56,42 +126,23 @@ class Orthanc:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    import requests
+    pacs = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield pacs
+    pacs.stop()
 
-    if not (Path(ORTHANC).exists() and DICOMWEB_PLUGIN.exists() and shutil.which("storescu")):
-        pytest.fail("these tests need the Debian packages orthanc, orthanc-dicomweb and dcmtk (installed by .ci/run)")
-    d = tmp_path_factory.mktemp("orthanc")
-    http_port, dicom_port = free_port(), free_port()
-    cfg = {"Name": "medmm-test", "StorageDirectory": str(d / "db"), "IndexDirectory": str(d / "db"),
-           "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-           "AuthenticationEnabled": False, "Plugins": [str(DICOMWEB_PLUGIN)],
-           "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "DicomAlwaysAllowStore": True,
-           "DicomCheckCalledAet": True}
-    (d / "orthanc.json").write_text(json.dumps(cfg))
-    log = open(d / "orthanc.log", "w")
-    proc = subprocess.Popen([ORTHANC, str(d / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http_port}"
-    for _ in range(300):
-        try:
-            if requests.get(f"{url}/system", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"Orthanc did not start: {(d / 'orthanc.log').read_text()[-2000:]}")
-    if proc.poll() is not None:
-        pytest.fail(f"Orthanc exited ({proc.returncode}): {(d / 'orthanc.log').read_text()[-2000:]}")
-    yield Orthanc(url, f"{url}/dicom-web", "ORTHANC", dicom_port)
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+
+@pytest.fixture
+def own_orthanc(tmp_path):
+    """An Orthanc of this test alone (the test stops and starts it)."""
+    pacs = Orthanc(tmp_path / "orthanc")
+    yield pacs
+    pacs.stop()
+
+
+@pytest.fixture
+def storescu():
+    _require(orthanc=False, storescu=True)
+    return shutil.which("storescu")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +199,7 @@ def test_pull_run_push(orthanc, checkpoint, pydicom_files, capsys):
         assert printed["retrieved_instances"] == 1 and printed["stored"] is True
 
 
-def test_listen_storescu_sr_reaches_orthanc(orthanc, checkpoint, pydicom_files, tmp_path):
+def test_listen_storescu_sr_reaches_orthanc(orthanc, storescu, checkpoint, pydicom_files, tmp_path):
     study = _new_study(pydicom_files / "CT_small.dcm", tmp_path / "study", n=2)
     src = [pydicom.dcmread(p) for p in study]
     port = free_port()
@@ -161,10 +212,10 @@ def test_listen_storescu_sr_reaches_orthanc(orthanc, checkpoint, pydicom_files, 
     try:
         first = proc.stdout.readline()  # printed once the SCP is listening
         assert first and json.loads(first)["listening"] == f"MEDMM@127.0.0.1:{port}", proc.stderr.read()
-        rejected = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "MEDMM", "127.0.0.1", str(port),
+        rejected = subprocess.run([storescu, "-aet", "INTRUDER", "-aec", "MEDMM", "127.0.0.1", str(port),
                                    str(study[0])], capture_output=True, text=True, timeout=60)
         assert rejected.returncode != 0 and "Calling AE Title Not Recognized" in rejected.stdout + rejected.stderr
-        sent = subprocess.run(["storescu", "-aet", "CT01", "-aec", "MEDMM", "127.0.0.1", str(port), *map(str, study)],
+        sent = subprocess.run([storescu, "-aet", "CT01", "-aec", "MEDMM", "127.0.0.1", str(port), *map(str, study)],
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
         srs = _wait(lambda: orthanc.sr_instances(src[0].StudyInstanceUID), 60, "the SR in Orthanc")
@@ -265,7 +316,7 @@ def test_undeliverable_sr_is_kept_and_logged(checkpoint, pydicom_files, tmp_path
     port, dead = free_port(), free_port()  # nothing listens on ``dead``
     pipeline = ReportPipeline(checkpoint, ReportConfig(decoding=DecodingConfig(max_new_tokens=4)))
     listener = StudyListener(pipeline, ListenerConfig(port=port, allowed_aets=["SCU"], study_timeout_s=0.2,
-                                                      out_dir=str(tmp_path / "pacs"),
+                                                      out_dir=str(tmp_path / "pacs"), retry_s=1.0,
                                                       forward_to=f"PACS@127.0.0.1:{dead}")).start()
     try:
         assert _store(port, _new_study(pydicom_files / "CT_small.dcm", tmp_path / "s")) == [0]
@@ -274,4 +325,196 @@ def test_undeliverable_sr_is_kept_and_logged(checkpoint, pydicom_files, tmp_path
         listener.stop()
     (rec,) = [json.loads(x) for x in (tmp_path / "pacs" / "studies.jsonl").read_text().splitlines()]
     assert rec["outcome"] == "sr_not_delivered" and rec["error"] == "ConnectionError"
-    assert read_report(rec["sr_file"])["sop_instance_uid"] == rec["sr_sop_instance_uid"]  # kept for a retry
+    assert rec["send_attempts"] >= 2  # retried before giving up
+    assert read_report(rec["sr_file"])["sop_instance_uid"] == rec["sr_sop_instance_uid"]
+    kept = tmp_path / "pacs" / "undelivered" / f"{rec['sr_sop_instance_uid']}.dcm"  # waiting for `pacs resend`
+    assert rec["kept_in"] == str(kept) and read_report(kept)["sop_instance_uid"] == rec["sr_sop_instance_uid"]
+
+
+class _LogEvent(logging.Handler):
+    """Sets ``event`` when a record on ``logger`` contains ``text`` (here: a delivery is being retried)."""
+
+    def __init__(self, logger: str, text: str):
+        super().__init__(logging.WARNING)
+        self.text, self.event, self.logger = text, threading.Event(), logging.getLogger(logger)
+
+    def emit(self, record):
+        if self.text in record.getMessage():
+            self.event.set()
+
+    def __enter__(self):
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+
+
+@pytest.mark.parametrize("via", ["stow-rs", "c-store"])
+def test_sr_delivery_retries_until_orthanc_is_back(via, own_orthanc, checkpoint, pydicom_files, tmp_path):
+    pacs = own_orthanc
+    forward = pacs.dicomweb if via == "stow-rs" else f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}"
+    gate = _Gate(ReportPipeline(checkpoint, ReportConfig(decoding=DecodingConfig(max_new_tokens=4))))
+    port = free_port()
+    listener = StudyListener(gate, ListenerConfig(port=port, allowed_aets=["SCU"], study_timeout_s=0.2,
+                                                  out_dir=str(tmp_path / "pacs"), forward_to=forward,
+                                                  retry_s=300)).start()
+    study = _new_study(pydicom_files / "CT_small.dcm", tmp_path / "s")
+    try:
+        with _LogEvent("medmm.pacs", "retrying") as retrying:
+            assert _store(port, study) == [0]
+            assert gate.entered.wait(60)  # the SR is being made ...
+            pacs.stop()  # ... and the PACS goes down before it is delivered
+            gate.open.set()
+            assert retrying.event.wait(120), "the failed delivery was not retried"
+            pacs.start()  # back within the retry window
+            assert listener.wait_idle(300)
+    finally:
+        listener.stop()
+    (rec,) = [json.loads(x) for x in (tmp_path / "pacs" / "studies.jsonl").read_text().splitlines()]
+    assert rec["outcome"] == "ok" and rec["sent_to"] == forward and rec["send_attempts"] >= 2, rec
+    assert pacs.has_instance(rec["sr_sop_instance_uid"])
+    assert not (tmp_path / "pacs" / "undelivered").exists()
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "studies.jsonl").read_text().splitlines()]
+
+
+def test_second_burst_amends_the_first_report(orthanc, checkpoint, pydicom_files, tmp_path):
+    """Two bursts of one study further apart than the study timeout: one report lineage."""
+    study = _new_study(pydicom_files / "CT_small.dcm", tmp_path / "study", n=3)
+    src = [pydicom.dcmread(p) for p in study]
+    port, out = free_port(), tmp_path / "pacs"
+    pipeline = ReportPipeline(checkpoint, ReportConfig(decoding=DecodingConfig(max_new_tokens=4)))
+    listener = StudyListener(pipeline, ListenerConfig(port=port, allowed_aets=["SCU"], study_timeout_s=0.2,
+                                                      out_dir=str(out), forward_to=orthanc.dicomweb)).start()
+    try:
+        assert _store(port, study[:1]) == [0]
+        assert listener.wait_idle(120)
+        assert _store(port, study[1:]) == [0, 0]  # the second burst, after the first SR was made
+        assert listener.wait_idle(120)
+    finally:
+        listener.stop()
+    first, second = _records(out)
+    assert (first["outcome"], first["instances"], first["study_instances"], first["predecessor_sr"]) == (
+        "ok", 1, 1, None)
+    assert (second["outcome"], second["instances"], second["study_instances"]) == ("ok", 2, 3)
+    assert second["predecessor_sr"] == first["sr_sop_instance_uid"] != second["sr_sop_instance_uid"]
+
+    back = pydicom.dcmread(second["sr_file"])  # the amended SR, read back with pydicom
+    (pre_study,) = back.PredecessorDocumentsSequence
+    assert pre_study.StudyInstanceUID == src[0].StudyInstanceUID
+    (pre_series,) = pre_study.ReferencedSeriesSequence
+    first_sr = pydicom.dcmread(first["sr_file"])
+    assert pre_series.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    (pre,) = pre_series.ReferencedSOPSequence
+    assert (pre.ReferencedSOPClassUID, pre.ReferencedSOPInstanceUID) == (first_sr.SOPClassUID,
+                                                                         first["sr_sop_instance_uid"])
+    assert sorted(read_report(back)["evidence_sop_instance_uids"]) == sorted(d.SOPInstanceUID for d in src)
+    assert read_report(first_sr)["evidence_sop_instance_uids"] == [src[0].SOPInstanceUID]
+    # both are in the PACS, the newer one naming the older
+    in_pacs = {r["sop_instance_uid"]: r for r in map(read_report, orthanc.sr_instances(src[0].StudyInstanceUID))}
+    assert in_pacs.keys() == {first["sr_sop_instance_uid"], second["sr_sop_instance_uid"]}
+    assert in_pacs[second["sr_sop_instance_uid"]]["predecessor_sop_instance_uids"] == [first["sr_sop_instance_uid"]]
+    assert not any((out / "spool").iterdir())  # received instances do not outlive the listener
+
+
+def test_lineage_outlives_the_instances_and_a_restart(checkpoint, pydicom_files, tmp_path):
+    study = _new_study(pydicom_files / "MR_small.dcm", tmp_path / "study", n=3)
+    out = tmp_path / "pacs"
+    pipeline = ReportPipeline(checkpoint, ReportConfig(decoding=DecodingConfig(max_new_tokens=4)))
+
+    def listener():
+        port = free_port()
+        cfg = ListenerConfig(port=port, allowed_aets=["SCU"], study_timeout_s=0.2, out_dir=str(out),
+                             amend_window_s=0.0)  # instances are let go as soon as the SR is made
+        return port, StudyListener(pipeline, cfg).start()
+
+    port, lis = listener()
+    try:
+        assert _store(port, study[:1]) == [0]
+        _wait(lambda: (out / "studies.jsonl").exists() and not any((out / "spool").iterdir()), 120,
+              "the first SR and its instances deleted")
+        assert _store(port, study[1:2]) == [0]
+        _wait(lambda: len(_records(out)) == 2, 120, "the second SR")
+    finally:
+        lis.stop()
+    port, lis = listener()  # a restarted listener finds the lineage in studies.jsonl
+    try:
+        assert _store(port, study[2:]) == [0]
+        _wait(lambda: len(_records(out)) == 3, 120, "the third SR")
+    finally:
+        lis.stop()
+    recs = _records(out)
+    assert [r["outcome"] for r in recs] == ["ok"] * 3
+    assert [r["study_instances"] for r in recs] == [1, 1, 1]  # made from what was still held
+    assert recs[0]["predecessor_sr"] is None
+    assert recs[1]["predecessor_sr"] == recs[0]["sr_sop_instance_uid"]
+    assert recs[2]["predecessor_sr"] == recs[1]["sr_sop_instance_uid"]
+    assert read_report(recs[2]["sr_file"])["predecessor_sop_instance_uids"] == [recs[1]["sr_sop_instance_uid"]]
+
+
+def test_pull_run_push_twice_amends(orthanc, checkpoint, pydicom_files, tmp_path, capsys):
+    (path,) = _new_study(pydicom_files / "MR_small.dcm", tmp_path / "s")
+    orthanc.upload(path)
+    study_uid = pydicom.dcmread(path).StudyInstanceUID
+    printed = []
+    for _ in range(2):
+        cli_main(["pacs", "pull-run-push", "--dicomweb", orthanc.dicomweb, "--study", study_uid,
+                  "--checkpoint", str(checkpoint), "--max-new-tokens", "4", "--retry-seconds", "5"])
+        printed.append(json.loads(capsys.readouterr().out))
+    assert printed[0]["predecessor_sr"] is None
+    assert printed[1]["predecessor_sr"] == printed[0]["sr_sop_instance_uid"]
+    assert printed[1]["retrieved_instances"] == 2  # the image and the first SR
+    reports = {r["sop_instance_uid"]: r for r in map(read_report, orthanc.sr_instances(study_uid))}
+    assert reports[printed[1]["sr_sop_instance_uid"]]["predecessor_sop_instance_uids"] == [
+        printed[0]["sr_sop_instance_uid"]]
+
+
+def _kept_srs(pipeline, pydicom_files, folder: Path, n: int) -> list:
+    """``n`` SRs as the listener keeps them when they cannot be delivered: files in ``folder``."""
+    folder.mkdir(parents=True)
+    srs = []
+    for i in range(n):
+        (path,) = _new_study(pydicom_files / "CT_small.dcm", folder.parent / f"src{i}")
+        sr = pipeline.run(path).sr
+        sr.save_as(folder / f"{sr.SOPInstanceUID}.dcm", enforce_file_format=True)
+        srs.append(sr)
+    return srs
+
+
+@pytest.mark.parametrize("via", ["stow-rs", "c-store"])
+def test_resend_delivers_kept_srs(via, orthanc, checkpoint, pydicom_files, tmp_path, capsys):
+    pipeline = ReportPipeline(checkpoint, ReportConfig(decoding=DecodingConfig(max_new_tokens=4)))
+    kept = tmp_path / "undelivered"
+    srs = _kept_srs(pipeline, pydicom_files, kept, 2)
+    to = orthanc.dicomweb if via == "stow-rs" else f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
+    assert not any(orthanc.has_instance(sr.SOPInstanceUID) for sr in srs)
+    cli_main(["pacs", "resend", str(kept), "--to", to, "--retry-seconds", "5"])  # returns: exit status 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["delivered"], res["failed"], res["to"]) == (2, 0, to)
+    for sr in srs:
+        assert orthanc.has_instance(sr.SOPInstanceUID)  # it arrived (Orthanc's REST API)
+        assert not (kept / f"{sr.SOPInstanceUID}.dcm").exists()
+        assert (kept / "delivered" / f"{sr.SOPInstanceUID}.dcm").exists()  # marked: moved aside
+    assert {f["sop_instance_uid"] for f in res["files"]} == {sr.SOPInstanceUID for sr in srs}
+
+
+def test_resend_failure_exits_nonzero_and_keeps_the_files(checkpoint, pydicom_files, tmp_path, capsys):
+    pipeline = ReportPipeline(checkpoint, ReportConfig(decoding=DecodingConfig(max_new_tokens=4)))
+    kept = tmp_path / "undelivered"
+    srs = _kept_srs(pipeline, pydicom_files, kept, 2)
+    (kept / "broken.dcm").write_bytes(b"not DICOM")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["pacs", "resend", str(kept), "--to", f"PACS@127.0.0.1:{free_port()}", "--retry-seconds", "1"])
+    assert e.value.code == 1
+    res = json.loads(capsys.readouterr().out)
+    assert (res["delivered"], res["failed"]) == (0, 3)
+    errors = {Path(f["file"]).name: f["error"] for f in res["files"]}
+    assert errors == {"broken.dcm": "DicomError", **{f"{sr.SOPInstanceUID}.dcm": "ConnectionError" for sr in srs}}
+    assert sorted(p.name for p in kept.iterdir()) == sorted(errors)  # all still waiting, nothing moved aside
+    first, second = (f["attempts"] for f in res["files"] if f["error"] == "ConnectionError")
+    assert first >= 2 and second == 1  # retried once for the window, then the destination counts as down
+    with pytest.raises(SystemExit, match="no such file"):
+        cli_main(["pacs", "resend", str(tmp_path / "nowhere"), "--to", f"PACS@127.0.0.1:{free_port()}"])

@@ -282,44 +282,53 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.deepspeed
 def test_slide_classifier_learns_reports_metrics_and_attends_to_signal(tmp_path, shared_data, one_thread):
-    from medmm.config import load_config
-    from medmm.training.slide_classification import SlideClassificationConfig, evaluate, heatmap, train
+    """configs/tasks/slide_classification.yaml (trainer.stage: head) through train.py, then `medmm eval head`,
+    the attention of the saved model and the heat map, all from the checkpoint folder."""
+    import train
+    from medmm.eval.heads import evaluate_head
+    from medmm.inference.heatmap import head_heatmap
     from medmm.utils import write_jsonl
 
     cmu = str(shared_data / "pathology/wsi/CMU-1-Small-Region.svs")
     d, recs, signal = synthetic_bags(tmp_path, source=cmu)
     write_jsonl(d / "train.jsonl", recs[:16])
     write_jsonl(d / "eval.jsonl", recs[16:])
-    cfg = load_config(SlideClassificationConfig, REPO / "configs/tasks/slide_classification.yaml",
-                      [f"train={d / 'train.jsonl'}", f"eval={d / 'eval.jsonl'}", "epochs=30", "lr=2e-3",
-                       "aggregator.kwargs={in_dim: 16, hidden: 32, attn_dim: 16, dropout: 0.0}", "bootstrap=50",
-                       f"output_dir={tmp_path / 'run'}", "device=cpu"])
-    res = train(cfg)
-    assert res["epochs"][-1]["train_loss"] < res["epochs"][0]["train_loss"]
-    assert res["eval"]["count"] == 8 and res["eval"]["auroc"] >= 0.9 and res["eval"]["balanced_accuracy"] >= 0.75
-    m = evaluate(res["checkpoint"], d / "eval.jsonl", tmp_path / "ev", bootstrap=50, device="cpu")
-    assert m["auroc"] == res["eval"]["auroc"] and m["auroc_ci"][0] <= m["auroc"] <= m["auroc_ci"][1]
-    assert len((tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()) == 8
+    res = train.main(["--config", str(REPO / "configs/tasks/slide_classification.yaml"),
+                      f"head.data.path={d / 'train.jsonl'}", f"head.data.eval_path={d / 'eval.jsonl'}",
+                      "trainer.epochs=30", "trainer.lr=2e-3", "head.preprocess.slide_feature_dim=16",
+                      "head.encoder.kwargs={in_dim: 16, hidden: 32, attn_dim: 16, dropout: 0.0}", "head.bootstrap=50",
+                      f"trainer.output_dir={tmp_path / 'run'}"])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    loss = [r["loss"] for r in rows if "loss" in r]
+    assert len(loss) == 30 * 16 and np.mean(loss[-16:]) < np.mean(loss[:16])  # one bag per step, 16 bags
+    assert len([r for r in rows if "val_auroc" in r]) == 31  # before training and after every epoch
+    t = res["metrics"]["test"]["raw"]
+    assert res["metrics"]["classes"] == ["normal", "tumor"] and t["count"] == 8
+    assert t["auroc"] >= 0.9 and t["balanced_accuracy"] >= 0.75, t
+    m = evaluate_head(res["checkpoint"], d / "eval.jsonl", tmp_path / "ev", bootstrap=50, device="cpu")
+    assert m["auroc"] == pytest.approx(t["auroc"]) and m["auroc_ci"][0] <= m["auroc"] <= m["auroc_ci"][1]
+    assert len((tmp_path / "ev" / "predictions.csv").read_text().splitlines()) == 1 + 8
     # Attention concentrates on the tiles that carry the signal.
     from medmm.data.slides import load_slide_features
-    from medmm.model.slide_classifier import SlideClassifier
+    from medmm.model.heads import HeadModel
 
-    model = SlideClassifier.from_pretrained(res["checkpoint"])
+    model = HeadModel.from_pretrained(res["checkpoint"])
     hits = []
     for i in range(17, 24, 2):  # eval tumour slides
         f, _, _ = load_slide_features(d / f"s{i}.safetensors")
         att = model.attention(torch.from_numpy(f)[None])[0].numpy()
         hits.append(len(set(np.argsort(-att)[:4].tolist()) & signal[i]) / 4)
     assert np.mean(hits) >= 0.6
-    info = heatmap(res["checkpoint"], d / "s17.safetensors", tmp_path / "s17.png", device="cpu")
+    info = head_heatmap(res["checkpoint"], d / "s17.safetensors", tmp_path / "s17.png", device="cpu")
     assert (tmp_path / "s17.png").stat().st_size > 10_000 and info["prediction"] in ("tumor", "normal")
 
 
 def test_classification_metrics_match_sklearn_and_say_when_undefined():
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-    from medmm.eval.classification import classification_metrics
+    from medmm.scoring import classification_metrics
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 60)
@@ -339,13 +348,10 @@ def test_classification_metrics_match_sklearn_and_say_when_undefined():
 
 
 def test_task_recipes_load_and_build():
-    from medmm.config import load_config
-    from medmm.model.slide_classifier import SlideClassifier
-    from medmm.training.slide_classification import SlideClassificationConfig
+    from medmm.config import TrainConfig, load_config
+    from medmm.model.heads import build_head_model
 
-    paths = sorted((REPO / "configs" / "tasks").glob("slide_*.yaml"))  # other tasks have their own dataclasses
-    assert paths
-    for p in paths:
-        cfg = load_config(SlideClassificationConfig, p)
-        model = SlideClassifier(cfg.aggregator.name, cfg.aggregator.kwargs, cfg.classes or ["a", "b"], cfg.dropout)
-        assert model.in_dim == 1024 and model(torch.randn(1, 50, 1024)).shape == (1, 2)
+    cfg = load_config(TrainConfig, REPO / "configs/tasks/slide_classification.yaml", ["head.classes=[a, b]"])
+    assert cfg.trainer.stage == "head" and cfg.head.featuriser == "slides"
+    model = build_head_model(cfg.head)
+    assert model.encoder.in_dim == 1024 and model(torch.randn(1, 50, 1024)).shape == (1, 2)

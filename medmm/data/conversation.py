@@ -44,6 +44,15 @@ def to_messages(conversations: list[dict], source: str, system_prompt: str | Non
     return msgs
 
 
+def reference_of(record: dict) -> str | None:
+    """The reference answer of a conversation record: its last turn when that is an answer (gpt), else None."""
+    conv = record.get("conversations") or []
+    if conv and isinstance(conv[-1], dict) and str(conv[-1].get("from", conv[-1].get("role", ""))).lower() in (
+            "gpt", "assistant"):
+        return str(conv[-1].get("value", conv[-1].get("content", "")))
+    return None
+
+
 class ConversationEncoder:
     """Renders and tokenises conversations for one tokenizer and a set of modality placeholders."""
 

@@ -53,6 +53,14 @@ class Processor:
         ids, labels = self.encoder.encode(record.get("conversations"), {k: len(v) for k, v in items.items()}, source)
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "items": items, "id": record.get("id")}
 
+    def sample_length(self, record: dict, source: str = "<record>") -> int:
+        """Tokens of :meth:`process`'s sample, from the conversation alone (no modality input is read)."""
+        mods = record.get("modalities") or {}
+        if not isinstance(mods, dict):
+            raise ConversationError(source, "'modalities' must be a mapping {name: value or [values]}")
+        counts = {k: len(v) if isinstance(v, list) else 1 for k, v in mods.items()}
+        return len(self.encoder.encode(record.get("conversations"), counts, source)[0])
+
     def process_pair(self, record: dict, base_dir: Path | None = None, source: str = "<record>") -> dict:
         """Alignment sample: the modality items and the token ids of the last answer (the report) alone."""
         items = self._modality_items(record, source, base_dir)
@@ -96,6 +104,20 @@ class Processor:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "modality_inputs": modality_inputs}
         if any("labels" in s for s in samples):
             batch["labels"] = labels
+        if "position_ids" in samples[0]:
+            # A neat-packed batch (medmm.data.packing): positions restart at each document, padding forms one
+            # more document, and the model builds the block-diagonal mask from the positions, so no 2D mask.
+            position_ids = torch.arange(n).repeat(B, 1)
+            for i, s in enumerate(samples):
+                L = s["position_ids"].shape[0]
+                position_ids[i, :L] = s["position_ids"]
+                position_ids[i, L:] = torch.arange(n - L)
+            batch["position_ids"] = position_ids
+            del batch["attention_mask"]
+        if any("load_errors" in s for s in samples):
+            # records that failed to load on the way to these samples; they travel with the batch because a
+            # DataLoader worker's copy of the dataset is not the trainer's (pop before the forward pass)
+            batch["load_errors"] = [e for s in samples for e in s.get("load_errors", [])]
         return batch
 
 
@@ -103,7 +125,9 @@ class ConversationDataset(Dataset):
     """A conversation JSONL file. Relative modality paths resolve against the file's folder.
 
     A record that fails to load (corrupt DICOM, invalid SMILES, bad conversation) is logged once
-    and replaced by the next readable record, so every rank keeps the same number of steps.
+    and replaced by the next readable record, so every rank keeps the same number of steps. The sample
+    returned carries the failures met on its way under ``load_errors`` (error records naming the file and
+    line), so they reach ``errors.jsonl`` from DataLoader worker processes too.
     """
 
     def __init__(self, path: str | Path, processor: Processor, name: str | None = None, max_retries: int = 16,
@@ -124,16 +148,20 @@ class ConversationDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, idx: int) -> dict:
+        errors: list[dict] = []
         for k in range(self.max_retries):
             j = (idx + k) % len(self.records)
             rec = self.records[j]
             source = f"{self.path}:{j + 1} (id={rec.get('id')})"
             try:
                 fn = self.processor.process if self.mode == "sft" else self.processor.process_pair
-                return fn(rec, self.path.parent, source)
+                sample = fn(rec, self.path.parent, source)
+                sample["load_errors"] = errors
+                return sample
             except InvalidInputError as e:
+                errors.append(e.to_record())
                 if j not in self.failed:
-                    self.failed[j] = e.to_record()
+                    self.failed[j] = errors[-1]
                     log.warning("skipping record: %s", e)
         raise InvalidInputError(self.path, f"{self.max_retries} consecutive records failed to load")
 

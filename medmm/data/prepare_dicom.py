@@ -2,38 +2,50 @@
 
 Stages (each with a progress bar; stages 1 and 2 run in ``--workers`` processes):
 
-1. scan: read every file's header; a file that is not DICOM, is truncated or has no pixels goes to
-   ``errors.jsonl`` (path, error, message) and the job goes on; ``BurnedInAnnotation=YES`` images are
-   skipped and listed;
-2. series: group by SeriesInstanceUID + orientation + frame of reference; a series of slices becomes
-   a volume (ordered by position along the normal, MONAI ``Spacing`` onto an orthogonal grid, which
-   undoes gantry tilt), a single image stays 2D; windowed to [0, 1] and resized;
+1. scan: read every file's header (through :class:`~medmm.io.dicom.HeaderReader`); a file that is not
+   DICOM or is truncated goes to ``errors.jsonl`` (path, error, message) and the job goes on; objects
+   without pixels (DICOMDIR, SR, RT plans) and ``BurnedInAnnotation=YES`` images are skipped and listed;
+2. series: group by SeriesInstanceUID + frame of reference; :func:`~medmm.io.dicom.assemble_series` keeps
+   exact duplicates once, splits slices sharing positions by acquisition/echo/temporal position, splits
+   orientations, and reports missing slices (``on_gap``: keep, split, reject). A stack of slices becomes a
+   volume (ordered by position along the normal, MONAI ``Spacing`` onto an orthogonal grid, which undoes
+   gantry tilt), a single image stays 2D; windowed to [0, 1] and resized;
 3. write: ``OUT/shard-000000.tar`` ... (``<key>.npz`` float16 array, ``<key>.json`` de-identified
-   metadata, ``<key>.txt`` the paired report), ``OUT/manifest.json`` (counts), ``OUT/errors.jsonl``,
-   and ``OUT/<task>_train.jsonl`` / ``_eval.jsonl`` conversations that point at ``shard.tar#key.npz``.
+   metadata, ``<key>.txt`` the paired report), ``OUT/manifest.json`` (counts and ``series_outcomes``:
+   per series ``outcome`` kept/split/rejected, ``reason``, ``duplicates_dropped``, ``gap_positions``),
+   ``OUT/files.jsonl`` (one line per source file: ``path``, ``outcome`` written/rejected/skipped,
+   ``series`` the sample key it went into, ``error``/``message`` when rejected, ``reason`` when skipped,
+   ``fallbacks`` the header fallbacks taken), ``OUT/errors.jsonl`` and ``OUT/<task>_train.jsonl`` /
+   ``_eval.jsonl`` conversations that point at ``shard.tar#key.npz``.
+
+No file and no series ends the job: every exception in a file or series (a worker process dying in a
+decoder included) becomes a typed record in ``errors.jsonl`` and ``files.jsonl``.
 
 De-identification (PS3.15 Basic Profile, :mod:`medmm.io.deid`) is on unless ``keep_phi``: shard keys
 and metadata hold only pseudonymous UIDs, and nothing written names the patient. Reports are joined
-on the original StudyInstanceUID or AccessionNumber before identifiers are dropped; report text is
-the user's and is written as given.
+on the original StudyInstanceUID or AccessionNumber before identifiers are dropped; report (and VQA)
+text is de-identified too (:mod:`medmm.io.report_deid`: the study's header names, IDs, birth date and
+institution, pattern-based PHI, dates shifted with the headers' offset) unless ``keep_report_phi``.
+Without a salt, a random one is kept in ``OUT/.deid_salt`` (mode 0600) and reused by later runs.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import json
 import logging
 import random
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DicomError, InvalidInputError
+from ..errors import ConfigError, DicomError, InvalidInputError
 from ..utils import atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -51,10 +63,15 @@ class DicomPrepareOptions:
     """Side of 2D images."""
     size_3d: tuple[int, int, int] = (32, 128, 128)
     """(D, H, W) of volumes."""
+    on_gap: str = "keep"
+    """Missing slices in a volume: keep (one volume, gaps reported), split (one volume per run), reject."""
     keep_phi: bool = False
     """Write original identifiers (off by default)."""
-    salt: str = "medmm-default-salt"
-    """Secret that fixes pseudonyms, UID mapping and date shifts; the same salt gives the same mapping."""
+    salt: str | None = None
+    """Secret that fixes pseudonyms, UID mapping and date shifts; the same salt gives the same mapping.
+    None: ``$MEDMM_DEID_SALT``, else the random one in ``OUT/.deid_salt`` (written on the first run)."""
+    keep_report_phi: bool = False
+    """Write report/VQA text as given, without removing the identifiers it names (off by default)."""
     task: str = "report"
     """report | vqa: what the CSV pairs with each study."""
     workers: int = 1
@@ -71,32 +88,57 @@ class DicomPrepareOptions:
 
 
 def _header(path: str) -> dict:
-    """Header facts needed for grouping, or an error record."""
-    import pydicom
-
-    from ..io.deid import burned_in
+    """Header facts needed for grouping; or ``skip`` (no image: DICOMDIR, SR, RT plan, BurnedInAnnotation=YES), or
+    an error record (path, error, message). Never raises: a file's problem is that file's record."""
+    from ..io.dicom import ends_mid_element, has_pixels, is_dicomdir, pixel_data_unreached, read_header
 
     try:
-        ds = pydicom.dcmread(path, defer_size=1024)  # large values (pixel data) stay on disk
-    except Exception as e:  # not DICOM, truncated header
-        return {"path": path, "error": "DicomError", "message": f"not a readable DICOM file ({type(e).__name__}: {e})"}
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        ds, reader = read_header(path)  # large values (pixel data) stay on disk
+        if is_dicomdir(ds, reader):
+            return {"path": path, "skip": "DICOMDIR: a media directory, it holds no image"}
+        modality = reader.text("Modality")
+        if not has_pixels(ds):
+            sop_class = reader.uid("SOPClassUID")
+            what = f"modality {modality or '?'}, SOP class {sop_class or '?'}"
+            if ends_mid_element(ds, path):
+                if _is_image_class(sop_class):  # an image cut before its pixels: the image is lost
+                    return {"path": path, "error": "DicomError", "message": f"the file ends inside an element before "
+                                                                            f"any pixel data: truncated ({what})"}
+                return {"path": path, "skip": f"no pixel data (truncated; {what})"}
+            if pixel_data_unreached(ds, path):
+                return {"path": path, "error": "DicomError", "message": f"the header is corrupt: the file holds pixel "
+                                                                        f"data its header does not reach ({what})"}
+            return {"path": path, "skip": f"no pixel data ({what})"}
+        if reader.text("BurnedInAnnotation").strip().upper() == "YES":
+            return {"path": path, "error": "BurnedInAnnotation", "message": "BurnedInAnnotation=YES: skipped, not shared",
+                    "skip": "BurnedInAnnotation=YES: pixels may show identity, not shared"}
+        series = reader.uid("SeriesInstanceUID")
+        return {
+            "path": path,
+            "study": reader.uid("StudyInstanceUID"),
+            # a file without a valid SeriesInstanceUID stands alone rather than merging with other such files
+            "series": series or f"no-series:{path}",
+            "accession": reader.text("AccessionNumber"),
+            "for": reader.uid("FrameOfReferenceUID"),
+            "modality": modality,
+        }
+    except DicomError as e:
+        return e.to_record()
+    except Exception as e:  # anything else is still this file's problem, not the job's
         return {"path": path, "error": "DicomError",
-                "message": f"no pixel data (modality {ds.get('Modality', '?')}, SOP class {ds.get('SOPClassUID', '?')})"}
-    if burned_in(ds):
-        return {"path": path, "error": "BurnedInAnnotation", "message": "BurnedInAnnotation=YES: skipped, not shared"}
-    ori = ds.get("ImageOrientationPatient")
-    return {
-        "path": path,
-        "study": str(ds.get("StudyInstanceUID", "")),
-        # a file without SeriesInstanceUID stands alone rather than merging with other such files
-        "series": str(ds.get("SeriesInstanceUID", "")) or f"no-series:{path}",
-        "accession": str(ds.get("AccessionNumber", "")),
-        "for": str(ds.get("FrameOfReferenceUID", "")),
-        "orientation": tuple(round(float(v), 3) for v in ori) if ori else None,
-        "frames": int(ds.get("NumberOfFrames", 1) or 1),
-        "modality": str(ds.get("Modality", "")),
-    }
+                "message": f"header cannot be read ({type(e).__name__}: {str(e)[:200]})"}
+
+
+def _is_image_class(uid: str) -> bool:
+    """True for an image storage SOP class (CT, MR, CR, secondary capture ...), by its registered name."""
+    from pydicom.uid import UID
+
+    return "Image Storage" in UID(uid).name if uid else False
+
+
+def _headers(paths: list[str]) -> list[dict]:
+    """A chunk of files -> their header records (one task for a worker)."""
+    return [_header(p) for p in paths]
 
 
 # ----------------------------------------------------------------------------- stage 2: series -> sample
@@ -124,72 +166,209 @@ def _image_2d(frame: np.ndarray, is_color: bool, opts: DicomPrepareOptions, meta
 
 
 def _series_sample(args) -> dict:
-    """One series -> {"sample": ..., "errors": [...]} (runs in a worker)."""
-    import pydicom
-    import torch
+    """One series -> ``{"samples", "errors", "files", "outcome", "series_key"}`` (runs in a worker; never raises).
 
-    from ..io.deid import deidentify, pseudonym
-    from ..io.dicom import read_dicom, read_series, window
-
-    paths, opts = args
-    errors: list[dict] = []
+    ``samples``: one per volume or image the series holds (:func:`~medmm.io.dicom.assemble_series`);
+    ``files``: path -> its line of ``files.jsonl``; ``outcome``: the series' entry of ``series_outcomes``.
+    """
+    paths, opts, series, part = args
     try:
-        first = pydicom.dcmread(paths[0], stop_before_pixels=True)
-        single = len(paths) == 1
-        if single:
-            img = read_dicom(paths[0])
-            if img.pixels.shape[0] > 1 and not img.is_color:
-                vol, report = read_series(paths[0])
-                kind = "volume"
-            else:
-                kind = "image"
-                frame = img.pixels[img.pixels.shape[0] // 2]
-                out, geometry = _image_2d(frame, img.is_color, opts, img.meta)
-        else:
-            vol, report = read_series(Path(paths[0]).parent, series_uid=str(first.get("SeriesInstanceUID", "")),
-                                      files=[Path(p) for p in paths])
-            kind = "volume"
-            errors.extend(report.rejected)
-            if report.slices == 1:  # the other files of the series were rejected: a single image remains
-                kind = "image"
-                from ..io.dicom import _file_window
+        return _assemble_sample(paths, opts, part)
+    except Exception as e:  # a bug or a decoder failure is this series' problem, not the job's
+        log.warning("series of %d files failed: %s", len(paths), type(e).__name__)
+        return _failed_series(paths, opts, series, part, getattr(e, "reason", None) or _unexpected(e))
 
-                out, geometry = _image_2d(vol.numpy()[0, 0], False, opts, {"window": _file_window(first)})
-        if kind == "volume":
-            from monai.transforms import Resize, Spacing
 
-            from ..io.dicom import _file_window
+def _series_key(opts: DicomPrepareOptions, series: str, first_path: str, label: str = "") -> str:
+    from ..io.deid import pseudonym
 
-            data = window(vol.numpy()[0], opts.window, _file_window(first))
-            vol = vol.__class__(torch.from_numpy(data)[None], affine=vol.affine)
-            if opts.spacing:
-                vol = Spacing(pixdim=opts.spacing, diagonal=True, mode="bilinear")(vol)
-            out = torch.as_tensor(Resize(tuple(opts.size_3d), mode="trilinear")(vol))[0].numpy()
-            geometry = {"spacing": list(report.spacing or []), "slices": report.slices,
-                        "uneven_spacing": report.uneven_spacing, "gap_positions": report.gap_positions,
-                        "gantry_tilt_deg": round(report.gantry_tilt_deg, 3), "resampled_to": opts.spacing}
-    except InvalidInputError as e:
-        return {"sample": None, "errors": errors + [e.to_record()]}
-    except Exception as e:  # a decoder or geometry failure is this series' problem, not the job's
-        return {"sample": None, "errors": errors + [{"path": paths[0], "error": type(e).__name__, "message": str(e)}]}
-
-    study, series = str(first.get("StudyInstanceUID", "")), str(first.get("SeriesInstanceUID", ""))
-    meta = {"kind": kind, "modality": str(first.get("Modality", "")), "shape": list(out.shape),
-            "window": opts.window, "files": len(paths), **geometry}
+    base = series or first_path
+    if label:
+        base += "|" + label
     if opts.keep_phi:
-        meta.update({"study_uid": study, "series_uid": series, "patient_id": str(first.get("PatientID", "")),
-                     "accession": str(first.get("AccessionNumber", ""))})
-        key = pseudonym("keep-phi", series or paths[0], 24)
-    else:
+        return pseudonym("keep-phi", base, 24)
+    return pseudonym(opts.salt, "series|" + base, 24)
+
+
+def _unexpected(e: BaseException) -> str:
+    return f"unexpected {type(e).__name__}: {str(e)[:200]}"
+
+
+def _failed_series(paths: list[str], opts: DicomPrepareOptions, series: str, part: str, message: str) -> dict:
+    """Every file of a series rejected with one DicomError record (the series could not be assembled)."""
+    errors = [{"path": p, "error": "DicomError", "message": message} for p in paths]
+    return {"samples": [], "errors": errors,
+            "files": {p: {"path": p, "outcome": "rejected", "series": None, "error": "DicomError", "message": message}
+                      for p in paths},
+            "series_key": _series_key(opts, series, paths[0] if paths else "", part),
+            "outcome": {"outcome": "rejected", "reason": message, "duplicates_dropped": [], "gap_positions": [],
+                        "volumes": [], "files": len(paths)}}
+
+
+def _assemble_sample(paths: list[str], opts: DicomPrepareOptions, part: str) -> dict:
+    from ..io.dicom import assemble_series, read_dicom
+
+    images, errors, files = [], [], {}
+    for p in paths:
+        try:
+            images.append((p, read_dicom(p)))
+        except DicomError as e:
+            rec = e.to_record()
+            errors.append(rec)
+            files[p] = {"path": p, "outcome": "rejected", "series": None, "error": rec["error"], "message": rec["message"]}
+    if not images:
+        res = _failed_series([], opts, "", "", "no file of the series could be read")
+        res.update(errors=errors, files=files, series_key=_series_key(opts, "", paths[0], part))
+        res["outcome"]["files"] = len(paths)
+        return res
+    asm = assemble_series(images, source=Path(paths[0]).parent, on_gap=opts.on_gap)
+    series_uid = asm.series_uid
+    series_key = _series_key(opts, series_uid, paths[0], part)
+    for rec in asm.rejected:
+        errors.append(rec)
+        files[rec["path"]] = {"path": rec["path"], "outcome": "rejected", "series": None, "error": rec["error"],
+                              "message": rec["message"]}
+    fallbacks = {p: im.meta.get("fallbacks") or [] for p, im in images}
+    header = _series_header(asm.volumes[0].paths[0], opts) if asm.volumes else None
+    samples, keys = [], []
+    for v in asm.volumes:
+        key = series_key if len(asm.volumes) == 1 else _series_key(opts, series_uid, paths[0],
+                                                                    "|".join(x for x in (part, v.label) if x))
+        try:
+            out, geometry = _volume_array(v, opts)
+        except Exception as e:  # one volume failing (resampling, memory) leaves the others
+            msg = getattr(e, "reason", None) or _unexpected(e)
+            for p in v.paths:
+                errors.append({"path": p, "error": "DicomError", "message": msg})
+                files[p] = {"path": p, "outcome": "rejected", "series": None, "error": "DicomError", "message": msg}
+            continue
+        attrs = sorted({f["attribute"] for p in v.paths for f in fallbacks.get(p, [])})
+        meta = {"kind": v.kind, "modality": v.meta.get("modality", ""), "shape": list(out.shape),
+                "window": opts.window, "files": len(v.paths), **geometry, **header["meta"]}
+        if v.label:
+            meta["volume"] = v.label
+        if attrs:
+            meta["header_fallbacks"] = attrs
+        samples.append({"key": key, "npz": _npz_bytes(out.astype(np.float16)), "meta": meta,
+                        "orig_study": header["study"], "orig_accession": header["accession"], "phi": header["phi"]})
+        keys.append(key)
+        for p in v.paths:
+            files[p] = {"path": p, "outcome": "written", "series": key}
+    for p in asm.duplicates_dropped:
+        kept = asm.duplicate_of.get(p, "")
+        files[p] = {"path": p, "outcome": "skipped", "series": files.get(kept, {}).get("series"),
+                    "reason": f"duplicate of {kept}"}
+    for p, line in files.items():
+        if fallbacks.get(p):
+            line["fallbacks"] = fallbacks[p]
+    outcome = "kept" if len(samples) == 1 else "split" if len(samples) > 1 else "rejected"
+    reason = asm.reason or ("" if samples else "no volume of the series could be written")
+    return {"samples": samples, "errors": errors, "files": files, "series_key": series_key,
+            "outcome": {"outcome": outcome, "reason": reason, "duplicates_dropped": asm.duplicates_dropped,
+                        "duplicate_of": asm.duplicate_of, "gap_positions": asm.gap_positions, "volumes": keys,
+                        "files": len(paths)}}
+
+
+def _series_header(path: str, opts: DicomPrepareOptions) -> dict:
+    """What the samples of a series say about its study (de-identified unless keep_phi), the join keys for the
+    reports, and the identifiers report text is cleaned of."""
+    from ..io.deid import deidentify
+    from ..io.dicom import HeaderReader, drop_unreadable, open_dataset, quiet_pydicom
+    from ..io.report_deid import identifiers_from_header
+
+    first = open_dataset(path, stop_before_pixels=True)
+    drop_unreadable(first, path)  # whole-dataset walks below must not fail on one undecodable element
+    reader = HeaderReader(first, path)
+    study, series = reader.uid("StudyInstanceUID"), reader.uid("SeriesInstanceUID")
+    accession = reader.text("AccessionNumber")
+    if opts.keep_phi:
+        meta = {"study_uid": study, "series_uid": series, "patient_id": reader.text("PatientID"), "accession": accession}
+        return {"meta": meta, "study": study, "accession": accession, "phi": None}
+    with quiet_pydicom():
+        phi = identifiers_from_header(first)
         hdr = copy.deepcopy(first)  # Dataset.copy() shares elements: de-identifying it would alter `first`
         info = deidentify(hdr, opts.salt)
-        meta.update({"study_uid": str(hdr.get("StudyInstanceUID", "")), "series_uid": str(hdr.get("SeriesInstanceUID", "")),
-                     "patient": info["patient_pseudonym"], "study_date": str(hdr.get("StudyDate", "")),
-                     "body_part": str(hdr.get("BodyPartExamined", ""))})
-        key = pseudonym(opts.salt, "series|" + (series or paths[0]), 24)
-    return {"sample": {"key": key, "npz": _npz_bytes(out.astype(np.float16)), "meta": meta,
-                       "orig_study": study, "orig_accession": str(first.get("AccessionNumber", ""))},
-            "errors": errors}
+    out = HeaderReader(hdr, path)
+    meta = {"study_uid": out.uid("StudyInstanceUID"), "series_uid": out.uid("SeriesInstanceUID"),
+            "patient": info["patient_pseudonym"], "study_date": out.date("StudyDate"),
+            "body_part": out.text("BodyPartExamined")}
+    return {"meta": meta, "study": study, "accession": accession, "phi": phi}
+
+
+def _volume_array(v, opts: DicomPrepareOptions):
+    """A SeriesVolume -> (windowed, resized float32 array, geometry for the sample's metadata)."""
+    import torch
+
+    from ..io.dicom import window
+
+    if v.is_color:
+        return _image_2d(v.array[v.array.shape[0] // 2], True, opts, v.meta)
+    if v.kind == "image":
+        data = v.array.numpy()[0]
+        return _image_2d(data[data.shape[0] // 2], False, opts, v.meta)
+    from monai.transforms import Resize, Spacing
+
+    vol, report = v.array, v.report
+    data = window(vol.numpy()[0], opts.window, v.meta.get("window"))
+    vol = vol.__class__(torch.from_numpy(data)[None], affine=vol.affine)
+    if opts.spacing:
+        vol = Spacing(pixdim=opts.spacing, diagonal=True, mode="bilinear")(vol)
+    out = torch.as_tensor(Resize(tuple(opts.size_3d), mode="trilinear")(vol))[0].numpy()
+    geometry = {"spacing": list(report.spacing or []), "slices": report.slices,
+                "uneven_spacing": report.uneven_spacing, "gap_positions": report.gap_positions,
+                "missing_slices": sum(g["missing"] for g in report.gaps),
+                "gantry_tilt_deg": round(report.gantry_tilt_deg, 3), "resampled_to": opts.spacing,
+                "frame_order_only": report.frame_order_only}
+    return out, geometry
+
+
+def _run_jobs(fn, items: list, workers: int, on_error):
+    """Yield ``fn(item)`` for each item, in order; an exception, or a worker process that died (a decoder
+    crash), becomes ``on_error(item, exc)`` and the rest go on. With ``workers > 1`` at most ``2 * workers``
+    items are in flight; the item whose worker died is retried alone once before it is given up."""
+    if workers <= 1:
+        for item in items:
+            try:
+                yield fn(item)
+            except Exception as e:
+                yield on_error(item, e)
+        return
+    from concurrent.futures.process import BrokenProcessPool
+
+    todo = deque(items)
+    flight: deque = deque()
+    pool = ProcessPoolExecutor(workers)
+    try:
+        while todo or flight:
+            while todo and len(flight) < 2 * workers:
+                item = todo.popleft()
+                flight.append((item, pool.submit(fn, item)))
+            item, fut = flight.popleft()
+            try:
+                yield fut.result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                todo.extendleft(reversed([i for i, _ in flight]))  # resubmitted to a fresh pool
+                flight.clear()
+                yield _run_alone(fn, item, on_error)
+                pool = ProcessPoolExecutor(workers)
+            except Exception as e:
+                yield on_error(item, e)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_alone(fn, item, on_error):
+    """``fn(item)`` in a process of its own: a second crash is this item's error."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1) as solo:
+        try:
+            return solo.submit(fn, item).result()
+        except BrokenProcessPool as e:
+            return on_error(item, RuntimeError(f"the worker process died while reading it ({e})"))
+        except Exception as e:
+            return on_error(item, e)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -219,39 +398,82 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
     import webdataset as wds
     from tqdm.auto import tqdm
 
+    from ..io.dicom import ON_GAP
+
     opts = options or DicomPrepareOptions()
+    if opts.on_gap not in ON_GAP:
+        raise ConfigError(f"on_gap must be one of {', '.join(ON_GAP)}, not {opts.on_gap!r}")
     src, out = Path(src), Path(out)
     if not src.exists():
         raise InvalidInputError(src, "source folder not found")
     if opts.keep_phi:
         log.warning("--keep-phi: original identifiers are written to %s; handle it as PHI", out)
     out.mkdir(parents=True, exist_ok=True)
+    if not opts.keep_phi:
+        from ..io.deid import SALT_FILE, resolve_salt
+        from ..io.report_deid import deidentify_row
+
+        salt, how = resolve_salt(out, opts.salt)
+        opts = dataclasses.replace(opts, salt=salt)
+        if how == "new":
+            log.warning("no --salt or $MEDMM_DEID_SALT: generated a secret salt in %s (mode 0600); keep it private, "
+                        "and keep it (or this folder) to map the same patients alike next time", out / SALT_FILE)
+        elif how == "file":
+            log.warning("no --salt or $MEDMM_DEID_SALT: reusing the secret salt in %s", out / SALT_FILE)
+        if opts.keep_report_phi:
+            log.warning("--keep-report-phi: report text is written as given, with any identifiers it names")
     files = sorted(str(p) for p in src.rglob("*") if p.is_file()) if src.is_dir() else [str(src)]
     pairs = _read_pairs(Path(reports) if reports else None, opts.task)
 
-    pool = ProcessPoolExecutor(opts.workers) if opts.workers > 1 else None
-    mapper = pool.map if pool else map
-    try:
-        headers = list(tqdm(mapper(_header, files, chunksize=16) if pool else map(_header, files), total=len(files),
-                            desc="scan", unit="file"))
-        errors = [h for h in headers if "error" in h]
-        groups: dict[tuple, list[str]] = defaultdict(list)
-        for h in headers:
-            if "error" not in h:
-                groups[(h["series"], h["orientation"], h["for"])].append(h["path"])
-        jobs = [(sorted(v), opts) for v in groups.values()]
-        results = tqdm(mapper(_series_sample, jobs) if pool else map(_series_sample, jobs), total=len(jobs),
-                       desc="series", unit="series")
-        pattern = str(out / "shard-%06d.tar")
-        samples = []
-        with wds.ShardWriter(pattern, maxcount=opts.shard_maxcount, verbose=0) as sink:
-            for res in results:
-                errors.extend(res["errors"])
-                s = res["sample"]
-                if s is None:
-                    continue
+    # stage 1: headers, in chunks (one task per chunk); a file's problem becomes its record
+    chunks = [files[i:i + 32] for i in range(0, len(files), 32)]
+
+    def chunk_failed(chunk, e):
+        return [{"path": p, "error": "DicomError", "message": f"header scan failed ({_unexpected(e)})"} for p in chunk]
+
+    headers = []
+    with tqdm(total=len(files), desc="scan", unit="file") as bar:
+        for recs in _run_jobs(_headers, chunks, opts.workers, chunk_failed):
+            headers.extend(recs)
+            bar.update(len(recs))
+    errors: list[dict] = []
+    file_lines: dict[str, dict] = {}
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for h in headers:
+        p = h["path"]
+        if "skip" in h:
+            file_lines[p] = {"path": p, "outcome": "skipped", "series": None, "reason": h["skip"]}
+            if "error" in h:  # burned-in annotation: listed in errors.jsonl as before
+                errors.append({k: h[k] for k in ("path", "error", "message")})
+        elif "error" in h:
+            errors.append(h)
+            file_lines[p] = {"path": p, "outcome": "rejected", "series": None, "error": h["error"],
+                             "message": h["message"]}
+        else:
+            groups[(h["series"], h["for"])].append(p)
+    # stage 2: one job per series (orientations, acquisitions and gaps are sorted out inside it); a series
+    # spread over several frames of reference is one job per frame of reference, told apart in its key
+    n_for = defaultdict(int)
+    for series, _ in groups:
+        n_for[series] += 1
+    jobs = [(sorted(v), opts, series, f"frame of reference {for_uid}" if n_for[series] > 1 else "")
+            for (series, for_uid), v in groups.items()]
+    results = tqdm(_run_jobs(_series_sample, jobs, opts.workers,
+                             lambda job, e: _failed_series(job[0], opts, job[2], job[3], _unexpected(e))),
+                   total=len(jobs), desc="series", unit="series")
+    series_outcomes: dict[str, dict] = {}
+    pattern = str(out / "shard-%06d.tar")
+    samples = []
+    with wds.ShardWriter(pattern, maxcount=opts.shard_maxcount, verbose=0) as sink:
+        for res in results:
+            errors.extend(res["errors"])
+            file_lines.update(res["files"])
+            series_outcomes[res["series_key"]] = res["outcome"]
+            for s in res["samples"]:
                 text = ""
                 rows = pairs.get(s["orig_study"]) or pairs.get(s["orig_accession"]) or []
+                if rows and s["phi"] is not None and not opts.keep_report_phi:
+                    rows = [deidentify_row(r, s["phi"], opts.salt) for r in rows]
                 if opts.task == "report" and rows:
                     text = rows[0]["report"]
                 record = {"__key__": s["key"], "npz": s["npz"], "json": json.dumps(s["meta"]).encode()}
@@ -260,9 +482,6 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
                 sink.write(record)
                 samples.append({"key": s["key"], "shard": Path(sink.fname).name, "meta": s["meta"], "rows": rows,
                                 "study": s["meta"]["study_uid"]})
-    finally:
-        if pool:
-            pool.shutdown()
 
     # conversations, split by (pseudonymous) study
     studies = sorted({s["study"] for s in samples})
@@ -287,18 +506,28 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
     write_jsonl(out / f"{opts.task}_train.jsonl", train)
     write_jsonl(out / f"{opts.task}_eval.jsonl", evals)
     write_jsonl(out / "errors.jsonl", errors)
+    lines = [file_lines.get(p) or {"path": p, "outcome": "rejected", "series": None, "error": "DicomError",
+                                   "message": "not processed"} for p in files]
+    write_jsonl(out / "files.jsonl", lines)
+    n_outcome = defaultdict(int)
+    for line in lines:
+        n_outcome[line["outcome"]] += 1
     kinds = defaultdict(int)
     for s in samples:
         kinds[s["meta"]["kind"]] += 1
     manifest = {
         "source": str(src) if opts.keep_phi else src.name, "files_seen": len(files),
-        "files_rejected": sum(1 for e in errors if e.get("error") != "BurnedInAnnotation"),
+        "files_written": n_outcome["written"], "files_rejected": n_outcome["rejected"],
+        "files_skipped": n_outcome["skipped"],
         "burned_in_skipped": sum(1 for e in errors if e.get("error") == "BurnedInAnnotation"),
-        "series": len(samples), "studies": len(studies), "by_kind": dict(kinds),
+        "duplicates_dropped": sum(len(o["duplicates_dropped"]) for o in series_outcomes.values()),
+        "series": len(samples), "series_seen": len(series_outcomes), "studies": len(studies), "by_kind": dict(kinds),
         "shards": sorted({s["shard"] for s in samples}), "train_records": len(train), "eval_records": len(evals),
-        "deidentified": not opts.keep_phi, "task": opts.task,
+        "deidentified": not opts.keep_phi, "reports_deidentified": not (opts.keep_phi or opts.keep_report_phi),
+        "task": opts.task,
         "options": {"window": opts.window, "spacing": opts.spacing, "size_2d": opts.size_2d,
-                    "size_3d": list(opts.size_3d)},
+                    "size_3d": list(opts.size_3d), "on_gap": opts.on_gap},
+        "series_outcomes": series_outcomes,
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

@@ -2,6 +2,11 @@
 
     medmm prepare wsi slides/ --out runs/wsi --mpp 0.5 --tile 224 --labels labels.csv --workers 8
     medmm prepare wsi slides/ --out runs/wsi_feats --features vit_tile --encoder-checkpoint uni.bin
+    medmm prepare wsi dicom_slides/ --out runs/wsi_dcm --tile 224    # DICOM VL WSI: one slide per series
+
+A folder may hold DICOM whole-slide images (VL Whole Slide Microscopy, one ``.dcm`` per pyramid level):
+each series becomes one slide named after its finest level's file; other DICOM objects in the folder
+(CT, annotations, unreadable files) are recorded in ``errors.jsonl`` as SlideErrors. See ``medmm.io.wsi``.
 
 What ``OUT`` holds:
 
@@ -257,16 +262,23 @@ class _Inline:
 
 
 def discover_slides(src: str | Path) -> list[Path]:
-    """One slide file, or every slide file under a folder (recursively, sorted)."""
-    from ..io.wsi import WSI_SUFFIXES
+    """One slide file, or every slide file under a folder (recursively, sorted).
+
+    DICOM files count once per slide: the finest VOLUME instance of each series stands for it (its
+    other levels, label and overview are read through it). Every other ``.dcm`` file (a CT, an
+    annotation object, a broken file) is listed on its own and fails with a SlideError when opened.
+    """
+    from ..io.wsi import DICOM_SUFFIXES, WSI_SUFFIXES, group_dicom_slides
 
     src = Path(src)
     if src.is_file():
         return [src]
     if not src.is_dir():
         raise InvalidInputError(src, "no such file or folder")
-    return sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in WSI_SUFFIXES
-                  and not p.name.startswith("."))
+    files = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in WSI_SUFFIXES
+             and not p.name.startswith(".")]
+    dicom = [p for p in files if p.suffix.lower() in DICOM_SUFFIXES]
+    return sorted([p for p in files if p.suffix.lower() not in DICOM_SUFFIXES] + group_dicom_slides(dicom))
 
 
 def read_labels(path: str | Path) -> dict[str, dict]:

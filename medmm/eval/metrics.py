@@ -1,41 +1,15 @@
 """Answer metrics: exact match, closed-question (yes/no) accuracy, open-question recall, token F1, BLEU.
 
-Normalisation lower-cases, strips punctuation and articles (the SQuAD/VQA convention). BLEU is
-sacrebleu's corpus BLEU (0-100).
+Normalisation lower-cases, strips punctuation and articles (the SQuAD/VQA convention; the per-answer
+functions live in :mod:`medmm.scoring`, shared with training's rewards). BLEU is sacrebleu's corpus BLEU (0-100).
 """
 
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
+from ..scoring import normalize, recall, token_f1
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 CLOSED_ANSWERS = {"yes", "no"}
-
-
-def normalize(text: str) -> str:
-    text = str(text).lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def token_f1(pred: str, ref: str) -> float:
-    p, r = normalize(pred).split(), normalize(ref).split()
-    if not p or not r:
-        return float(p == r)
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
-def recall(pred: str, ref: str) -> float:
-    """Share of reference tokens present in the prediction (VQA open-question recall)."""
-    p, r = set(normalize(pred).split()), normalize(ref).split()
-    return sum(t in p for t in r) / len(r) if r else float(not p)
+__all__ = ["CLOSED_ANSWERS", "answer_metrics", "is_closed", "normalize", "recall", "token_f1"]
 
 
 def is_closed(ref: str, answer_type: str | None = None) -> bool:

@@ -10,15 +10,11 @@ import json
 from pathlib import Path
 
 from ..config import DecodingConfig
+from ..data.conversation import reference_of
 from ..utils import atomic_write_text, read_jsonl, write_jsonl
 from .metrics import answer_metrics
 
-
-def reference_of(record: dict) -> str | None:
-    conv = record.get("conversations") or []
-    if conv and str(conv[-1].get("from", "")).lower() in ("gpt", "assistant"):
-        return str(conv[-1]["value"])
-    return None
+__all__ = ["evaluate", "reference_of"]
 
 
 def evaluate(checkpoint: str | Path, data: list[str | Path], out_dir: str | Path,

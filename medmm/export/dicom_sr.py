@@ -16,6 +16,10 @@ It is written in the source study (same Study Instance UID, patient and study mo
 the source by highdicom), in a new series, with every source instance listed in the Current
 Requested Procedure Evidence Sequence. ``VerificationFlag = UNVERIFIED``, ``CompletionFlag =
 COMPLETE``, ``PreliminaryFlag = PRELIMINARY``: a clinician must verify it before it counts.
+
+A report that amends an earlier one (more instances of the study arrived, the study was run again) lists
+that SR in its Predecessor Documents Sequence (0040,A360), so a PACS shows one report lineage per study
+rather than unrelated documents.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def _codes():
 
 def build_report_sr(evidence: Sequence, referenced: Sequence, text: str, question: str, algorithm: AlgorithmInfo,
                     series_number: int = 9901, series_description: str = SERIES_DESCRIPTION,
-                    institution_name: str | None = None):
+                    institution_name: str | None = None, predecessors: Sequence = ()):
     """A highdicom ComprehensiveSR carrying ``text``.
 
     Args:
@@ -104,12 +108,18 @@ def build_report_sr(evidence: Sequence, referenced: Sequence, text: str, questio
         question: the prompt the model answered.
         algorithm: the model's identification.
         series_number, series_description, institution_name: the new SR series' attributes.
+        predecessors: earlier SRs of this study that this one amends (datasets or headers with the Study,
+            Series, SOP Class and SOP Instance UIDs), written to the Predecessor Documents Sequence.
     """
     import highdicom as hd
     from pydicom.uid import generate_uid
 
     if not evidence:
         raise ValueError("an SR needs at least one source instance as evidence")
+    study_uid = str(evidence[0].StudyInstanceUID)
+    for pre in predecessors:
+        if str(pre.StudyInstanceUID) != study_uid:
+            raise ValueError(f"predecessor SR {pre.SOPInstanceUID} belongs to another study")
     c = _codes()
     device = hd.sr.ObserverContext(
         observer_type=c["device"],
@@ -138,7 +148,8 @@ def build_report_sr(evidence: Sequence, referenced: Sequence, text: str, questio
         evidence=[_first_evidence(source), *evidence[1:]], content=root, series_instance_uid=generate_uid(),
         series_number=series_number, sop_instance_uid=generate_uid(), instance_number=1, manufacturer="medmm",
         is_complete=True, is_final=False, is_verified=False, institution_name=institution_name,
-        series_description=series_description, specific_character_set="ISO_IR 192")  # UTF-8: free text
+        series_description=series_description, specific_character_set="ISO_IR 192",  # UTF-8: free text
+        previous_versions=[_uids(p) for p in predecessors] or None)
     for kw in PATIENT_KEYWORDS:  # the whole patient module, not only the four attributes highdicom copies
         if kw in source:
             sr[kw] = copy.deepcopy(source[kw])
@@ -174,6 +185,16 @@ def _first_evidence(ds):
     return head
 
 
+def _uids(ds):
+    """The four UIDs a Predecessor Documents Sequence item needs, from a dataset or a file header."""
+    from pydicom.dataset import Dataset
+
+    out = Dataset()
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        setattr(out, kw, ds[kw].value)
+    return out
+
+
 def clean_text(text: str) -> str:
     """Drop control characters a DICOM text value may not hold (TAB, LF, FF and CR are allowed)."""
     return "".join(ch for ch in text if ch in "\t\n\f\r" or not (ord(ch) < 32 or 127 <= ord(ch) < 160)).strip()
@@ -186,7 +207,7 @@ def _walk(items, depth=0):
 
 
 def read_report(sr) -> dict:
-    """What a medmm SR says: report text, question, referenced instances, algorithm, flags and study.
+    """What a medmm SR says: report text, question, referenced instances, algorithm, flags, study and predecessors.
 
     ``sr`` is a path or a pydicom Dataset; the file is parsed with pydicom only (no highdicom), as a PACS
     viewer would.
@@ -200,7 +221,7 @@ def read_report(sr) -> dict:
                  "completion_flag": str(ds.get("CompletionFlag", "")),
                  "preliminary_flag": str(ds.get("PreliminaryFlag", "")),
                  "text": None, "question": None, "referenced_sop_instance_uids": [], "algorithm": {"parameters": []},
-                 "device_observer_uid": None, "evidence_sop_instance_uids": []}
+                 "device_observer_uid": None, "evidence_sop_instance_uids": [], "predecessor_sop_instance_uids": []}
     for item, _ in _walk(ds.ContentSequence):
         code = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
         vtype = item.get("ValueType")
@@ -221,4 +242,8 @@ def read_report(sr) -> dict:
     for study in ds.get("CurrentRequestedProcedureEvidenceSequence", []):
         for series in study.ReferencedSeriesSequence:
             out["evidence_sop_instance_uids"] += [str(x.ReferencedSOPInstanceUID) for x in series.ReferencedSOPSequence]
+    for study in ds.get("PredecessorDocumentsSequence", []):
+        for series in study.ReferencedSeriesSequence:
+            out["predecessor_sop_instance_uids"] += [str(x.ReferencedSOPInstanceUID)
+                                                     for x in series.ReferencedSOPSequence]
     return out

@@ -3,7 +3,8 @@
     load_study(source, work_dir)         files, a folder or in-memory datasets -> Study (headers, a folder per series)
     select_series(study, model, cfg)     which series, through which model modality, and why
     infer(predictor, study, sel, cfg)    the question through medmm.inference.predictor.Predictor -> Finding
-    write_sr(study, sel, finding, alg)   a Comprehensive SR in the source study (medmm.export.dicom_sr)
+    write_sr(study, sel, finding, alg)   a Comprehensive SR in the source study (medmm.export.dicom_sr), listing
+                                         the SR it amends (``predecessor``) in its Predecessor Documents Sequence
 
 :class:`ReportPipeline` chains them. Each step appends one entry to the study's audit trail
 (``StudyReport.record["steps"]``: what it did, on which UIDs, how long it took). Records hold UIDs,
@@ -176,8 +177,9 @@ def load_study(source: str | Path | Sequence, work_dir: str | Path) -> Study:
     """Read one study's headers and lay its series out under ``work_dir/series/<n>/``.
 
     Args:
-        source: a DICOM file, a folder (searched recursively), a list of paths, or a list of pydicom Datasets
-            (what DICOMweb and DIMSE deliver; they are written into ``work_dir``).
+        source: a DICOM file, a folder (searched recursively; hidden files, such as partly received ones,
+            are skipped), a list of paths, or a list of pydicom Datasets (what DICOMweb and DIMSE deliver;
+            they are written into ``work_dir``).
         work_dir: a scratch folder owned by the caller (deleted by :class:`ReportPipeline` after the run).
 
     Raises:
@@ -194,7 +196,8 @@ def load_study(source: str | Path | Sequence, work_dir: str | Path) -> Study:
         p = Path(source)
         if not p.exists():
             raise DicomError(p, "no such file or folder")
-        paths = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+        paths = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()
+                                               and not any(part.startswith(".") for part in q.relative_to(p).parts))
     else:
         for i, item in enumerate(source):
             if isinstance(item, (str, Path)):
@@ -301,14 +304,20 @@ def infer(predictor, study: Study, selection: Selection, cfg: ReportConfig) -> F
     return Finding(text=clean_text(str(out["answer"])), record=out)
 
 
-def write_sr(study: Study, selection: Selection, finding: Finding, algorithm, cfg: ReportConfig):
-    """The Comprehensive SR of ``finding`` in ``study``'s own study (see :mod:`medmm.export.dicom_sr`)."""
+def write_sr(study: Study, selection: Selection, finding: Finding, algorithm, cfg: ReportConfig, predecessor=None):
+    """The Comprehensive SR of ``finding`` in ``study``'s own study (see :mod:`medmm.export.dicom_sr`).
+
+    ``predecessor``: the SR this one amends (a dataset); it must belong to ``study``.
+    """
     from .dicom_sr import build_report_sr
 
+    if predecessor is not None and str(predecessor.StudyInstanceUID) != study.uid:
+        raise DicomError(f"study {study.uid}", f"the SR to amend ({predecessor.SOPInstanceUID}) is in another study")
     referenced = [study.header(i.sop_instance_uid) for i in selection.instances]
     evidence = [h for h in study.headers if str(h.get("Modality", "")) not in NON_IMAGE_MODALITIES] or study.headers
     return build_report_sr(evidence, referenced, finding.text, cfg.question, algorithm, cfg.sr_series_number,
-                           cfg.sr_series_description, cfg.institution_name)
+                           cfg.sr_series_description, cfg.institution_name,
+                           predecessors=[predecessor] if predecessor is not None else ())
 
 
 # ---------------------------------------------------------------------------------------------- the chain
@@ -337,12 +346,22 @@ class ReportPipeline:
         return {"question": cfg.question, "strategy": d.strategy, "max_new_tokens": str(d.max_new_tokens),
                 "repetition_penalty": str(d.repetition_penalty), "min_volume_slices": str(cfg.min_volume_slices)}
 
-    def run(self, source, work_dir: str | Path | None = None, question: str | None = None) -> StudyReport:
+    def run(self, source, work_dir: str | Path | None = None, question: str | None = None,
+            predecessor=None) -> StudyReport:
         """One study in, its SR and audit record out. Errors are typed (DicomError, InvalidInputError).
 
         ``question`` replaces the configured question for this study (and in the SR's algorithm parameters).
+        ``predecessor`` (an SR file or dataset of the same study) is the report this one amends: the new SR
+        lists it in its Predecessor Documents Sequence, and the record names it as ``predecessor_sr``.
         """
         cfg, algorithm = self.config, self.algorithm
+        if isinstance(predecessor, (str, Path)):
+            import pydicom
+
+            try:
+                predecessor = pydicom.dcmread(predecessor, stop_before_pixels=True)
+            except Exception as e:  # pydicom raises many types on broken files
+                raise DicomError(predecessor, f"the SR to amend is not readable ({type(e).__name__}: {e})") from e
         if question is not None and question != cfg.question:
             cfg = dataclasses.replace(cfg, question=question)
             algorithm = dataclasses.replace(algorithm, parameters=self._parameters(cfg))
@@ -366,10 +385,11 @@ class ReportPipeline:
                           "new_tokens": finding.record.get("new_tokens"), "report_chars": len(finding.text),
                           "s": round(time.perf_counter() - t, 4)})
             t = time.perf_counter()
-            sr = write_sr(study, sel, finding, algorithm, cfg)
+            sr = write_sr(study, sel, finding, algorithm, cfg, predecessor)
             steps.append({"op": "write_sr", "sop_instance_uid": str(sr.SOPInstanceUID),
                           "series_instance_uid": str(sr.SeriesInstanceUID), "s": round(time.perf_counter() - t, 4)})
         record = {"study_instance_uid": study.uid, "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+                  "predecessor_sr": str(predecessor.SOPInstanceUID) if predecessor is not None else None,
                   "algorithm": {"name": algorithm.name, "version": algorithm.version, "uid": algorithm.uid},
                   "decoding": dataclasses.asdict(cfg.decoding), "steps": steps,
                   "seconds": round(sum(s["s"] for s in steps), 4)}

@@ -87,7 +87,8 @@ def _slide_heatmap(predictor, value: str, out_png: str) -> dict:
     """Attention of the slide modality's aggregator (ABMIL) or resampler over the tiles, drawn on the thumbnail."""
     import torch
 
-    from ..eval.slide_heatmap import bag_attention, heatmap_from_item
+    from ..model.attention import bag_attention
+    from .heatmap import heatmap_from_item
 
     model = predictor.model
     name = _slide_modality(model)
@@ -105,7 +106,7 @@ def _slide_heatmap(predictor, value: str, out_png: str) -> dict:
 
 def _molecules(args, cfg: InferConfig) -> dict:
     """``--molecules in.csv``: score every row (an LLM checkpoint's closed-set yes/no, or a head checkpoint)."""
-    from ..tasks.druggability import predict_molecules_csv
+    from .molecules import predict_molecules_csv
 
     if not args.out:
         raise SystemExit("infer.py: --molecules needs --out (the output CSV)")

@@ -18,6 +18,11 @@ What :func:`deidentify` does to a pydicom Dataset (in place):
 
 Images with ``BurnedInAnnotation=YES`` cannot be cleaned by header edits: :func:`burned_in` tells
 the caller to skip and list them.
+
+The salt is a secret: whoever knows it can hash candidate MRNs and match pseudonyms. There is no
+default in the code; :func:`resolve_salt` takes the one given, else ``$MEDMM_DEID_SALT``, else a random
+one kept in ``OUT/.deid_salt`` (mode 0600) so that re-runs into the same folder map alike.
+Report text is de-identified with the same date shift by :mod:`medmm.io.report_deid`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,17 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import hmac
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from ..errors import InvalidInputError
+
+SALT_ENV = "MEDMM_DEID_SALT"
+"""Environment variable that holds the salt when none is given."""
+SALT_FILE = ".deid_salt"
+"""File in the output folder that keeps a generated salt (mode 0600)."""
 
 # PS3.15 Table E.1-1 (Basic Profile) attributes, by keyword. Action: "X" remove, "Z" empty, "D" dummy.
 BASIC_PROFILE: dict[str, str] = {
@@ -93,6 +109,54 @@ _KEEP_UID_KEYWORDS = {"SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPCl
                       "MappingResourceUID", "AffectedSOPClassUID", "RequestedSOPClassUID"}
 
 
+def resolve_salt(out_dir: str | Path, salt: str | None = None) -> tuple[str, str]:
+    """The salt to use for ``out_dir`` and where it came from.
+
+    Args:
+        out_dir: the output folder; a generated salt is kept there as :data:`SALT_FILE`.
+        salt: the salt given by the user (``--salt``); empty or None means "not given".
+
+    Returns:
+        ``(salt, source)`` with source ``"given"``, ``"env"`` (``$MEDMM_DEID_SALT``), ``"file"`` (an existing
+        ``OUT/.deid_salt``, reused) or ``"new"`` (a random 256-bit secret just written to ``OUT/.deid_salt``).
+
+    Raises:
+        InvalidInputError: the salt file exists but is empty or unreadable.
+    """
+    if salt:
+        return salt, "given"
+    if os.environ.get(SALT_ENV):
+        return os.environ[SALT_ENV], "env"
+    path = Path(out_dir) / SALT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = secrets.token_hex(32)
+    try:
+        # O_EXCL: two runs starting together cannot both write; 0600: only the owner may read it
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fd = None
+    if fd is None:
+        try:
+            if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                os.chmod(path, 0o600)  # copied with looser permissions: tighten before reading
+            kept = path.read_text().strip()
+        except OSError as e:
+            raise InvalidInputError(path, f"de-identification salt file cannot be read ({e})") from e
+        if not kept:
+            raise InvalidInputError(path, "de-identification salt file is empty: delete it to make a new one, "
+                                          "or pass --salt / $MEDMM_DEID_SALT")
+        return kept, "file"
+    with os.fdopen(fd, "w") as f:
+        f.write(new + "\n")
+    os.chmod(path, 0o600)  # whatever the umask did
+    return new, "new"
+
+
+def patient_key(ds) -> str:
+    """The value pseudonyms and the date shift of a patient are derived from (PatientID, else the name)."""
+    return str(ds.get("PatientID", "")) or str(ds.get("PatientName", "")) or "unknown"
+
+
 def pseudonym(salt: str, value: str, n: int = 16) -> str:
     """A stable pseudonym: the first ``n`` hex digits of HMAC-SHA256(salt, value)."""
     return hmac.new(salt.encode(), str(value).encode(), hashlib.sha256).hexdigest()[:n]
@@ -136,7 +200,7 @@ def deidentify(ds, salt: str) -> dict:
 
     if not salt:
         raise ValueError("de-identification needs a non-empty salt (keep it secret and fixed across runs)")
-    pid = str(ds.get("PatientID", "")) or str(ds.get("PatientName", "")) or "unknown"
+    pid = patient_key(ds)
     pseudo = pseudonym(salt, "patient|" + pid)
     days = date_shift_days(salt, pid)
 

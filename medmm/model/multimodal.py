@@ -30,6 +30,7 @@ from ..config import LoraSettings, ModelConfig, Trainable, config_from_dict, to_
 from ..data.conversation import ConversationEncoder, ModalityToken
 from ..data.dataset import Processor
 from ..data.loaders import build_loader
+from ..data.packing import packed_llm_inputs
 from ..errors import ConfigError, ModalityMismatchError
 from .projectors import build_projector
 
@@ -209,9 +210,22 @@ class MedMMForCausalLM(nn.Module):
         return emb
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, modality_inputs: dict[str, dict] | None = None, **kwargs):
-        emb = self.embed(input_ids, modality_inputs)
-        return self.llm(inputs_embeds=emb, attention_mask=attention_mask, labels=labels, **kwargs)
+                labels: torch.Tensor | None = None, modality_inputs: dict[str, dict] | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs):
+        """Next-token loss/logits. ``position_ids`` without ``attention_mask`` is a neat-packed batch
+        (``medmm.data.packing``): documents restart at position 0 and attend only to themselves."""
+        emb = self.embed(input_ids, modality_inputs)  # (B, T, H)
+        if position_ids is None or attention_mask is not None:
+            return self.llm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
+                            labels=labels, **kwargs)
+        B, T = input_ids.shape
+        emb, position_ids, labels, attention_mask = packed_llm_inputs(
+            emb, position_ids, labels, getattr(self._base_llm().config, "_attn_implementation", None))
+        out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                       **kwargs)
+        if out.logits is not None and out.logits.shape[0] != B:  # FlashAttention ran on the flattened batch
+            out.logits = out.logits.reshape(B, T, -1)
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

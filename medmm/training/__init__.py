@@ -1,1 +1,2 @@
-"""Training: the DeepSpeed loop, checkpoints, distributed setup. ``python -m medmm.training --config C``."""
+"""Training: the one DeepSpeed loop (``loop.py``), its stages (``stages/``: sft, align, head, ...), checkpoints and
+distributed setup. ``python train.py --config C`` = ``python -m medmm.training --config C``."""

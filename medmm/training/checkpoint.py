@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..utils import atomic_write_text
 from .distributed import barrier, is_main
 
@@ -73,7 +74,7 @@ def load_checkpoint(engine, root: str | Path) -> dict | None:
 
 
 def save_final_model(engine, model, out_dir: str | Path, zero_stage: int, extra: dict | None = None) -> Path | None:
-    """Gather (ZeRO-3) and write the medmm model folder on rank 0."""
+    """Gather (ZeRO-3) and write ``model.save_pretrained(out_dir, extra=extra)`` on rank 0 (every rank calls it)."""
     out_dir = Path(out_dir)
     if zero_stage == 3:
         import deepspeed
@@ -85,3 +86,25 @@ def save_final_model(engine, model, out_dir: str | Path, zero_stage: int, extra:
         model.save_pretrained(out_dir, extra=extra)
     barrier()
     return out_dir if is_main() else None
+
+
+def load_modules_from(model, folder: str | Path) -> dict:
+    """Copy encoder/projector weights of the modalities both models have from a saved medmm folder
+    (``trainer.init_from``); returns ``{"encoders.NAME": tensors loaded}``."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "modules.safetensors"
+    if not path.exists():
+        raise ConfigError(f"trainer.init_from: {path} not found (is '{folder}' a medmm model folder?)")
+    state = load_file(str(path))
+    loaded = {}
+    for part in ("encoders", "projectors"):
+        for name, module in getattr(model, part).items():
+            prefix = f"{part}.{name}."
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if sub:
+                module.load_state_dict(sub, strict=True)
+                loaded[f"{part}.{name}"] = len(sub)
+    if not loaded:
+        raise ConfigError(f"trainer.init_from: {folder} shares no modality with this model")
+    return loaded

@@ -1,10 +1,11 @@
-"""The image-report contrastive alignment stage (CLIP-style), run by the same DeepSpeed trainer.
+"""``trainer.stage: align``: image-report contrastive alignment (CLIP-style) of one modality's encoder + projector.
 
-Image side: encoder -> projector -> mean over tokens. Text side: the report through the (frozen)
-language model, mean of its last hidden states over the report tokens, then a trainable linear map.
-Loss: open_clip's ``ClipLoss`` (symmetric InfoNCE; features gathered across ranks), with a learned
-temperature. The stage leaves encoder and projector aligned with the LLM's own text space, and its
-final folder starts instruction tuning through ``trainer.init_from``.
+Section ``align`` (:class:`medmm.config.AlignConfig`). Records are report conversations with exactly
+one input of ``align.modality``; the report is the last answer. Image side: encoder -> projector ->
+mean over tokens. Text side: the report through the (frozen) language model, mean of its last hidden
+states over the report tokens, then a trainable linear map. Loss: open_clip's ``ClipLoss``
+(symmetric InfoNCE; features gathered across ranks), with a learned temperature. Saved: the medmm
+model folder, whose encoder and projector start instruction tuning through ``trainer.init_from``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
+from ...errors import ConfigError
+from . import register_stage
+from .sft import SFTStage
+
 
 class AlignmentModel(nn.Module):
     """Wraps a :class:`MedMMForCausalLM` for the contrastive stage; ``.model`` is what gets saved."""
@@ -25,7 +30,8 @@ class AlignmentModel(nn.Module):
         from open_clip.loss import ClipLoss
 
         if modality not in model.modality_tokens:
-            raise ValueError(f"align modality '{modality}' is not configured (have {sorted(model.modality_tokens)})")
+            raise ConfigError(f"align.modality: '{modality}' is not a modality of the model "
+                              f"(have {sorted(model.modality_tokens)})")
         self.model = model
         self.modality = modality
         h = model.llm_hidden_size
@@ -52,3 +58,23 @@ class AlignmentModel(nn.Module):
         img, txt = self.features(input_ids, attention_mask, modality_inputs)
         scale = self.logit_scale.clamp(max=math.log(100)).exp().squeeze()
         return ModelOutput(loss=self.loss_fn(img, txt, scale), logits=img @ txt.T * scale)
+
+
+@register_stage("align")
+class AlignStage(SFTStage):
+    """Report conversations -> ClipLoss between the modality's pooled tokens and the LLM's report embedding."""
+
+    section = "align"
+    pad_missing_modalities = False
+    dataset_mode = "align"
+    metrics = ("retrieval_acc",)
+
+    def build_model(self):
+        medmm = super().build_model()
+        return AlignmentModel(medmm, self.settings.modality, self.ctx.rank, self.ctx.world_size)
+
+    def loss(self, engine, batch):
+        out = engine(**batch)
+        logits = out.logits.detach()  # (B, B) this rank's images x texts
+        acc = (logits.argmax(1) == torch.arange(logits.shape[0], device=logits.device)).float().mean()
+        return out.loss, {"retrieval_acc": float(acc)}  # image -> its own report ranked first

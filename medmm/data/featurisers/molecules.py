@@ -1,0 +1,117 @@
+"""Molecules: SMILES -> the RDKit standardisation pipeline (in worker processes) -> graph or fingerprint items.
+
+Each molecule also gets its Bemis-Murcko scaffold (for ``head.data.split: scaffold``) and, in
+prediction files, the drug-likeness rule report (QED, Lipinski, Veber, PAINS).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...errors import ConfigError, InvalidInputError
+from . import Featurised, Featuriser, read_table, register_featuriser
+
+REPORT_COLUMNS = ["qed", "mol_weight", "logp", "tpsa", "hbd", "hba", "rotatable_bonds", "lipinski_pass",
+                  "lipinski_violations", "veber_pass", "veber_violations", "pains_alerts"]
+
+
+def standardise_options(pre):
+    """The :class:`medmm.io.molecules.StandardiseOptions` of a PreprocessConfig."""
+    from ...io.molecules import StandardiseOptions
+
+    return StandardiseOptions(canonical_tautomer=pre.mol_canonical_tautomer, remove_stereo=pre.mol_remove_stereo,
+                              max_heavy_atoms=pre.mol_max_heavy_atoms)
+
+
+def report_of(rec) -> dict:
+    """The rule-report columns of a processed molecule record (descriptors + drug-likeness rules)."""
+    return {c: (rec.druglikeness.get(c) if c in rec.druglikeness else rec.descriptors.get(c)) for c in REPORT_COLUMNS}
+
+
+def molecule_reports(canonical: list[str]) -> list[dict]:
+    """The rule report (descriptors, Lipinski, Veber, PAINS) of already standardised SMILES."""
+    from ...io.molecules import descriptors, druglikeness, parse_smiles
+
+    out = []
+    for smi in canonical:
+        mol = parse_smiles(smi, standardise=False, max_heavy_atoms=10**6)
+        d = descriptors(mol)
+        r = druglikeness(mol, d)
+        out.append({c: r.get(c, d.get(c)) for c in REPORT_COLUMNS})
+    return out
+
+
+@register_featuriser("molecules")
+class MoleculeFeaturiser(Featuriser):
+    """SMILES -> RDKit pipeline in ``head.data.workers`` processes -> ``mol_graph`` or ``smiles_fingerprint`` items."""
+
+    report_columns = REPORT_COLUMNS
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.kind = {"mol_graph": "graph", "smiles_fingerprint": "fingerprint"}.get(cfg.loader)
+        if self.kind is None:
+            raise ConfigError(f"head.loader: molecules take mol_graph or smiles_fingerprint, not '{cfg.loader}'")
+
+    def featurise(self, values: list[str], sources: list[str]) -> Featurised:
+        from ...io.molecules import process_molecules
+        from ..loaders import MolGraphLoader
+
+        pre = self.cfg.preprocess
+        recs = process_molecules(values, sources, standardise_options(pre), features=(self.kind, "scaffold"),
+                                 workers=self.cfg.data.workers, fingerprint_bits=pre.fingerprint_bits,
+                                 fingerprint_radius=pre.fingerprint_radius)
+        out = Featurised(groups=[])
+        for r in recs:
+            if not r.ok:
+                out.errors.append(r.error)
+                continue
+            out.items.append(MolGraphLoader.from_graph(r.graph) if self.kind == "graph" else
+                             {"x": torch.from_numpy(r.fingerprint)})
+            out.sources.append(r.source)
+            out.inputs.append(r.input)
+            out.canonical.append(r.smiles)
+            out.groups.append(r.scaffold)
+        return out
+
+    def reports(self, canonical: list[str]) -> list[dict]:
+        return molecule_reports(canonical)
+
+
+def read_labelled_molecules(path: str | Path, smiles_col: str, label_col: str | None,
+                            positive: str = "yes") -> tuple[list[str], list[str], list[int | None], list[dict]]:
+    """``(smiles, sources, labels, errors)`` from a CSV (``smiles_col``/``label_col``) or a conversation JSONL.
+
+    In a JSONL, the SMILES is the record's molecule modality and the label is 1 when its last (gpt)
+    answer is ``positive`` (case-insensitive), else 0.
+    """
+    from ...utils import read_jsonl
+    from ..conversation import reference_of
+    from . import parse_label
+
+    path = Path(path)
+    smiles, sources, labels, errors = [], [], [], []
+    if path.suffix == ".jsonl":
+        for i, rec in enumerate(read_jsonl(path), start=1):
+            src = f"{path}:{i} (id={rec.get('id')})"
+            mods = rec.get("modalities") or {}
+            value = next((v for v in mods.values() if isinstance(v, str)), None)
+            ref = reference_of(rec)
+            if value is None:
+                errors.append(InvalidInputError(src, "no molecule in 'modalities'").to_record())
+                continue
+            smiles.append(value)
+            sources.append(src)
+            labels.append(None if ref is None else int(ref.strip().lower().rstrip(".") == positive.lower()))
+        return smiles, sources, labels, errors
+    for src, row in read_table(path, smiles_col, label_col):
+        try:
+            labels.append(parse_label(row.get(label_col), src, label_col) if label_col else None)
+        except InvalidInputError as e:
+            errors.append(e.to_record())
+            continue
+        smiles.append(row.get(smiles_col) or "")
+        sources.append(src)
+    return smiles, sources, labels, errors

@@ -1,0 +1,238 @@
+"""Classification heads on encoder tokens, and the encoder + head model the ``head`` training stage trains.
+
+Head registry (``head.type`` in a recipe)::
+
+    mlp      masked mean and max of the tokens (B, 2D) -> LayerNorm -> Linear -> GELU -> Dropout -> Linear
+    linear   the tokens of a pooling encoder (B, K, D), flattened -> Dropout -> Linear   (needs a fixed K: abmil)
+
+A builder takes every architecture argument: ``builder(in_dim, num_tokens, out_dim, hidden, dropout)``
+and returns a module mapping ``tokens (B, N, D), mask (B, N) | None -> (B, out_dim)``.
+
+A saved :class:`HeadModel` folder rebuilds from itself::
+
+    head_model.json       the head stage's settings (featuriser, loader, preprocessing, encoder, head, classes),
+                          the fitted temperature, format version
+    model.safetensors     encoder + head
+    encoder.safetensors   the encoder alone (an LLM recipe loads it with encoder.checkpoint=...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import HeadStageConfig, config_from_dict, to_dict
+from ..errors import ConfigError
+
+CONFIG_NAME = "head_model.json"
+WEIGHTS_NAME = "model.safetensors"
+ENCODER_NAME = "encoder.safetensors"
+FORMAT_VERSION = 1
+
+_HEADS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_head(name: str):
+    """Decorator: register ``builder(in_dim, num_tokens, out_dim, hidden, dropout) -> nn.Module`` under ``name``."""
+
+    def deco(fn):
+        if name in _HEADS:
+            raise ValueError(f"head '{name}' is registered twice")
+        _HEADS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_heads() -> list[str]:
+    """Registered head names."""
+    return sorted(_HEADS)
+
+
+def build_head(name: str, in_dim: int, num_tokens: int | None, out_dim: int, hidden: int = 128,
+               dropout: float = 0.1) -> nn.Module:
+    """Build a registered head; a ConfigError lists the known ones."""
+    if name not in _HEADS:
+        raise ConfigError(f"head.type: unknown head '{name}'; registered: {', '.join(list_heads())}")
+    return _HEADS[name](in_dim=in_dim, num_tokens=num_tokens, out_dim=out_dim, hidden=hidden, dropout=dropout)
+
+
+class PooledMLP(nn.Module):
+    """Masked mean and max over tokens ``(B, 2D)`` -> two-layer MLP -> ``(B, out_dim)``."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(2 * in_dim), nn.Linear(2 * in_dim, hidden), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        m = mask.unsqueeze(-1).to(tokens.dtype)
+        mean = (tokens * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D)
+        mx = tokens.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1).clamp(min=-1e4)  # (B, D)
+        return self.net(torch.cat([mean, mx], -1))  # (B, out)
+
+
+class FlatLinear(nn.Module):
+    """The ``K`` tokens of a pooling encoder ``(B, K, D)`` flattened -> Dropout -> Linear -> ``(B, out_dim)``."""
+
+    def __init__(self, in_dim: int, num_tokens: int, out_dim: int, dropout: float = 0.25):
+        super().__init__()
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_tokens * in_dim, out_dim))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(tokens.flatten(1))
+
+
+@register_head("mlp")
+def mlp_head(in_dim: int, num_tokens: int | None, out_dim: int, hidden: int = 128, dropout: float = 0.1) -> nn.Module:
+    """Masked mean + max pooling and a two-layer MLP (any encoder)."""
+    return PooledMLP(in_dim, out_dim, hidden, dropout)
+
+
+@register_head("linear")
+def linear_head(in_dim: int, num_tokens: int | None, out_dim: int, hidden: int = 128,
+                dropout: float = 0.25) -> nn.Module:
+    """Dropout + one linear layer over the flattened tokens of a pooling encoder (abmil: K = branches)."""
+    if num_tokens is None:
+        raise ConfigError("head.type=linear needs an encoder with a fixed number of tokens (a pooling aggregator "
+                          "such as abmil); use head.type=mlp")
+    return FlatLinear(in_dim, num_tokens, out_dim, dropout)
+
+
+class HeadModel(nn.Module):
+    """Encoder tokens -> head -> logits: ``(B,)`` for the binary objective, ``(B, C)`` for multiclass.
+
+    ``config`` is the head stage's settings with ``classes`` resolved; ``temperature`` the calibration
+    fitted after training (1.0 = none).
+    """
+
+    def __init__(self, config: HeadStageConfig, encoder: nn.Module, head: nn.Module, temperature: float = 1.0):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.head = head
+        self.temperature = float(temperature)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config.classes)
+
+    @property
+    def binary(self) -> bool:
+        return self.config.objective == "binary"
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        tokens, tmask = self.encoder(x, mask)  # (B, N, D), (B, N) | None
+        logits = self.head(tokens, tmask)  # (B, out)
+        return logits.squeeze(-1) if self.binary else logits
+
+    @torch.no_grad()
+    def attention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The aggregator's attention over the inputs of each bag ``(B, N)`` (abmil)."""
+        from .attention import bag_attention
+
+        return bag_attention(self.encoder, None, x, mask)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Write config + weights into ``path`` atomically (a temporary folder moved into place)."""
+        from safetensors.torch import save_file
+
+        from ..utils import atomic_replace_dir
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            saved = dataclasses.replace(self.config, encoder=dataclasses.replace(self.config.encoder, checkpoint=None))
+            meta = {"format_version": FORMAT_VERSION, "medmm_version": __version__, "head": to_dict(saved),
+                    "temperature": self.temperature, **(extra or {})}
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME))
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()},
+                      str(tmp / ENCODER_NAME))
+            atomic_replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> HeadModel:
+        """Rebuild from a folder written by :meth:`save_pretrained`; in eval mode on ``device``."""
+        from safetensors.torch import load_file
+
+        from ..utils import read_folder_config
+
+        path = Path(path)
+        meta = read_folder_config(path, CONFIG_NAME, FORMAT_VERSION, "head model folder")
+        cfg = config_from_dict(HeadStageConfig, meta["head"], str(path / CONFIG_NAME))
+        model = build_head_model(cfg, load_encoder_weights=False)
+        model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        model.temperature = float(meta.get("temperature", 1.0))
+        return model.to(device).eval()
+
+
+def is_head_model(path: str | Path) -> bool:
+    """True for a folder written by :meth:`HeadModel.save_pretrained`."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def build_head_model(cfg: HeadStageConfig, load_encoder_weights: bool = True) -> HeadModel:
+    """Encoder from the ``encoders`` registry + head from this one; ``cfg.classes`` must be resolved for multiclass."""
+    from encoders import build_encoder
+
+    if cfg.objective == "multiclass" and len(cfg.classes) < 2:
+        raise ConfigError(f"head.classes: a multiclass head needs at least 2 classes, got {cfg.classes}")
+    try:
+        enc = build_encoder(cfg.encoder.name, checkpoint=cfg.encoder.checkpoint if load_encoder_weights else None,
+                            **cfg.encoder.kwargs)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"head.encoder: {e}") from e
+    enc.requires_grad_(cfg.encoder.trainable == "full")
+    out = 1 if cfg.objective == "binary" else len(cfg.classes)
+    head = build_head(cfg.type, in_dim=enc.out_dim, num_tokens=enc.num_tokens, out_dim=out, hidden=cfg.hidden,
+                      dropout=cfg.dropout)
+    return HeadModel(cfg, enc, head)
+
+
+@torch.no_grad()
+def predict_logits(model: HeadModel, featuriser, items: list[dict], batch_size: int = 128) -> np.ndarray:
+    """Logits of ``items`` in input order, eval mode: ``(n,)`` for a binary head, ``(n, C)`` for multiclass.
+
+    Items of similar size are batched together (less padding); lazy items (slides) are read by the
+    featuriser (``featuriser.load``) one batch at a time.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    width = 1 if model.binary else len(model.classes)
+    out = np.zeros((len(items), width), dtype=np.float64)
+    order = sorted(range(len(items)), key=lambda i: item_size(items[i]))  # similar sizes together
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        batch = featuriser.collate([featuriser.load(items[i]) for i in idx])
+        x, mask = batch["x"].to(device), batch.get("mask")
+        x = x.to(next(model.parameters()).dtype) if x.is_floating_point() else x
+        logits = model(x, None if mask is None else mask.to(device))
+        out[idx] = logits.reshape(len(idx), width).double().cpu().numpy()
+    model.train(was_training)
+    return out[:, 0] if model.binary else out
+
+
+def item_size(item: dict) -> int:
+    """Inputs in one featurised item (atoms, nucleotides, tiles); 0 when it is read lazily."""
+    x = item.get("x")
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 0
