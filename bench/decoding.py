@@ -6,7 +6,7 @@ image with each strategy, generating exactly ``--new-tokens`` tokens per questio
 everywhere, and HF gets ``min_new_tokens``), batch of one:
 
 * HF ``generate``: greedy, beam search (4 beams), sampling;
-* medmm :class:`~medmm.inference.decoding.Session` loops, a fresh Session per question (image encoded and
+* medmm :class:`~medmm.inference.session.Session` loops, a fresh Session per question (image encoded and
   prompt prefilled from scratch each time): greedy, speculative decoding with a draft model (k=4),
   prompt-lookup decoding (k=4);
 * prefix-cache session: ONE Session reused for the 4 questions (image encoded once, shared prompt prefix
@@ -76,6 +76,87 @@ def build_target(tmp: Path, layers: int, hidden: int, seed: int):
     return llm_dir, MedMMForCausalLM.from_pretrained(tmp / "medmm").eval()
 
 
+def prefix_cache_256(args, device) -> dict:
+    """Four closed questions per image through a ViT-B/16 at 256 px (256 image tokens), answers of <= 4 tokens:
+    one Session (image encoded once, shared prompt prefix KV reused) against re-encoding per question (a fresh
+    Session per question, and HF ``generate`` per question), interleaved in the same passes."""
+    import transformers
+
+    from medmm.config import ModelConfig, config_from_dict
+    from medmm.inference.session import Session
+    from medmm.model.multimodal import MedMMForCausalLM
+    from medmm.model.tiny import build_tiny_llm, sample_texts
+
+    with tempfile.TemporaryDirectory(prefix="medmm-bench-") as tmp:
+        llm_dir = build_tiny_llm(Path(tmp) / "llm", sample_texts(), family="llama", hidden=args.hidden,
+                                 layers=args.layers, heads=max(1, args.hidden // 64),
+                                 kv_heads=max(1, args.hidden // 128), seed=args.seed)
+        cfg = config_from_dict(ModelConfig, {
+            "llm": str(llm_dir), "llm_trainable": "full",
+            "modalities": {"image": {"loader": "image", "encoder": {"name": "vit2d", "kwargs": {"img_size": 256}},
+                                     "projector": {"type": "mlp2x_gelu"}, "preprocess": {"image_size": 256}}}})
+        torch.manual_seed(args.seed)
+        MedMMForCausalLM.from_config(cfg).save_pretrained(Path(tmp) / "medmm")
+        model = MedMMForCausalLM.from_pretrained(Path(tmp) / "medmm").eval().to(device)
+    image, qs = questions(4)
+    closed = [q if q.endswith("?") else q + "?" for q in qs]
+    proc = model.processor(2048)
+    n_image_tokens = model.encoders["image"].num_tokens
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    N = 4  # closed answers: at most 4 tokens
+
+    def one_session():
+        s = Session(model, proc, {"image": image})
+        return [s.generate(q, max_new_tokens=N).tokens for q in closed]
+
+    def fresh_sessions():
+        return [Session(model, proc, {"image": image}).generate(q, max_new_tokens=N).tokens for q in closed]
+
+    def hf_per_question():
+        outs = []
+        for q in closed:
+            b = proc.collate([proc.process_prompt({"modalities": {"image": image},
+                                                   "conversations": [{"from": "human", "value": q}]})],
+                            padding_side="left")
+            mods = {k: {kk: vv.to(device) if torch.is_tensor(vv) else vv for kk, vv in v.items()}
+                    for k, v in b["modality_inputs"].items()}
+            ids = model.generate(b["input_ids"].to(device), b["attention_mask"].to(device), mods, max_new_tokens=N,
+                                 do_sample=False)[0].tolist()
+            eos = model.tokenizer.eos_token_id
+            outs.append(ids[: ids.index(eos)] if eos in ids else ids)
+        return outs
+
+    runs = {"prefix_cache_session": one_session, "fresh_session_per_question": fresh_sessions,
+            "hf_generate_per_question": hf_per_question}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    outs = {}
+    with torch.no_grad():
+        for rep in range(args.repeats + 1):
+            for name, fn in runs.items():
+                sync()
+                t0 = time.perf_counter()
+                outs[name] = fn()
+                sync()
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    prompt_len = len(Session(model, proc, {"image": image}).prompt_ids(closed[0]))
+    return {
+        "what": "4 closed questions about one image, answers of at most 4 tokens (greedy, EOS allowed), batch of one; "
+                "image through a ViT-B/16 (timm vit_base_patch16_224 at 256 px, random weights) -> "
+                f"{n_image_tokens} LLM tokens; median of {args.repeats} interleaved passes after one warm-up",
+        "encoder": "vit2d (vit_base_patch16_224, img_size 256)", "image_tokens": n_image_tokens,
+        "prompt_tokens_first_question": prompt_len, "questions": closed,
+        "llm": {"num_hidden_layers": args.layers, "hidden_size": args.hidden},
+        "median_s": med, "times_s": times,
+        "speedup_vs_fresh_session": med["fresh_session_per_question"] / med["prefix_cache_session"],
+        "speedup_vs_hf_generate": med["hf_generate_per_question"] / med["prefix_cache_session"],
+        "identical_answers": outs["prefix_cache_session"] == outs["fresh_session_per_question"]
+        == outs["hf_generate_per_question"],
+        "transformers": transformers.__version__,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -85,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="timed passes (after one warm-up pass)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "decoding.json"))
+    ap.add_argument("--only", choices=["prefix256"], help="run one section and merge its figures into --out")
     args = ap.parse_args(argv)
     from medmm.inference.predictor import pick_device
 
@@ -93,10 +175,23 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         ap.error(f"--device: {e}")
     args.device = device.type
+    if args.only == "prefix256":
+        sec = prefix_cache_256(args, device)
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {"benchmark": "decoding"}
+        result["prefix_cache_256"] = {**sec, "device": args.device, "cpu_threads": torch.get_num_threads()}
+        result["prefix_cache_speedup_256"] = round(sec["speedup_vs_fresh_session"], 3)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"prefix cache, {sec['image_tokens']} image tokens: {sec['speedup_vs_fresh_session']:.2f}x vs a fresh "
+              f"session per question, {sec['speedup_vs_hf_generate']:.2f}x vs HF generate per question "
+              f"(identical answers: {sec['identical_answers']}) ({args.device})")
+        return result
 
     import transformers
 
-    from medmm.inference.decoding import Session, layer_skip_draft
+    from medmm.inference.decoding import layer_skip_draft
+    from medmm.inference.session import Session
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

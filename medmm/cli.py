@@ -22,7 +22,13 @@
     medmm prepare text SRC... --out DIR [--jaccard 0.8] [--languages en]   dedup + filters -> train/eval.jsonl
     medmm prepare wsi SRC --out OUT [--mpp 0.5] [--tile 224] [--labels L] [--features ENC]
     medmm prepare instructions FILE --format alpaca|sharegpt|promptcblue --out DIR   text-only conversations
+    medmm prepare preferences --from-labels DATA --out FILE          closed-set labels -> chosen/rejected pairs
+    medmm prepare preferences --sample CKPT --prompts DATA --n N --reward R --min-margin M --out FILE
+    medmm prepare dpo-reference --config C --out FILE [key=value ...]  reference log-probs (dpo reference: precomputed)
     medmm wsi train|eval|heatmap ...                slide classification (= train / eval head / the heat map)
+    medmm plan --config C --gpus N [--nodes M] [--gpu-memory GB] [--json]   params, ZeRO memory, first stage that fits
+    medmm index build [FILE ...] [--source icd10cm] --out IDX [key=value ...]   BM25 + dense (faiss) + RRF folder
+    medmm index search|queries|predict ...          query an index; ICD-10-CM normalisation queries and predictions
 """
 
 from __future__ import annotations
@@ -127,6 +133,30 @@ def _prepare(argv: list[str]) -> None:
     ins.add_argument("--eval-fraction", type=float, default=0.05)
     ins.add_argument("--seed", type=int, default=0)
     ins.add_argument("--name", help="prefix of generated record ids (default: the file stem)")
+    pf = sub.add_parser("preferences", help="preference pairs (stages dpo/simpo/orpo) from closed-set labels or "
+                                            "from sampled answers ranked by a reward")
+    how = pf.add_mutually_exclusive_group(required=True)
+    how.add_argument("--from-labels", metavar="DATA", help="conversation JSONL whose answers are closed-set (yes/no, "
+                                                           "'X or Y', answer_choices): right answer chosen, wrong rejected")
+    how.add_argument("--sample", metavar="CHECKPOINT", help="a medmm model folder that samples --n answers per prompt")
+    pf.add_argument("--prompts", metavar="DATA", help="--sample: conversation JSONL (a final answer is the reference "
+                                                      "the reward sees)")
+    pf.add_argument("--n", type=int, default=4, help="--sample: answers sampled per prompt")
+    pf.add_argument("--reward", default="exact_match", help="--sample: a registered reward (medmm.data.rewards)")
+    pf.add_argument("--min-margin", type=float, default=0.0, help="--sample: least reward gap of a kept pair")
+    pf.add_argument("--temperature", type=float, default=1.0)
+    pf.add_argument("--max-new-tokens", type=int, default=32)
+    pf.add_argument("--batch-size", type=int, default=8)
+    pf.add_argument("--device", default="auto")
+    pf.add_argument("--seed", type=int, default=0)
+    pf.add_argument("--out", required=True, help="the pairs (JSONL); failures go to errors.jsonl beside it")
+    dr = sub.add_parser("dpo-reference", help="the starting model's answer log-probs of every pair of a dpo recipe")
+    dr.add_argument("--config", required=True)
+    dr.add_argument("--out", required=True, help="then train with trainer.dpo.reference=precomputed "
+                                                 "trainer.dpo.reference_file=OUT")
+    dr.add_argument("--device", default="auto")
+    dr.add_argument("--batch-size", type=int, help="pairs per forward pass (default trainer.micro_batch_size)")
+    dr.add_argument("overrides", nargs="*", help="key=value config overrides, as for train")
     t = sub.add_parser("tiny-llm", help="train a small tokenizer and save a tiny random causal LM")
     t.add_argument("--family", default="llama")
     t.add_argument("--hidden", type=int, default=64)
@@ -147,6 +177,16 @@ def _prepare(argv: list[str]) -> None:
         return
     if a.kind == "text":
         _prepare_text(a)
+        return
+    if a.kind == "preferences":
+        _prepare_preferences(ap, a)
+        return
+    if a.kind == "dpo-reference":
+        from .config import TrainConfig, load_config
+        from .training.stages.dpo import precompute_reference
+
+        cfg = load_config(TrainConfig, a.config, a.overrides)
+        print(json.dumps(precompute_reference(cfg, a.out, a.device, a.batch_size), indent=2))
         return
     if a.kind == "instructions":
         from .data.instructions import prepare_instructions
@@ -203,6 +243,42 @@ def _prepare_dicom(a) -> None:
         if three:
             opts.size_3d = tuple(int(v) for v in three.split(","))
     print(json.dumps(prepare_dicom(a.src, a.out, a.reports, opts), indent=2))
+
+
+def _prepare_preferences(ap, a) -> None:
+    from pathlib import Path
+
+    from .data import preferences as P
+    from .utils import read_jsonl
+
+    if a.from_labels:
+        pairs, errors, counts = P.pairs_from_labels(read_jsonl(a.from_labels), a.from_labels, a.seed)
+        print(json.dumps(P.write_pairs(a.out, pairs, errors, counts, {"from_labels": a.from_labels}), indent=2))
+        return
+    if not a.prompts or a.n < 2:
+        ap.error("--sample needs --prompts DATA and --n of at least 2")
+    from .config import DecodingConfig
+    from .data.rewards import get_reward
+    from .inference.predictor import Predictor
+
+    reward = get_reward(a.reward)  # an unknown name fails before the model loads
+    records = read_jsonl(a.prompts)
+    predictor = Predictor(a.sample, device=a.device)
+    requests = [Predictor.to_conversation(r) for r in records for _ in range(a.n)]
+    outs = predictor.predict(requests, DecodingConfig(strategy="sample", max_new_tokens=a.max_new_tokens, seed=a.seed,
+                                                      params={"temperature": a.temperature}),
+                             a.batch_size, base_dir=Path(a.prompts).parent)
+    samples, failed = [], []
+    for i in range(len(records)):
+        mine = outs[i * a.n: (i + 1) * a.n]
+        samples.append([o["answer"] for o in mine if "error" not in o])
+        if not samples[-1] and mine:  # the prompt itself failed (an unreadable image): say why, once
+            failed.append({"path": f"{a.prompts}:{i + 1}", "error": mine[0]["error"], "message": mine[0]["message"]})
+    pairs, errors, counts = P.pairs_from_samples(records, samples, reward, a.min_margin, a.prompts)
+    bad = {e["path"] for e in failed}
+    errors = failed + [e for e in errors if e["path"].split(" (")[0] not in bad]
+    print(json.dumps(P.write_pairs(a.out, pairs, errors, counts, {"sample": a.sample, "reward": a.reward, "n": a.n}),
+                     indent=2))
 
 
 def _prepare_text(a) -> None:
@@ -269,6 +345,23 @@ def _train(argv: list[str]) -> None:
     from .training.__main__ import main
 
     main(rest)
+
+
+def _plan(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="medmm plan", description="parameters, DeepSpeed ZeRO-2/3 model-state memory, "
+                                 "activations and the first ZeRO stage that fits (medmm/training/plan.py)")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpu-memory", type=float, help="GB per GPU (default: this machine's GPU, else 80)")
+    ap.add_argument("--json", action="store_true", help="the same figures as JSON")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    a = ap.parse_args(argv)
+    from .config import TrainConfig, load_config
+    from .training.plan import format_plan, make_plan
+
+    cfg = load_config(TrainConfig, a.config, a.overrides)
+    print(format_plan(make_plan(cfg, a.gpus, a.nodes, a.gpu_memory), as_json=a.json))
 
 
 def _eval(argv: list[str]) -> None:
@@ -450,6 +543,16 @@ def _demo(argv: list[str]) -> None:
 
 COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "export": _export, "demo": _demo, "wsi": _wsi}
 COMMANDS["pacs"] = _pacs
+COMMANDS["plan"] = _plan
+
+
+def _index(argv: list[str]) -> None:
+    from .retrieval.__main__ import main as index_main
+
+    index_main(argv)
+
+
+COMMANDS["index"] = _index
 
 
 def main(argv: list[str] | None = None) -> None:

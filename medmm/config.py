@@ -206,6 +206,43 @@ class DataConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Preference tuning (``trainer.dpo``): stages ``dpo``, ``simpo`` and ``orpo`` (:mod:`medmm.training.stages.dpo`)."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """Stage dpo: sigmoid = DPO (conservative DPO with ``label_smoothing``); ipo = IPO on per-token mean log-ratios;
+    hinge = SLiC; robust = rDPO, unbiased under label noise ``label_smoothing``. Stages simpo/orpo: sigmoid."""
+    beta: float = 0.1
+    """Strength of the reference (dpo); reward scale (simpo, usually 2-2.5); weight of the odds-ratio term (orpo)."""
+    label_smoothing: float = 0.0
+    """Probability that a pair's labels are flipped (sigmoid, robust, simpo); 0 = trust every pair."""
+    rpo_alpha: float = 0.0
+    """Weight of an SFT term, the chosen answer's NLL per token (RPO; dpo and simpo). 0 = none; orpo always has it."""
+    reference: Literal["adapter", "copy", "precomputed"] = "adapter"
+    """Stage dpo: adapter = this model with its LoRA adapter disabled (peft ``disable_adapter()``; needs a new adapter
+    and every other part frozen); copy = a frozen copy of the starting model, sharded by ZeRO-3 like the policy;
+    precomputed = log-probs read from ``reference_file`` (``medmm prepare dpo-reference``)."""
+    reference_file: str | None = None
+    """reference precomputed: the file written by ``medmm prepare dpo-reference --config C --out FILE``."""
+    simpo_gamma: float = 0.5
+    """Stage simpo: target reward margin (TRL ``simpo_gamma``)."""
+    eval_path: str | None = None
+    """Held-out preference pairs (JSONL) scored before training and every ``trainer.eval_every`` steps:
+    eval_loss, eval_reward_accuracy, eval_reward_margin, eval_chosen_prob in ``metrics.jsonl``."""
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ConfigError(f"trainer.dpo.beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"trainer.dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"trainer.dpo.rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if self.reference == "precomputed" and not self.reference_file:
+            raise ConfigError("trainer.dpo.reference=precomputed needs trainer.dpo.reference_file "
+                              "(medmm prepare dpo-reference --config C --out FILE)")
+
+
+@dataclass
 class TrainerConfig:
     """The DeepSpeed training loop."""
 
@@ -240,7 +277,8 @@ class TrainerConfig:
     stage: str = "sft"
     """A registered training stage (``medmm.training.stages.list_stages()``): sft = next-token loss on answers;
     align = image-report contrastive pretraining (section ``align``); head = an encoder + classification head
-    without the LLM (section ``head``)."""
+    without the LLM (section ``head``); dpo / simpo / orpo = preference tuning on chosen/rejected answers (section
+    ``trainer.dpo``)."""
     init_from: str | None = None
     """A medmm model folder whose encoder and projector weights start this run (e.g. the align stage's)."""
     init_llm: Literal["merged", "adapter", "none"] = "merged"
@@ -265,6 +303,8 @@ class TrainerConfig:
     """At the end, go back to the weights of the best evaluation (ZeRO 0-2); the final folder holds those."""
     cpu_threads: int | None = None
     """torch CPU threads per rank (None = torch's default)."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Preference tuning settings of stages dpo, simpo and orpo."""
 
     def __post_init__(self):
         for k in ("max_steps", "micro_batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
@@ -300,11 +340,16 @@ class HeadDataConfig:
     """Column holding the input (SMILES, DNA sequence); table featurisers only."""
     label_col: str = "label"
     """Column (or JSONL field) holding the label; blank cells are reported and skipped."""
+    label_cols: list[str] = field(default_factory=list)
+    """Several 0/1 label columns (a multi-task binary head, one logit each; replaces ``label_col``): a blank cell
+    is a missing label, masked out of the loss and the metrics (ROC-AUC averaged over tasks with both classes)."""
     delimiter: str | None = None
     """Field separator; None = tab for .tsv/.txt files, comma otherwise."""
-    split: Literal["scaffold", "stratified", "random", "none"] = "scaffold"
-    """scaffold (Bemis-Murcko, molecules only) | stratified | random into train/validation/test by ``fractions``;
-    none = all of ``path`` trains, and ``eval_path`` is both the validation and the test part."""
+    split: Literal["scaffold", "scaffold_deterministic", "stratified", "random", "none"] = "scaffold"
+    """scaffold (chemprop's balanced Bemis-Murcko split, molecules only) | scaffold_deterministic (the MoleculeNet /
+    OGB split of Hu et al. 2020: scaffolds of the SMILES as written, largest groups first, no seed) | stratified |
+    random into train/validation/test by ``fractions``; none = all of ``path`` trains, and ``eval_path`` is both
+    the validation and the test part."""
     fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     """Train / validation / test shares."""
     eval_path: str | None = None
@@ -357,8 +402,13 @@ class HeadStageConfig:
     def __post_init__(self):
         if self.encoder.trainable == "lora":
             raise ConfigError("head.encoder.trainable: head stages train the encoder 'full' or keep it 'frozen'")
-        if self.data.split == "scaffold" and self.featuriser != "molecules":
-            raise ConfigError("head.data.split=scaffold needs molecules (head.featuriser: molecules)")
+        if self.data.split in ("scaffold", "scaffold_deterministic") and self.featuriser != "molecules":
+            raise ConfigError(f"head.data.split={self.data.split} needs molecules (head.featuriser: molecules)")
+        if self.data.label_cols and (self.objective != "binary" or self.featuriser != "molecules"):
+            raise ConfigError("head.data.label_cols (multi-task) needs head.objective: binary and molecules")
+        if self.data.label_cols and self.data.split == "stratified":
+            raise ConfigError("head.data.label_cols: a multi-task head takes split scaffold, scaffold_deterministic "
+                              "or random")
         if self.data.split == "none" and not self.data.eval_path and self.data.path:
             raise ConfigError("head.data.split=none needs head.data.eval_path (the held-out file)")
         if self.objective == "binary" and self.classes and len(self.classes) != 2:
@@ -367,6 +417,68 @@ class HeadStageConfig:
             raise ConfigError(f"head.classes has duplicates: {self.classes}")
         if self.objective == "multiclass" and self.calibration != "none":
             raise ConfigError("head.calibration=temperature is for objective binary; set head.calibration: none")
+
+
+@dataclass
+class IndexConfig:
+    """``medmm index build``: how documents are chunked and indexed (BM25 + dense, fused by reciprocal rank)."""
+
+    chunk_words: int = 200
+    """Documents longer than this many words are split into overlapping chunks (``ID#n``)."""
+    chunk_overlap: int = 40
+    """Words shared by consecutive chunks."""
+    bm25_k1: float = 1.5
+    """BM25 term-frequency saturation."""
+    bm25_b: float = 0.75
+    """BM25 length normalisation."""
+    dense_encoder: str = "lsa"
+    """A registered dense encoder (``medmm.retrieval.dense.list_encoders()``): lsa = hashed character n-grams +
+    SVD fitted on the corpus; biencoder = a ``trainer.stage: retriever`` folder; sentence_transformers = a local
+    folder; none = BM25 only."""
+    dense_model: str | None = None
+    """The encoder's folder (biencoder, sentence_transformers)."""
+    dense_dim: int = 256
+    """lsa: vector size."""
+    rrf_k: int = 60
+    """Reciprocal-rank fusion constant."""
+    depth: int = 100
+    """Hits each retriever contributes to the fusion."""
+    seed: int = 0
+    """Seed of the SVD (lsa)."""
+
+    def __post_init__(self):
+        if self.chunk_words <= 0 or not 0 <= self.chunk_overlap < self.chunk_words:
+            raise ConfigError(f"index: need chunk_words > chunk_overlap >= 0, got {self.chunk_words}, "
+                              f"{self.chunk_overlap}")
+        if self.rrf_k < 0 or self.depth < 1 or self.dense_dim < 2:
+            raise ConfigError("index: rrf_k >= 0, depth >= 1 and dense_dim >= 2")
+
+
+@dataclass
+class RetrieverStageConfig:
+    """The ``retriever`` stage: a bi-encoder trained contrastively (in-batch negatives) on query-document pairs."""
+
+    pairs: str = "icd10cm"
+    """icd10cm = ICD-10-CM short name -> long name pairs of the codes outside the benchmark split; or a JSONL file of
+    ``{"query", "document"}`` pairs."""
+    test_fraction: float = 0.2
+    """icd10cm: share of codes held out for the normalisation benchmark (never trained on)."""
+    eval_pairs: int = 1000
+    """Training pairs held out to report validation recall@1 (in-batch)."""
+    init: Literal["lsa", "random"] = "lsa"
+    """Start from an LSA projection fitted on the documents, or from random weights."""
+    dim: int = 256
+    """Embedding size."""
+    temperature: float = 0.05
+    """Softmax temperature of the InfoNCE loss."""
+    limit: int | None = None
+    """Use at most this many training pairs (quick runs)."""
+
+    def __post_init__(self):
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"retriever.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.temperature <= 0 or self.dim < 2 or self.eval_pairs < 0:
+            raise ConfigError("retriever: temperature > 0, dim >= 2, eval_pairs >= 0")
 
 
 @dataclass
@@ -383,53 +495,29 @@ class TrainConfig:
     """Stage ``align``."""
     head: HeadStageConfig = field(default_factory=HeadStageConfig)
     """Stage ``head``."""
+    retriever: RetrieverStageConfig = field(default_factory=RetrieverStageConfig)
+    """Stage ``retriever``."""
 
 
 @dataclass
 class DecodingConfig:
-    """Decoding options passed to Hugging Face ``generate``."""
+    """How answers are decoded: a strategy registered in ``medmm.inference.strategies`` and its own settings."""
 
-    strategy: Literal["greedy", "beam", "sample", "speculative", "prompt_lookup", "contrastive",
-                      "contrastive_search"] = "greedy"
-    """greedy | beam | sample (HF generate); speculative | prompt_lookup | contrastive | contrastive_search (medmm)."""
+    strategy: str = "greedy"
+    """A registered decoding strategy (``python infer.py --help`` lists them with their settings)."""
     max_new_tokens: int = 64
     """Tokens generated at most."""
-    num_beams: int = 4
-    """beam only."""
-    length_penalty: float = 1.0
-    """beam only."""
-    temperature: float = 1.0
-    """sample only; 0 means greedy."""
-    top_k: int = 50
-    """sample only."""
-    top_p: float = 1.0
-    """sample only."""
-    repetition_penalty: float = 1.0
-    """> 1 discourages repeats."""
-    no_repeat_ngram_size: int = 0
-    """Forbid repeating n-grams of this size (0 = off)."""
     seed: int = 0
-    """Sampling seed."""
-    draft: str | None = None
-    """speculative: local folder of a text-only draft causal LM sharing the tokenizer."""
-    num_draft_tokens: int = 4
-    """speculative / prompt_lookup: tokens proposed per verification step."""
-    amateur: str | None = None
-    """contrastive: local folder of the amateur (small) causal LM sharing the tokenizer."""
-    cd_alpha: float = 0.1
-    """contrastive: plausibility cut-off (keep tokens with p >= alpha * max p)."""
-    cd_beta: float = 0.5
-    """contrastive: weight of the amateur ((1+beta) log p_expert - beta log p_amateur)."""
-    penalty_alpha: float = 0.6
-    """contrastive_search: degeneration penalty."""
-    search_top_k: int = 4
-    """contrastive_search: candidates looked ahead per step."""
+    """Seed for sampling and search (the same seed gives the same answer)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The strategy's own settings (e.g. ``num_beams``, ``temperature``, ``draft``); names, types and defaults
+    come from its registry entry, and a setting the strategy does not take is an error."""
 
     def __post_init__(self):
-        if self.strategy == "speculative" and not self.draft:
-            raise ConfigError("decoding.strategy=speculative needs decoding.draft (a local model folder)")
-        if self.strategy == "contrastive" and not self.amateur:
-            raise ConfigError("decoding.strategy=contrastive needs decoding.amateur (a local model folder)")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"decoding.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.params, dict):
+            raise ConfigError("decoding.params must be a mapping {setting: value}")
 
 
 @dataclass
@@ -443,6 +531,171 @@ class InferConfig:
     """Requests per batch for ``--manifest`` runs."""
     device: str = "auto"
     """auto | cpu | cuda."""
+    rag: str | None = None
+    """A ``medmm index build`` folder: retrieved passages enter the prompt with numbered citations."""
+    rag_top_k: int = 3
+    """Passages retrieved per question with ``rag``."""
+
+
+# --------------------------------------------------------------------------------------------
+# The other commands' settings (built from flags, not YAML): DICOM preparation, WSI tiling, the report chain,
+# the DICOM listener. They live here so every layer can take them without importing the command's module.
+
+
+def check_aet(aet: str, what: str) -> str:
+    """A DICOM AE title, stripped: 1-16 printable characters without a backslash (ValueError naming ``what``)."""
+    aet = aet.strip()
+    if not aet or len(aet) > 16 or "\\" in aet or not aet.isprintable():
+        raise ValueError(f"{what}: '{aet}' is not a valid AE title (1-16 printable characters, no backslash)")
+    return aet
+
+
+def parse_destination(text: str, what: str = "--forward-to") -> dict:
+    """``AET@host:port`` (C-STORE) or an ``http(s)://`` DICOMweb root (STOW-RS) -> ``{kind, url, aet, host, port}``."""
+    if text.startswith(("http://", "https://")):
+        return {"kind": "dicomweb", "url": text}
+    try:
+        aet, hostport = text.split("@", 1)
+        host, port = hostport.rsplit(":", 1)
+        return {"kind": "dimse", "aet": check_aet(aet, what), "host": host, "port": int(port)}
+    except ValueError as e:
+        raise ValueError(f"{what} '{text}': use AET@host:port or an http(s):// DICOMweb URL ({e})") from e
+
+
+@dataclass
+class DicomPrepareOptions:
+    """How ``prepare dicom`` preprocesses and protects."""
+
+    window: str | None = None
+    """Window preset (lung, mediastinum, bone, brain, abdomen); None = the file's VOI window or min-max."""
+    spacing: tuple[float, float, float] | None = None
+    """Resample volumes to this spacing in mm (slice, row, column) before resizing; None keeps the grid."""
+    size_2d: int = 224
+    """Side of 2D images."""
+    size_3d: tuple[int, int, int] = (32, 128, 128)
+    """(D, H, W) of volumes."""
+    on_gap: str = "keep"
+    """Missing slices in a volume: keep (one volume, gaps reported), split (one volume per run), reject."""
+    keep_phi: bool = False
+    """Write original identifiers (off by default)."""
+    salt: str | None = None
+    """Secret that fixes pseudonyms, UID mapping and date shifts; the same salt gives the same mapping.
+    None: ``$MEDMM_DEID_SALT``, else the random one in ``OUT/.deid_salt`` (written on the first run)."""
+    keep_report_phi: bool = False
+    """Write report/VQA text as given, without removing the identifiers it names (off by default)."""
+    task: str = "report"
+    """report | vqa: what the CSV pairs with each study."""
+    workers: int = 1
+    """Worker processes."""
+    shard_maxcount: int = 1000
+    """Samples per shard."""
+    eval_fraction: float = 0.2
+    """Share of studies held out for evaluation (split by study)."""
+    seed: int = 0
+    """Seed of the train/eval split."""
+    extra_meta: dict = field(default_factory=dict)
+    """Extra fields written into the manifest."""
+
+
+@dataclass
+class WsiSettings:
+    """What decides the tiles; a resumed run must use the same values."""
+
+    mpp: float = 0.5
+    """Microns per pixel of the tiles."""
+    tile: int = 224
+    """Tile side in pixels at ``mpp``."""
+    min_tissue: float = 0.5
+    """Least tissue fraction (Otsu mask) of a kept tile."""
+    mask_mpp: float = 8.0
+    """Microns per pixel of the tissue mask."""
+    slide_mpp: float | None = None
+    """Scan MPP for slides whose metadata has none."""
+    backend: str = "auto"
+    """Slide reader: auto | openslide | tifffile | dicom."""
+    image_format: str = "jpg"
+    """Tile encoding in the shards: jpg | png."""
+    quality: int = 90
+    """JPEG quality of the tiles."""
+    features: str | None = None
+    """Store tile features from this encoder (registry name) instead of pixels; None = pixels."""
+    encoder_kwargs: dict = field(default_factory=dict)
+    """Architecture overrides of the ``features`` encoder."""
+    encoder_checkpoint: str | None = None
+    """Local weights of the ``features`` encoder (UNI/CONCH-style)."""
+
+
+@dataclass
+class ReportConfig:
+    """What the chain asks and how it writes the SR."""
+
+    question: str = "Describe the findings."
+    """The prompt the model answers for each study."""
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=64))
+    """Decoding settings (greedy by default: the same study gives the same report)."""
+    min_volume_slices: int = 8
+    """A series with at least this many slices/frames goes through the volume modality (if the model has one)."""
+    series_modalities: list[str] | None = None
+    """Only consider series of these DICOM modalities (e.g. ["CT", "MR"]); None: any image series."""
+    sr_series_number: int = 9901
+    """Series Number of the SR series."""
+    sr_series_description: str = "medmm AI report (UNVERIFIED)"
+    """Series Description of the SR series."""
+    institution_name: str | None = None
+    """Institution Name written into the SR."""
+
+    def __post_init__(self):
+        if self.min_volume_slices < 2:
+            raise ValueError("min_volume_slices must be at least 2")
+        if not self.question.strip():
+            raise ValueError("question must not be empty")
+
+
+@dataclass
+class ListenerConfig:
+    """The SCP's identity, who may send, and its bounds."""
+
+    aet: str = "MEDMM"
+    """Our AE title; callers must address it (called AE title is checked)."""
+    host: str = "127.0.0.1"
+    """Bind address. Loopback by default; give the hospital network's interface explicitly."""
+    port: int = 11112
+    """TCP port."""
+    allowed_aets: list[str] = field(default_factory=list)
+    """Calling AE titles allowed to store; every other association is rejected."""
+    study_timeout_s: float = 5.0
+    """A burst of a study is complete when no instance of it came for this long."""
+    max_queue: int = 16
+    """Studies being collected, waiting or in inference at once; a new study beyond this gets 0xA700."""
+    max_instances: int = 5000
+    """Instances accepted per burst of a study; more get 0xA700."""
+    forward_to: str | None = None
+    """``AET@host:port`` or a DICOMweb URL; None: SRs stay in ``out_dir/sr``."""
+    retry_s: float = 60.0
+    """How long SR delivery is retried (with back-off) after its first failure before the SR is kept in
+    ``out_dir/undelivered``; 0: one attempt."""
+    amend_window_s: float = 3600.0
+    """How long a study's received instances are kept after its last SR, so that a later burst is reported with
+    all of them (the new SR amends the previous one either way)."""
+    out_dir: str = "runs/pacs"
+    """SRs (``sr/``), undelivered SRs (``undelivered/``), the study log (``studies.jsonl``) and, by default,
+    the spool."""
+    spool_dir: str | None = None
+    """Where received instances wait for inference (default ``out_dir/spool``); emptied after ``amend_window_s``."""
+    keep_studies: bool = False
+    """Keep received instances after processing, forever (default: delete them after ``amend_window_s``)."""
+
+    def __post_init__(self):
+        self.aet = check_aet(self.aet, "--aet")
+        self.allowed_aets = [check_aet(a, "--allowed-aets") for a in self.allowed_aets if a.strip()]
+        if not self.allowed_aets:
+            raise ValueError("--allowed-aets: list the calling AE titles that may send studies (e.g. CT01,PACS)")
+        if self.study_timeout_s <= 0 or self.max_queue < 1 or self.max_instances < 1:
+            raise ValueError("study_timeout_s, max_queue and max_instances must be positive")
+        if self.retry_s < 0 or self.amend_window_s < 0:
+            raise ValueError("retry_s and amend_window_s must not be negative")
+        if self.forward_to:
+            parse_destination(self.forward_to)
 
 
 # --------------------------------------------------------------------------------------------

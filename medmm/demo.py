@@ -2,7 +2,8 @@
 
 prepare (tiny tokenizer + Llama, conversation JSONL from VQA-RAD images, pydicom's CT/MR files,
 ClinTox SMILES, promoter DNA) -> train (DeepSpeed ZeRO-2, two ranks under torchrun) -> infer (one
-request per input kind) -> eval (held-out answers) -> export (merged HF folder). A tiny randomly
+request per input kind) -> eval (held-out answers) -> export (merged HF folder) -> the evaluation suite
+``configs/eval/demo.yaml`` (``runs/demo/eval/results.json`` and ``report.html``). A tiny randomly
 initialised model shows the mechanics, not clinical quality.
 """
 
@@ -38,7 +39,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, nproc: int
     timings: dict[str, float] = {}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    t = _step("1/5 prepare")
+    t = _step("1/6 prepare")
     if data.exists():
         for f in data.glob("*"):
             f.unlink()
@@ -53,7 +54,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, nproc: int
         print(f"  {m['name']:<10} train={m['train']:<4} eval={m['eval']:<4} rejected={m['rejected']}")
     timings["prepare_s"] = time.perf_counter() - t
 
-    t = _step(f"2/5 train (DeepSpeed ZeRO-2, {nproc} ranks)")
+    t = _step(f"2/6 train (DeepSpeed ZeRO-2, {nproc} ranks)")
     overrides = [f"model.llm={llm_dir}", f"trainer.output_dir={out}"]
     for i, name in enumerate(["vqa", "dicom", "molecules", "dna"]):
         overrides.append(f"data.datasets.{i}.path={data / (name + '_train.jsonl')}")
@@ -66,7 +67,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, nproc: int
     ckpt = out / "checkpoint"
     timings["train_s"] = time.perf_counter() - t
 
-    t = _step("3/5 infer")
+    t = _step("3/6 infer")
     from .inference.__main__ import main as infer_main
 
     requests = [
@@ -82,7 +83,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, nproc: int
     (out / "infer.json").write_text(json.dumps(answers, indent=2))
     timings["infer_s"] = time.perf_counter() - t
 
-    t = _step("4/5 eval")
+    t = _step("4/6 eval")
     from .config import DecodingConfig
     from .eval.runner import evaluate
 
@@ -93,14 +94,25 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, nproc: int
               f"closed_acc={m.get('closed_accuracy', float('nan')):.3f} bleu={m.get('bleu', 0):.2f}")
     timings["eval_s"] = time.perf_counter() - t
 
-    t = _step("5/5 export (merged Hugging Face folder)")
+    t = _step("5/6 export (merged Hugging Face folder)")
     from .export.hf import export_hf
 
     export_dir = export_hf(ckpt, out / "export")
     timings["export_s"] = time.perf_counter() - t
 
+    t = _step("6/6 eval suite (configs/eval/demo.yaml: metrics with 95% CIs, report.html)")
+    from .eval.suite import run_suite
+
+    suite = run_suite(REPO / "configs" / "eval" / "demo.yaml", ckpt, out / "eval", data_root=out)
+    for label, res in suite["benchmarks"].items():
+        m = res["metrics"][res["headline"]]
+        v, ci = (float("nan") if m["value"] is None else m["value"]), (m["ci95"] or [float("nan")] * 2)
+        print(f"  {label:<14} n={res['n']:<4} {res['headline']}={v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+    timings["suite_s"] = time.perf_counter() - t
+
     summary = {"output": str(out), "checkpoint": str(ckpt), "export": str(export_dir),
                "metrics": str(out / "eval" / "metrics.json"), "predictions": str(out / "eval" / "predictions.jsonl"),
+               "eval_report": str(out / "eval" / "report.html"), "eval_results": str(out / "eval" / "results.json"),
                "infer": str(out / "infer.json"), "tensorboard": str(out / "tb"), "loss_curve": str(out / "loss.png"),
                "errors": str(data / "errors.jsonl"), "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))

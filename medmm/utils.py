@@ -34,6 +34,8 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "rdkit": "bio",
     "Bio": "bio",
     "pysam": "bio",
+    "datasketch": "text",
+    "py3langid": "text",
 }
 
 

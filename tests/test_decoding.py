@@ -8,8 +8,8 @@ import torch
 
 from medmm.config import ModelConfig, config_from_dict
 from medmm.inference.decoding import (
-    Session,
     apply_repetition_penalty,
+    banned_ngram_tokens,
     contrastive_decoding_scores,
     contrastive_search_select,
     filter_top_k_top_p,
@@ -17,6 +17,7 @@ from medmm.inference.decoding import (
     prompt_lookup_proposal,
     sample_token,
 )
+from medmm.inference.session import Session
 from medmm.model.multimodal import MedMMForCausalLM
 from tests.conftest import model_dict
 
@@ -163,3 +164,104 @@ def test_closed_set_probabilities(model, session):
         assert res["logprobs"][opt] == pytest.approx(ref, abs=1e-3)
     with pytest.raises(ValueError):
         session.closed_set("q", ["yes", "yes"])
+
+
+# ----------------------------------------------------------------------------- the strategy registry
+def test_banned_ngram_tokens():
+    assert banned_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]  # "1 2 3" exists: after "1 2" the 3 is banned
+    assert banned_ngram_tokens([1, 2, 3], 1) == [1, 2, 3]
+    assert banned_ngram_tokens([1, 2], 3) == []
+
+
+def test_registry_checks_settings():
+    from medmm.config import DecodingConfig
+    from medmm.errors import ConfigError
+    from medmm.inference.strategies import get_strategy, list_strategies, resolve
+
+    names = list_strategies()
+    assert {"greedy", "sample", "beam", "prompt_lookup", "speculative", "speculative_sampling", "contrastive",
+            "contrastive_search"} <= set(names)
+    for n in names:
+        s = get_strategy(n)
+        assert s.hf is not None or s.start is not None
+        required = {p.name: "x" for p in s.params if p.required}
+        assert set(resolve(DecodingConfig(n, params=required))) == {p.name for p in s.params}
+    assert resolve(DecodingConfig("beam", params={"num_beams": 2}))["num_beams"] == 2
+    with pytest.raises(ConfigError, match="num_beams do not apply"):
+        resolve(DecodingConfig("greedy", params={"num_beams": 2}))
+    with pytest.raises(ConfigError, match="must be int"):
+        resolve(DecodingConfig("beam", params={"num_beams": "two"}))
+    with pytest.raises(ConfigError, match="needs 'draft'"):
+        resolve(DecodingConfig("speculative"))
+    with pytest.raises(ConfigError, match="must be auto, hf or medmm"):
+        resolve(DecodingConfig("prompt_lookup", params={"backend": "gpu"}))
+    with pytest.raises(ConfigError, match="unknown strategy"):
+        resolve(DecodingConfig("nucleus"))
+
+
+def _loop_params(name, tiny_llm):
+    """Settings and loaded helper models that make a strategy runnable in the loop, and whether it must equal greedy."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_llm)
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(7)
+    helper = AutoModelForCausalLM.from_config(cfg).eval()  # a random, narrower-than-nothing text-only LM
+    return {
+        "prompt_lookup": ({"backend": "medmm", "num_draft_tokens": 3}, {}),
+        "speculative": ({"draft": "x", "backend": "medmm", "num_draft_tokens": 3}, {"draft": helper}),
+        "contrastive": ({"amateur": "x", "cd_beta": 0.0}, {"amateur": helper}),  # beta 0 = greedy
+        "contrastive_search": ({"penalty_alpha": 0.0, "search_top_k": 3}, {}),  # alpha 0 = greedy
+        "sample": ({"temperature": 0.0}, {}),  # temperature 0 = greedy
+        "greedy": ({}, {}),
+    }.get(name)
+
+
+@pytest.mark.parametrize("name", ["greedy", "sample", "prompt_lookup", "speculative", "contrastive",
+                                  "contrastive_search"])
+def test_every_loop_strategy_equals_greedy_at_its_greedy_setting(model, session, tiny_llm, name):
+    """Every strategy with a loop step runs in the one loop; the exact ones (and the others at their greedy
+    limit) give the greedy answer token for token, and the registry lists each exact one."""
+    from medmm.config import DecodingConfig
+    from medmm.inference.strategies import get_strategy, list_strategies
+
+    exact_loop = {n for n in list_strategies() if get_strategy(n).exact and get_strategy(n).start}
+    assert exact_loop <= {"greedy", "prompt_lookup", "speculative"}  # a new exact strategy needs a case here
+    params, aux = _loop_params(name, tiny_llm)
+    for q in QUESTIONS:
+        ref = hf_greedy(model, session, q, 14)
+        got = session.decode(q, DecodingConfig(name, 14, params=params), aux=aux)
+        assert got.tokens == ref, name
+
+
+def test_sampling_in_the_loop_is_seeded(session):
+    from medmm.config import DecodingConfig
+
+    d = DecodingConfig("sample", 10, seed=5, params={"temperature": 1.5, "top_k": 0})
+    a = session.decode(QUESTIONS[0], d).tokens
+    assert session.decode(QUESTIONS[0], d).tokens == a
+    others = {tuple(session.decode(QUESTIONS[0], DecodingConfig("sample", 10, seed=s, params=d.params)).tokens)
+              for s in range(6, 10)}
+    assert len(others | {tuple(a)}) > 1  # the seed matters
+
+
+def test_conversation_prompt_equals_question(session):
+    conv = [{"from": "human", "value": QUESTIONS[0]}]
+    assert session.prompt_ids(conv) == session.prompt_ids(QUESTIONS[0])
+
+
+def test_repetition_settings_match_hf_in_the_loop(model, session):
+    from medmm.config import DecodingConfig
+
+    q = QUESTIONS[1]
+    proc = session.processor
+    s = proc.process_prompt({"modalities": session.record_modalities, "conversations": [
+        {"from": "human", "value": q}]})
+    b = proc.collate([s], padding_side="left")
+    out = model.generate(b["input_ids"], b["attention_mask"], b["modality_inputs"], max_new_tokens=12,
+                         do_sample=False, repetition_penalty=1.3, no_repeat_ngram_size=2)[0].tolist()
+    eos = model.tokenizer.eos_token_id
+    ref = out[: out.index(eos)] if eos in out else out
+    got = session.decode(q, DecodingConfig("greedy", 12, params={"repetition_penalty": 1.3,
+                                                                 "no_repeat_ngram_size": 2})).tokens
+    assert got == ref

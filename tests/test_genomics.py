@@ -222,13 +222,13 @@ def test_dna_classifier_trains_above_chance(tmp_path, shared_data):
     t = m["test"]["calibrated"]
     assert t["accuracy"] > 0.7 and t["auroc"] > 0.8, t  # chance: 0.5 on a 500/500 set
     assert m["test"]["calibrated"]["auroc"] == m["test"]["raw"]["auroc"]
-    test = set(json.loads((tmp_path / "checkpoint" / "split.json").read_text())["test"])
+    test = set(json.loads((tmp_path / "split.json").read_text())["test"])  # 0-based data-row numbers
     rows = [r for r in csv.DictReader(open(data), delimiter="\t")]
     sub = tmp_path / "test.tsv"
     with open(sub, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t")
         w.writerow(["sequence", "label"])
-        w.writerows([(r["sequence"], r["label"]) for i, r in enumerate(rows, start=2) if f"{data}:{i}" in test])
+        w.writerows([(r["sequence"], r["label"]) for i, r in enumerate(rows) if i in test])
     ev = evaluate_head(tmp_path / "checkpoint", sub, tmp_path / "ev", device="cpu")
     assert ev["scored"] == 150 and ev["calibrated"]["auroc"] == pytest.approx(t["auroc"], abs=1e-3)
 

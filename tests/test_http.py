@@ -100,3 +100,18 @@ def test_token_sources(tmp_path, monkeypatch):
     f = tmp_path / "token"
     f.write_text(TOKEN + "\n")
     assert resolve_token(f) == TOKEN
+
+
+def test_ask_with_strategies(client):
+    body = {"question": "drug? drug?", "modalities": {"mol": "CCO"}, "max_new_tokens": 5}
+    greedy = client.post("/v1/ask", json=body, headers=AUTH).json()
+    for strategy, params in [("prompt_lookup", {"num_draft_tokens": 2}), ("contrastive_search", {"penalty_alpha": 0.0})]:
+        r = client.post("/v1/ask", json={**body, "strategy": strategy, "params": params}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert r.json()["answer"] == greedy["answer"] and r.json()["decoding"]["strategy"] == strategy
+    r = client.post("/v1/ask", json={**body, "strategy": "beam", "params": {"num_beams": 2}}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["decoding"]["params"]["num_beams"] == 2
+    for bad in [{"strategy": "greedy", "params": {"num_beams": 2}}, {"strategy": "nucleus"},
+                {"strategy": "sample", "options": ["yes", "no"]}]:
+        r = client.post("/v1/ask", json={**body, **bad}, headers=AUTH)
+        assert r.status_code == 422 and r.json()["detail"]["error"] == "ConfigError", r.text

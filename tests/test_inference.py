@@ -45,8 +45,9 @@ def test_bad_input_is_a_typed_error(checkpoint, capsys):
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
 def test_decoding_strategies(checkpoint, strategy):
     p = Predictor(checkpoint)
-    d = DecodingConfig(strategy=strategy, max_new_tokens=6, num_beams=3, temperature=0.9, top_k=20, top_p=0.9,
-                       repetition_penalty=1.2, no_repeat_ngram_size=2, seed=1)
+    params = {"greedy": {}, "beam": {"num_beams": 3}, "sample": {"temperature": 0.9, "top_k": 20, "top_p": 0.9}}
+    d = DecodingConfig(strategy=strategy, max_new_tokens=6, seed=1,
+                       params={**params[strategy], "repetition_penalty": 1.2, "no_repeat_ngram_size": 2})
     reqs = [{"id": "a", "modalities": {"mol": "CCO"}, "question": "drug?"}]
     a = p.predict(reqs, d)[0]
     b = p.predict(reqs, d)[0]
@@ -55,8 +56,8 @@ def test_decoding_strategies(checkpoint, strategy):
 
 
 def test_temperature_zero_is_greedy():
-    assert generation_kwargs(DecodingConfig(strategy="sample", temperature=0))["do_sample"] is False
-    kw = generation_kwargs(DecodingConfig(strategy="beam", num_beams=5, length_penalty=0.7))
+    assert generation_kwargs(DecodingConfig(strategy="sample", params={"temperature": 0}))["do_sample"] is False
+    kw = generation_kwargs(DecodingConfig(strategy="beam", params={"num_beams": 5, "length_penalty": 0.7}))
     assert kw["num_beams"] == 5 and kw["length_penalty"] == 0.7
 
 
@@ -118,3 +119,93 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             pick_device("cuda")
+
+
+# ----------------------------------------------------------------------------- every strategy through every path
+def _conversation_rows(pydicom_files):
+    return [
+        {"id": "llava", "modalities": {"mol": "CCO"}, "conversations": [
+            {"from": "human", "value": "<mol>\nIs this drug-like? Is it toxic?"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "q", "modalities": {"image": str(pydicom_files / "MR_small.dcm")}, "question": "modality?"},
+        {"id": "text", "question": "a text-only question, a text-only question"},
+    ]
+
+
+STRATEGY_FLAGS = {
+    "greedy": [], "beam": ["--num-beams", "2"], "sample": ["--temperature", "0.8"],
+    "prompt_lookup": [], "contrastive_search": ["--penalty-alpha", "0.5"],
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_FLAGS) + ["speculative", "contrastive",
+                                                               "speculative_sampling"])
+def test_every_strategy_through_manifest_forms(checkpoint, tiny_llm, tmp_path, pydicom_files, strategy):
+    from medmm.inference.strategies import get_strategy
+
+    flags = STRATEGY_FLAGS.get(strategy) or {"speculative": ["--draft", str(tiny_llm)],
+                                             "contrastive": ["--amateur", str(tiny_llm)],
+                                             "speculative_sampling": ["--draft", str(tiny_llm)]}[strategy]
+    man = tmp_path / "m.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in _conversation_rows(pydicom_files)))
+    out = infer_main(["--checkpoint", str(checkpoint), "--manifest", str(man), "--max-new-tokens", "5",
+                      "--strategy", strategy, *flags])
+    by_id = {o["id"]: o for o in out}
+    s = get_strategy(strategy)
+    if s.hf_text_only and s.start is None:  # HF-only, text-only: modality rows are errors, never greedy in disguise
+        assert by_id["llava"]["error"] == "ConfigError" and by_id["q"]["error"] == "ConfigError"
+        assert by_id["text"]["engine"] == "hf"
+        return
+    assert all("error" not in o for o in out), out
+    assert all(o["decoding"]["strategy"] == strategy for o in out)
+    if s.exact:
+        greedy = {o["id"]: o["answer"] for o in infer_main(["--checkpoint", str(checkpoint), "--manifest", str(man),
+                                                             "--max-new-tokens", "5"])}
+        assert {i: o["answer"] for i, o in by_id.items()} == greedy
+    if strategy in ("prompt_lookup", "speculative"):  # HF where it can (text-only), medmm's loop with modalities
+        assert by_id["text"]["engine"] == "hf" and by_id["llava"]["engine"] == "loop"
+
+
+def test_options_apply_to_every_manifest_row(checkpoint, tmp_path, pydicom_files):
+    man = tmp_path / "m.jsonl"
+    rows = _conversation_rows(pydicom_files) + [{"id": "own", "question": "q", "options": ["a", "b"]}]
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = infer_main(["--checkpoint", str(checkpoint), "--manifest", str(man), "--options", "yes,no"])
+    assert [o["id"] for o in out] == ["llava", "q", "text", "own"]
+    for o in out[:3]:
+        assert set(o["probs"]) == {"yes", "no"} and o["engine"] == "closed_set"
+    assert out[3]["error"] == "ConfigError"  # its own options differ from --options: not silently replaced
+
+
+def test_unsupported_settings_are_errors(checkpoint, tiny_llm):
+    base = ["--checkpoint", str(checkpoint), "--smiles", "CCO", "--question", "drug?", "--max-new-tokens", "3"]
+    with pytest.raises(SystemExit, match="num_beams do not apply"):
+        infer_main(base + ["--num-beams", "3"])
+    with pytest.raises(SystemExit, match="closed-set"):
+        infer_main(base + ["--options", "yes,no", "--strategy", "sample"])
+    with pytest.raises(SystemExit, match="--stream"):
+        infer_main(base + ["--stream", "--options", "yes,no"])
+    with pytest.raises(SystemExit, match="loop step"):
+        infer_main(base + ["--stream", "--strategy", "beam"])
+    out = infer_main(base + ["--strategy", "prompt_lookup", "--backend", "hf"])[0]  # HF cannot take the molecule
+    assert out["error"] == "ConfigError" and "backend=hf" in out["message"]
+    out = infer_main(base[:-4] + ["--question", "a", "--question", "b", "--strategy", "beam"])[0]
+    assert out["error"] == "ConfigError" and "no session loop" in out["message"]
+
+
+def test_hf_assistant_and_prompt_lookup_equal_greedy(checkpoint, tiny_llm):
+    """Text-only requests take HF's prompt-lookup and assistant paths; the answers equal HF greedy."""
+    p = Predictor(checkpoint)
+    reqs = [{"id": "a", "question": "drug? drug? drug? is this a drug"}, {"id": "b", "question": "what is it?"}]
+    greedy = p.predict(reqs, DecodingConfig(max_new_tokens=12))
+    for d in [DecodingConfig("prompt_lookup", 12, params={"num_draft_tokens": 3}),
+              DecodingConfig("speculative", 12, params={"draft": str(tiny_llm), "num_draft_tokens": 3}),
+              DecodingConfig("speculative", 12, params={"draft": str(checkpoint / "llm"), "num_draft_tokens": 3})
+              if (checkpoint / "llm").is_dir() else None]:
+        if d is None:
+            continue
+        got = p.predict(reqs, d)
+        assert [g["engine"] for g in got] == ["hf", "hf"]
+        assert [g["answer"] for g in got] == [g["answer"] for g in greedy]
+        medmm = p.predict(reqs, DecodingConfig(d.strategy, 12, params={**d.params, "backend": "medmm"}))
+        assert [g["engine"] for g in medmm] == ["loop", "loop"]
+        assert [g["answer"] for g in medmm] == [g["answer"] for g in greedy]

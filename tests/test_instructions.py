@@ -72,7 +72,7 @@ def test_promptcblue_keeps_its_fields_and_splits_deterministically(tmp_path):
     rows.append({"input": "缺字段", "target": "x"})
     src = write(tmp_path / "p.json", rows)
     m1 = prepare_instructions(src, "promptcblue", tmp_path / "o1", eval_fraction=0.25, seed=3)
-    m2 = prepare_instructions(src, "promptcblue", tmp_path / "o2", eval_fraction=0.25, seed=3)
+    prepare_instructions(src, "promptcblue", tmp_path / "o2", eval_fraction=0.25, seed=3)
     assert (m1["train"], m1["eval"], m1["rejected"]) == (15, 5, 1)
     assert m1["task_datasets"] == {"CMID": 10, "KUAKE-QIC": 10}
     assert (tmp_path / "o1" / "eval.jsonl").read_text() == (tmp_path / "o2" / "eval.jsonl").read_text()

@@ -374,8 +374,8 @@ def test_llm_batch_inference_and_eval(mol_llm, tmp_path):
     assert "kekulize" in by["bad"]["error"] and by["bad"]["error_kind"] == "kekulize" and by["bad"]["score"] == ""
     assert by["empty"]["error_kind"] == "empty" and by["big"]["error_kind"] == "too_large"
     # the same score through the Python API (Session.closed_set)
-    from medmm.inference.predictor import Predictor
     from medmm.inference.molecules import llm_scores
+    from medmm.inference.predictor import Predictor
 
     s = llm_scores(Predictor(ckpt), ["CC(=O)Oc1ccccc1C(=O)O"], "Is this molecule likely to be an approved drug?",
                    ["yes", "no"])

@@ -91,7 +91,6 @@ def test_pretrain_with_captioning_documents_then_sft_chain(tmp_path, icd_corpus)
     packing starts from that checkpoint (LLM merged, encoder and projector carried): with lr 0 its saved LLM is
     the pretrained one."""
     import train
-
     from medmm.model.multimodal import MedMMForCausalLM
 
     root, llm = icd_corpus
@@ -128,7 +127,6 @@ def test_pretrain_with_captioning_documents_then_sft_chain(tmp_path, icd_corpus)
 
 def test_sft_rejects_concat_packing(tmp_path, icd_corpus):
     import train
-
     from medmm.errors import ConfigError
 
     _, llm = icd_corpus

@@ -40,48 +40,15 @@ import logging
 import random
 from collections import defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..config import DicomPrepareOptions  # noqa: F401  (defined in medmm.config; imported from here too)
 from ..errors import ConfigError, DicomError, InvalidInputError
 from ..utils import atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DicomPrepareOptions:
-    """How ``prepare dicom`` preprocesses and protects."""
-
-    window: str | None = None
-    """Window preset (lung, mediastinum, bone, brain, abdomen); None = the file's VOI window or min-max."""
-    spacing: tuple[float, float, float] | None = None
-    """Resample volumes to this spacing in mm (slice, row, column) before resizing; None keeps the grid."""
-    size_2d: int = 224
-    """Side of 2D images."""
-    size_3d: tuple[int, int, int] = (32, 128, 128)
-    """(D, H, W) of volumes."""
-    on_gap: str = "keep"
-    """Missing slices in a volume: keep (one volume, gaps reported), split (one volume per run), reject."""
-    keep_phi: bool = False
-    """Write original identifiers (off by default)."""
-    salt: str | None = None
-    """Secret that fixes pseudonyms, UID mapping and date shifts; the same salt gives the same mapping.
-    None: ``$MEDMM_DEID_SALT``, else the random one in ``OUT/.deid_salt`` (written on the first run)."""
-    keep_report_phi: bool = False
-    """Write report/VQA text as given, without removing the identifiers it names (off by default)."""
-    task: str = "report"
-    """report | vqa: what the CSV pairs with each study."""
-    workers: int = 1
-    """Worker processes."""
-    shard_maxcount: int = 1000
-    """Samples per shard."""
-    eval_fraction: float = 0.2
-    """Share of studies held out for evaluation (split by study)."""
-    seed: int = 0
-    extra_meta: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- stage 1: headers

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import WsiSettings  # noqa: F401  (defined in medmm.config; imported from here too)
 from ..errors import InvalidInputError, SlideError
 
 log = logging.getLogger(__name__)
@@ -130,23 +131,6 @@ def load_slide_features(path: str | Path) -> tuple[np.ndarray, np.ndarray | None
 
 # --------------------------------------------------------------------------------------------
 # Settings and worker tasks (top-level functions: they run in spawned processes)
-
-
-@dataclass
-class WsiSettings:
-    """What decides the tiles; a resumed run must use the same values."""
-
-    mpp: float = 0.5
-    tile: int = 224
-    min_tissue: float = 0.5
-    mask_mpp: float = 8.0
-    slide_mpp: float | None = None
-    backend: str = "auto"
-    image_format: str = "jpg"
-    quality: int = 90
-    features: str | None = None
-    encoder_kwargs: dict = field(default_factory=dict)
-    encoder_checkpoint: str | None = None
 
 
 _OPEN: dict[str, Any] = {}

@@ -1,8 +1,13 @@
-"""Train/validation/test splits: Bemis-Murcko scaffold split for molecules, stratified and random splits.
+"""Train/validation/test splits: Bemis-Murcko scaffold splits for molecules, stratified and random splits.
 
 A scaffold split puts every molecule sharing a Bemis-Murcko scaffold in the same part, so the test set
-holds chemotypes the model never saw (the MoleculeNet / chemprop "balanced scaffold" procedure:
-scaffold groups larger than half the test size go to train first, the rest are shuffled with the seed).
+holds chemotypes the model never saw. Two procedures:
+
+* ``scaffold`` (:func:`scaffold_split`): chemprop's "balanced scaffold" split: scaffold groups larger than
+  half the test size go to train first, the rest are shuffled with the seed.
+* ``scaffold_deterministic`` (:func:`scaffold_deterministic_split`): the split of the MoleculeNet GNN
+  literature (Hu et al. 2020 ``chem/splitters.py::scaffold_split``, DeepChem's ``ScaffoldSplitter``, OGB):
+  no seed; groups largest first, so published tables are comparable with ours.
 """
 
 from __future__ import annotations
@@ -48,6 +53,58 @@ def scaffold_split(scaffolds: Sequence[str], fractions: Sequence[float] = (0.8, 
         else:
             test += g
     return sorted(train), sorted(val), sorted(test)
+
+
+def scaffold_deterministic_split(scaffolds: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1)
+                                 ) -> tuple[list[int], list[int], list[int]]:
+    """Indices of (train, validation, test) by the deterministic scaffold procedure of Hu et al. 2020.
+
+    Molecules are grouped by scaffold; groups are ordered by (size, first index) descending (``sorted(...,
+    reverse=True)``, so ties go to the larger first index). In that order a group goes to train unless train
+    would then exceed ``fractions[0] * n``; else to validation unless train + validation would exceed
+    ``(fractions[0] + fractions[1]) * n``; else to test. A later, smaller group can still enter train.
+
+    Args:
+        scaffolds: one scaffold per molecule, in input order, over the molecules RDKit parses (n = their number):
+            ``medmm.io.molecules.scaffold_as_written`` of the SMILES as written in the file (with chirality).
+        fractions: train / validation / test shares.
+
+    Returns:
+        Sorted positions in ``scaffolds`` of the three parts.
+    """
+    _sizes(len(scaffolds), fractions)  # checks the fractions
+    n = len(scaffolds)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(scaffolds):
+        groups[s].append(i)
+    ordered = sorted(groups.values(), key=lambda g: (len(g), g[0]), reverse=True)
+    train_cutoff = fractions[0] * n
+    valid_cutoff = (fractions[0] + fractions[1]) * n
+    train: list[int] = []
+    val: list[int] = []
+    test: list[int] = []
+    for g in ordered:
+        if len(train) + len(g) > train_cutoff:
+            if len(train) + len(val) + len(g) > valid_cutoff:
+                test += g
+            else:
+                val += g
+        else:
+            train += g
+    return sorted(train), sorted(val), sorted(test)
+
+
+def scaffold_deterministic_rows(smiles: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1)
+                                ) -> dict[str, list[int]]:
+    """:func:`scaffold_deterministic_split` of a file's SMILES column as written: ``{"train", "val", "test",
+    "rejected"}`` -> row numbers (positions in ``smiles``); ``rejected`` = the rows RDKit cannot parse."""
+    from ..io.molecules import scaffolds_as_written
+
+    scaf = scaffolds_as_written(smiles)
+    parsed = [k for k, sc in enumerate(scaf) if sc is not None]
+    parts = scaffold_deterministic_split([scaf[k] for k in parsed], fractions)
+    out = {name: [parsed[j] for j in idx] for name, idx in zip(("train", "val", "test"), parts)}
+    return out | {"rejected": [k for k, sc in enumerate(scaf) if sc is None]}
 
 
 def stratified_split(labels: Sequence[int], fractions: Sequence[float] = (0.8, 0.1, 0.1),

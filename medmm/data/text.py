@@ -336,6 +336,8 @@ def prepare_text(sources: Sequence[str | Path], out: str | Path, options: TextPr
         atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     if errors:
         atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+    elif (out / "errors.jsonl").exists():  # an earlier run's, into the same folder
+        (out / "errors.jsonl").unlink()
     stats = {
         "sources": [str(f) for f in files],
         "read": read, "kept": len(train) + len(evals), "dropped": dict(dropped),

@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         _compare(rest)
     elif cmd == "suite":
         _suite(rest)
+    elif cmd in list_benchmarks() and get_benchmark(cmd).trains:  # trains its own models (moleculenet)
+        get_benchmark(cmd).main(rest)
     elif cmd in list_benchmarks():
         _benchmark(cmd, rest)
     else:

@@ -110,6 +110,8 @@ def bootstrap(stat: Statistic, n: int, resamples: int = 1000, seed: int = 0, lev
         the metric was undefined on every resample or ``resamples`` is 0).
     """
     values = stat(np.arange(n))
+    if n == 0:  # nothing to resample
+        resamples = 0
     draws: dict[str, list[float]] = {k: [] for k in values}
     rng = np.random.default_rng(seed)
     groups = _groups(strata) if strata is not None else None
@@ -134,6 +136,8 @@ def paired_bootstrap(stat_a: Statistic, stat_b: Statistic, n: int, resamples: in
     ``p = (1 + #{|d* - d| >= |d|}) / (1 + B)`` over the ``B`` resamples where both metrics are defined.
     """
     a0, b0 = stat_a(np.arange(n)), stat_b(np.arange(n))
+    if n == 0:
+        resamples = 0
     names = [k for k in a0 if k in b0]
     diffs: dict[str, list[float]] = {k: [] for k in names}
     rng = np.random.default_rng(seed)

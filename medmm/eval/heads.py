@@ -21,7 +21,7 @@ from ..scoring import binary_metrics, classification_metrics
 def evaluate_head(checkpoint: str | Path, data: str | Path, out_dir: str | Path, bootstrap: int = 1000, seed: int = 0,
                   device: str = "auto", input_col: str | None = None, label_col: str | None = None) -> dict:
     """Score ``data`` with the head model at ``checkpoint``; returns the metrics (also in ``out_dir/metrics.json``)."""
-    from ..data.featurisers import featurise_rows, label_parser, write_predictions, with_reports
+    from ..data.featurisers import featurise_rows, label_parser, with_reports, write_predictions
     from ..inference.head import HeadPredictor
     from ..model.heads import predict_logits
     from ..utils import atomic_write_text

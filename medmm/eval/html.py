@@ -17,7 +17,7 @@ import base64
 import html
 import io
 import math
-from datetime import datetime, timezone
+import time
 from pathlib import Path
 
 from ..utils import atomic_write_text
@@ -244,7 +244,7 @@ def write_report(path: str | Path, title: str, benchmarks: dict[str, tuple[dict,
     """Write the HTML page for ``{name: (metrics.json dict, rows)}``; returns the path."""
     e = html.escape
     cache: dict = {}
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",

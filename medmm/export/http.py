@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
-from ..errors import InvalidInputError, ModalityMismatchError
+from ..errors import ConfigError, InvalidInputError, ModalityMismatchError
 from ..utils import optional_import
 
 log = logging.getLogger("medmm.http")
@@ -104,6 +104,8 @@ def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20):
 
     from .. import __version__
     from ..config import DecodingConfig
+    from ..inference.predictor import closed_set_check
+    from ..inference.strategies import list_strategies, resolve
 
     if len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"the API token must have at least {MIN_TOKEN_CHARS} characters")
@@ -142,6 +144,12 @@ def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20):
                                            description="modality name -> SMILES or DNA sequence (inline values only)")
         options: list[str] | None = Field(default=None, description="closed-set answers to score (returns probs)")
         max_new_tokens: int = Field(default=64, ge=1, le=1024)
+        strategy: str = Field(default="greedy", description="a registered decoding strategy: "
+                              + ", ".join(list_strategies()))
+        seed: int = Field(default=0, description="seed for sampling and search")
+        params: dict[str, str | int | float] = Field(
+            default_factory=dict, description="the strategy's own settings (as infer.py's flags, e.g. num_beams); "
+            "a setting the strategy does not take is a 422")
 
     class AskOut(BaseModel):
         answer: str
@@ -212,10 +220,18 @@ def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20):
         record = {"id": "ask", "modalities": dict(req.modalities), "question": req.question}
         if req.options:
             record["options"] = list(req.options)
+        try:
+            decoding = DecodingConfig(strategy=req.strategy, max_new_tokens=req.max_new_tokens, seed=req.seed,
+                                      params=dict(req.params))
+            resolve(decoding)
+            if req.options:
+                closed_set_check(decoding)
+        except ConfigError as e:
+            raise HTTPException(422, {"error": "ConfigError", "message": str(e)}) from e
         with model_lock:
             try:
-                out = predictor.predict([record], DecodingConfig(max_new_tokens=req.max_new_tokens), batch_size=1)[0]
-            except (InvalidInputError, ModalityMismatchError) as e:
+                out = predictor.predict([record], decoding, batch_size=1)[0]
+            except (InvalidInputError, ModalityMismatchError, ConfigError) as e:
                 raise HTTPException(422, {"error": type(e).__name__, "message": str(e)}) from e
         if "error" in out:
             raise HTTPException(422, {"error": out["error"], "message": out["message"]})

@@ -39,9 +39,11 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ListenerConfig, parse_destination  # noqa: F401  (ListenerConfig: defined there)
+from ..config import check_aet as _check_aet  # noqa: F401
 from ..errors import InvalidInputError
 from ..utils import optional_import
 from .dicomweb import BACKOFF_FIRST_S, BACKOFF_MAX_S
@@ -51,13 +53,6 @@ OUT_OF_RESOURCES = 0xA700  # C-STORE status: refused, out of resources
 CANNOT_UNDERSTAND = 0xC000  # C-STORE status: error, cannot understand
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and warnings (coercion, elements discarded)
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-def _check_aet(aet: str, what: str) -> str:
-    aet = aet.strip()
-    if not aet or len(aet) > 16 or "\\" in aet or not aet.isprintable():
-        raise ValueError(f"{what}: '{aet}' is not a valid AE title (1-16 printable characters, no backslash)")
-    return aet
 
 
 @dataclass
@@ -72,14 +67,7 @@ class Destination:
 
     @classmethod
     def parse(cls, text: str, what: str = "--forward-to") -> Destination:
-        if text.startswith(("http://", "https://")):
-            return cls("dicomweb", url=text)
-        try:
-            aet, hostport = text.split("@", 1)
-            host, port = hostport.rsplit(":", 1)
-            return cls("dimse", aet=_check_aet(aet, what), host=host, port=int(port))
-        except ValueError as e:
-            raise ValueError(f"{what} '{text}': use AET@host:port or an http(s):// DICOMweb URL ({e})") from e
+        return cls(**parse_destination(text, what))
 
     def __str__(self) -> str:
         return self.url if self.kind == "dicomweb" else f"{self.aet}@{self.host}:{self.port}"
@@ -246,53 +234,6 @@ def resend(path: str | Path, dest: Destination, calling_aet: str = "MEDMM", retr
 
 
 # ---------------------------------------------------------------------------------------------- the listener
-@dataclass
-class ListenerConfig:
-    """The SCP's identity, who may send, and its bounds."""
-
-    aet: str = "MEDMM"
-    """Our AE title; callers must address it (called AE title is checked)."""
-    host: str = "127.0.0.1"
-    """Bind address. Loopback by default; give the hospital network's interface explicitly."""
-    port: int = 11112
-    """TCP port."""
-    allowed_aets: list[str] = field(default_factory=list)
-    """Calling AE titles allowed to store; every other association is rejected."""
-    study_timeout_s: float = 5.0
-    """A burst of a study is complete when no instance of it came for this long."""
-    max_queue: int = 16
-    """Studies being collected, waiting or in inference at once; a new study beyond this gets 0xA700."""
-    max_instances: int = 5000
-    """Instances accepted per burst of a study; more get 0xA700."""
-    forward_to: str | None = None
-    """``AET@host:port`` or a DICOMweb URL; None: SRs stay in ``out_dir/sr``."""
-    retry_s: float = 60.0
-    """How long SR delivery is retried (with back-off) after its first failure before the SR is kept in
-    ``out_dir/undelivered``; 0: one attempt."""
-    amend_window_s: float = 3600.0
-    """How long a study's received instances are kept after its last SR, so that a later burst is reported with
-    all of them (the new SR amends the previous one either way)."""
-    out_dir: str = "runs/pacs"
-    """SRs (``sr/``), undelivered SRs (``undelivered/``), the study log (``studies.jsonl``) and, by default,
-    the spool."""
-    spool_dir: str | None = None
-    """Where received instances wait for inference (default ``out_dir/spool``); emptied after ``amend_window_s``."""
-    keep_studies: bool = False
-    """Keep received instances after processing, forever (default: delete them after ``amend_window_s``)."""
-
-    def __post_init__(self):
-        self.aet = _check_aet(self.aet, "--aet")
-        self.allowed_aets = [_check_aet(a, "--allowed-aets") for a in self.allowed_aets if a.strip()]
-        if not self.allowed_aets:
-            raise ValueError("--allowed-aets: list the calling AE titles that may send studies (e.g. CT01,PACS)")
-        if self.study_timeout_s <= 0 or self.max_queue < 1 or self.max_instances < 1:
-            raise ValueError("study_timeout_s, max_queue and max_instances must be positive")
-        if self.retry_s < 0 or self.amend_window_s < 0:
-            raise ValueError("retry_s and amend_window_s must not be negative")
-        if self.forward_to:
-            Destination.parse(self.forward_to)
-
-
 @dataclass
 class _Study:
     """One burst of a study: instances received until none came for ``study_timeout_s``."""

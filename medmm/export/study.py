@@ -29,37 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DecodingConfig
+from ..config import DecodingConfig, ReportConfig  # noqa: F401  (ReportConfig: defined in medmm.config)
 from ..errors import DicomError, InvalidInputError
 
 # SOP classes / modalities that carry no pixels a model can read (reports, presentation states, key objects).
 NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "DOC", "SEG", "RTSTRUCT", "RTPLAN", "RWV", "REG", "FID", "AU", "ECG"}
-
-
-@dataclass
-class ReportConfig:
-    """What the chain asks and how it writes the SR."""
-
-    question: str = "Describe the findings."
-    """The prompt the model answers for each study."""
-    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=64))
-    """Decoding settings (greedy by default: the same study gives the same report)."""
-    min_volume_slices: int = 8
-    """A series with at least this many slices/frames goes through the volume modality (if the model has one)."""
-    series_modalities: list[str] | None = None
-    """Only consider series of these DICOM modalities (e.g. ["CT", "MR"]); None: any image series."""
-    sr_series_number: int = 9901
-    """Series Number of the SR series."""
-    sr_series_description: str = "medmm AI report (UNVERIFIED)"
-    """Series Description of the SR series."""
-    institution_name: str | None = None
-    """Institution Name written into the SR."""
-
-    def __post_init__(self):
-        if self.min_volume_slices < 2:
-            raise ValueError("min_volume_slices must be at least 2")
-        if not self.question.strip():
-            raise ValueError("question must not be empty")
 
 
 @dataclass

@@ -2,7 +2,14 @@
 
     python infer.py --checkpoint runs/demo/checkpoint --input CT_small.dcm --question "What modality is this?"
     python infer.py --checkpoint C --smiles "CCO" --question "Is this molecule drug-like?" --strategy beam
-    python infer.py --checkpoint C --manifest requests.jsonl --out answers.jsonl
+    python infer.py --checkpoint C --manifest requests.jsonl --out answers.jsonl [--options yes,no]
+    python infer.py --checkpoint C --input x.dcm --question Q --strategy speculative --draft DRAFT_DIR
+    python infer.py --checkpoint C --input x.dcm --question Q --strategy prompt_lookup --num-draft-tokens 4
+
+Decoding flags come from the strategy registry (medmm/inference/strategies/): ``--strategy NAME`` and
+one flag per setting; a flag the chosen strategy does not take is an error. Every strategy and
+``--options`` work the same for ``--question``, manifest rows in either form (``question`` or LLaVA
+``conversations``) and the HTTP API.
     python infer.py --checkpoint C --molecules in.csv --question "Is this molecule likely to be approved?" --out out.csv
 
 Prints JSON (one object, or one line per manifest row when no --out is given).
@@ -16,7 +23,9 @@ import sys
 from pathlib import Path
 
 from ..config import DecodingConfig, InferConfig, load_config
-from ..errors import InvalidInputError
+from ..errors import ConfigError, InvalidInputError
+from .predictor import closed_set_check
+from .strategies import add_decoding_flags, apply_decoding_flags
 
 
 def detect_modality(value: str, available: list[str]) -> str:
@@ -47,9 +56,12 @@ def detect_modality(value: str, available: list[str]) -> str:
 
 
 def _stream(predictor, req: dict, d: DecodingConfig) -> dict:
-    """Print tokens to stderr as they come (greedy or sampling); returns the usual record."""
-    if d.strategy not in ("greedy", "sample"):
-        raise SystemExit("infer.py: --stream supports the greedy and sample strategies")
+    """Print tokens to stderr as they come (any strategy with a loop step); returns the usual record."""
+    from ..inference.strategies import get_strategy
+
+    if get_strategy(d.strategy).start is None:
+        raise SystemExit(f"infer.py: --stream needs a strategy with a loop step; {d.strategy} runs only through "
+                         "batched generate")
     tok = predictor.tokenizer
     shown: list[int] = []
     prev = ""
@@ -65,7 +77,7 @@ def _stream(predictor, req: dict, d: DecodingConfig) -> dict:
     try:
         sess = predictor.session(req["modalities"])
         out = {"id": req["id"], **predictor.ask(sess, req["question"], d, on_token=on_token)}
-    except InvalidInputError as e:
+    except (InvalidInputError, ConfigError) as e:
         out = {"id": req["id"], "error": type(e).__name__, "message": str(e)}
     sys.stderr.write("\n")
     return out
@@ -147,27 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "answer, rule report, error); --out names the output CSV")
     batch.add_argument("--smiles-col", default="smiles", help="--molecules: the SMILES column")
     batch.add_argument("--workers", type=int, default=0, help="--molecules: RDKit worker processes")
-    dec = ap.add_argument_group("decoding")
-    dec.add_argument("--strategy", choices=["greedy", "beam", "sample", "speculative", "prompt_lookup", "contrastive",
-                                            "contrastive_search"])
-    dec.add_argument("--draft", help="speculative: local draft model folder (same tokenizer)")
-    dec.add_argument("--num-draft-tokens", type=int)
-    dec.add_argument("--amateur", help="contrastive: local amateur model folder (same tokenizer)")
-    dec.add_argument("--cd-alpha", type=float)
-    dec.add_argument("--cd-beta", type=float)
-    dec.add_argument("--penalty-alpha", type=float)
-    dec.add_argument("--search-top-k", type=int)
-    dec.add_argument("--max-new-tokens", type=int)
-    dec.add_argument("--num-beams", type=int)
-    dec.add_argument("--length-penalty", type=float)
-    dec.add_argument("--temperature", type=float)
-    dec.add_argument("--top-k", type=int)
-    dec.add_argument("--top-p", type=float)
-    dec.add_argument("--repetition-penalty", type=float)
-    dec.add_argument("--no-repeat-ngram-size", type=int)
-    dec.add_argument("--seed", type=int)
+    add_decoding_flags(ap)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--device")
+    rag = ap.add_argument_group("retrieval augmentation")
+    rag.add_argument("--rag", metavar="IDX", help="a `medmm index build` folder: the top passages enter the prompt "
+                     "numbered, and the output lists them as citations [{n, id, source, text, cited}]")
+    rag.add_argument("--rag-top-k", type=int, metavar="K", help="passages per question (default 3)")
     ap.add_argument("overrides", nargs="*", help="dotted InferConfig overrides, e.g. decoding.max_new_tokens=32")
     return ap
 
@@ -180,18 +178,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not cfg.checkpoint:
         raise SystemExit("infer.py: --checkpoint is required")
     d = cfg.decoding
-    for flag, field in [("strategy", "strategy"), ("max_new_tokens", "max_new_tokens"), ("num_beams", "num_beams"),
-                        ("length_penalty", "length_penalty"), ("temperature", "temperature"), ("top_k", "top_k"),
-                        ("top_p", "top_p"), ("repetition_penalty", "repetition_penalty"),
-                        ("no_repeat_ngram_size", "no_repeat_ngram_size"), ("seed", "seed"), ("draft", "draft"),
-                        ("num_draft_tokens", "num_draft_tokens"), ("amateur", "amateur"), ("cd_alpha", "cd_alpha"),
-                        ("cd_beta", "cd_beta"), ("penalty_alpha", "penalty_alpha"), ("search_top_k", "search_top_k")]:
-        v = getattr(args, flag)
-        if v is not None:
-            setattr(d, field, v)
     try:
-        d.__post_init__()  # re-check after the flags
-    except Exception as e:
+        apply_decoding_flags(args, d)
+        if args.options:
+            closed_set_check(d)
+    except ConfigError as e:
         raise SystemExit(f"infer.py: {e}") from e
     if args.batch_size:
         cfg.batch_size = args.batch_size
@@ -206,9 +197,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     predictor = Predictor(cfg.checkpoint, device=cfg.device)
     available = list(predictor.model.modality_tokens)
     base_dir = None
+    options = [o.strip() for o in args.options.split(",") if o.strip()] if args.options else None
+    if args.stream and (args.manifest or args.options or (args.question and len(args.question) > 1)):
+        raise SystemExit("infer.py: --stream prints one generated answer: it takes one --question, without "
+                         "--manifest or --options")
     if args.manifest:
+        if args.question:
+            raise SystemExit("infer.py: --question and --manifest exclude each other (put questions in the rows)")
         requests = read_jsonl(args.manifest)
         base_dir = Path(args.manifest).parent
+        if options:  # --options applies to every row; a row with other options of its own is an error row
+            requests = [dict(r, options=options) if not r.get("options") or r["options"] == options else
+                        dict(r, options=None, _conflict=True) for r in requests]
     else:
         if not args.question and not args.manifest:
             raise SystemExit("infer.py: --question is required (or --manifest)")
@@ -233,13 +233,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
             req["questions"] = args.question
         else:
             req["question"] = args.question[0]
-        if args.options:
-            req["options"] = [o.strip() for o in args.options.split(",") if o.strip()]
+        if options:
+            req["options"] = options
         requests = [req]
-    if args.stream and not args.manifest and "question" in requests[0] and not args.options:
+    citations = None
+    if args.rag:
+        cfg.rag = args.rag
+    if args.rag_top_k:
+        cfg.rag_top_k = args.rag_top_k
+    if cfg.rag:
+        from ..retrieval.index import load_index, rag_requests
+
+        originals = [(r.get("question"), r.get("questions")) for r in requests]
+        requests, citations = rag_requests(requests, load_index(cfg.rag), cfg.rag_top_k)
+    if args.stream:
         outputs = [_stream(predictor, requests[0], d)]
     else:
-        outputs = predictor.predict(requests, d, batch_size=cfg.batch_size, base_dir=base_dir)
+        conflicts = {i for i, r in enumerate(requests) if r.pop("_conflict", False)}
+        outputs = predictor.predict([r for i, r in enumerate(requests) if i not in conflicts], d,
+                                    batch_size=cfg.batch_size, base_dir=base_dir)
+        for i in sorted(conflicts):
+            outputs.insert(i, {"id": requests[i].get("id"), "error": "ConfigError",
+                               "message": "the row's own 'options' differ from --options"})
+    if citations is not None:
+        from ..retrieval.index import attach_citations
+
+        for (q, qs), out, cites in zip(originals, outputs, citations):
+            attach_citations(out, cites)
+            if q is not None:
+                out["question"] = q  # the user's question, not the prompt with the passages
+            for a, orig in zip(out.get("answers") or [], qs or []):
+                a["question"] = orig
     for req, out in zip(requests, outputs):
         out.setdefault("question", req.get("question"))
     if args.heatmap:

@@ -4,20 +4,18 @@
   :func:`apply_repetition_penalty`, :func:`contrastive_decoding_scores` (expert/amateur, Li et al.
   2022 with the (1+beta)/beta form of O'Brien & Lewis 2023), :func:`contrastive_search_select`
   (Su et al. 2022; HF moved it to the Hub, which is unreachable here);
-* :func:`draft_and_verify`: greedy speculative decoding with a draft model, or prompt-lookup
-  decoding, whose output equals plain greedy decoding token for token;
-* :class:`Session`: several questions about one study reuse the encoded modality features and the
-  KV cache of the shared prompt prefix; :meth:`Session.closed_set` scores a fixed answer set.
+* proposers for speculative decoding: :func:`prompt_lookup_proposal`, :class:`DraftProposer`,
+  :func:`layer_skip_draft`;
+* :class:`CausalRunner`: the incremental KV-cached forward (batch of one) under :mod:`medmm.inference.loop`.
 
-Everything here runs one sequence at a time (batch of one); batched decoding goes through HF
-``generate`` in :mod:`medmm.inference.predictor`.
+The strategies built from these live in :mod:`medmm.inference.strategies` (one module each, registered);
+sessions with a prefix cache in :mod:`medmm.inference.session`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +61,15 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: list[int], penalty:
     vals = logits[idx]
     logits[idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
     return logits
+
+
+def banned_ngram_tokens(sequence: list[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram already in ``sequence`` (HF's ``no_repeat_ngram_size``)."""
+    if n <= 0 or len(sequence) + 1 < n:
+        return []
+    tail = tuple(sequence[len(sequence) - n + 1:]) if n > 1 else ()
+    return sorted({sequence[i + n - 1] for i in range(len(sequence) - n + 1)
+                   if tuple(sequence[i: i + n - 1]) == tail})
 
 
 def contrastive_decoding_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, alpha: float = 0.1,
@@ -161,32 +168,6 @@ class DecodeResult:
         return self.accepted / self.proposed if self.proposed else 0.0
 
 
-def _stop(tokens: list[int], eos: int | None, max_new: int) -> tuple[list[int], bool]:
-    if eos is not None and eos in tokens:
-        return tokens[: tokens.index(eos)], True
-    if len(tokens) >= max_new:
-        return tokens[:max_new], True
-    return tokens, False
-
-
-def decode_loop(runner: CausalRunner, logits: torch.Tensor, cache, choose: Callable[[torch.Tensor, list[int]], int],
-                max_new_tokens: int, eos: int | None, on_token: Callable[[int], None] | None = None) -> DecodeResult:
-    """One token per forward: ``choose(last_logits (V,), generated) -> token``. ``logits`` are the prompt's last."""
-    out: list[int] = []
-    forwards = 0
-    while True:
-        tok = choose(logits, out)
-        out.append(tok)
-        if on_token is not None and tok != eos:
-            on_token(tok)
-        out, done = _stop(out, eos, max_new_tokens)
-        if done:
-            return DecodeResult(out, forwards)
-        step_logits, cache, _ = runner.forward(cache, ids=[tok])
-        logits = step_logits[-1]
-        forwards += 1
-
-
 class DraftProposer:
     """A draft model proposing ``k`` greedy tokens; keeps its own cache in step with the sequence it is shown.
 
@@ -235,38 +216,6 @@ class DraftProposer:
         return proposal
 
 
-def draft_and_verify(runner: CausalRunner, logits: torch.Tensor, cache, context: list[int],
-                     propose: Callable[[list[int], int], list[int]], k: int, max_new_tokens: int,
-                     eos: int | None) -> DecodeResult:
-    """Greedy speculative decoding: ``propose(sequence, k)`` guesses, the target checks all guesses in one forward.
-
-    ``logits``/``cache`` come from the target's prefill of the prompt; ``context`` is the token sequence
-    the proposer sees (the prompt without modality placeholders, for a text-only draft). The output
-    equals greedy decoding of the target, token for token.
-    """
-    res = DecodeResult([])
-    pending = greedy_token(logits)  # the next token, not yet fed to the target
-    out = [pending]
-    while True:
-        out, done = _stop(out, eos, max_new_tokens)
-        if done:
-            res.tokens = out
-            return res
-        guess = propose(context + out, k)[: max(0, max_new_tokens - len(out))]
-        past = cache.get_seq_length()
-        step_logits, cache, _ = runner.forward(cache, ids=[pending] + guess)  # (1 + len(guess), V)
-        res.forwards += 1
-        n = 0
-        while n < len(guess) and greedy_token(step_logits[n]) == guess[n]:
-            n += 1
-        res.proposed += len(guess)
-        res.accepted += n
-        correction = greedy_token(step_logits[n])
-        crop_cache(cache, past + 1 + n)  # keep pending + accepted guesses
-        out += guess[:n] + [correction]
-        pending = correction
-
-
 def layer_skip_draft(llm, num_layers: int):
     """A self-speculative draft: the target's first ``num_layers`` decoder layers, embeddings, norm and head.
 
@@ -285,177 +234,3 @@ def layer_skip_draft(llm, num_layers: int):
     if missing:
         raise ValueError(f"draft weights missing from the target: {missing[:5]}")
     return draft.eval()
-
-
-# ----------------------------------------------------------------------------- sessions with a prefix cache
-
-
-class Session:
-    """Questions about one set of modality inputs: encodes them once and reuses the shared prompt prefix's KV cache."""
-
-    def __init__(self, model, processor, modalities: dict, base_dir=None):
-        self.model, self.processor = model, processor
-        self.runner = CausalRunner(model.llm, suppress=[mt.token_id for mt in model.modality_tokens.values()])
-        self.record_modalities = modalities
-        items = processor._modality_items({"modalities": modalities}, "<session>", base_dir)
-        self.counts = {k: len(v) for k, v in items.items()}
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            self.features = {}
-            for name, its in items.items():
-                batch = processor.loaders[name].collate(its)
-                x = batch["x"].to(device)
-                mask = batch.get("mask")
-                self.features[name] = model.encode_modality(
-                    name, x.to(model.llm.dtype) if x.is_floating_point() else x,
-                    None if mask is None else mask.to(device))  # (M, K, H)
-        self.prefix_ids: list[int] = []
-        self.prefix_cache = None
-        self.encodes = 1
-
-    def prompt_ids(self, question: str) -> list[int]:
-        conv = [{"from": "human", "value": question}]
-        return self.processor.encoder.encode_prompt(conv, self.counts, "<session>")
-
-    def _embed(self, ids: list[int]) -> torch.Tensor:
-        t = torch.tensor([ids], device=self.runner.embed_tokens.weight.device)
-        return self.model.embed(t, features=self.features)  # (1, T, H)
-
-    @torch.no_grad()
-    def prefill(self, ids: list[int], use_cache: bool = True):
-        """Logits of the prompt's last position and a cache holding the whole prompt; reuses the shared prefix."""
-        emb = self._embed(ids)
-        lcp = 0
-        if use_cache and self.prefix_cache is not None:
-            for a, b in zip(self.prefix_ids, ids):
-                if a != b:
-                    break
-                lcp += 1
-            lcp = min(lcp, len(ids) - 1)
-        # Never let a modality span straddle the reuse boundary: a spliced feature block is all-or-nothing.
-        cache = None
-        if lcp > 0:
-            cache = copy.deepcopy(self.prefix_cache)
-            crop_cache(cache, lcp)
-        logits, cache, _ = self.runner.forward(cache, embeds=emb[:, lcp:])
-        if use_cache and (self.prefix_cache is None or lcp < len(self.prefix_ids)):
-            self.prefix_ids, self.prefix_cache = list(ids), copy.deepcopy(cache)
-        return logits[-1], cache, lcp
-
-    def generate(self, question: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, use_cache: bool = True,
-                 on_token: Callable[[int], None] | None = None) -> DecodeResult:
-        ids = self.prompt_ids(question)
-        logits, cache, reused = self.prefill(ids, use_cache)
-        g = torch.Generator().manual_seed(seed)
-
-        def choose(lg, prev):
-            lg = apply_repetition_penalty(lg, ids + prev, repetition_penalty)
-            return sample_token(lg.cpu(), temperature, top_k, top_p, g)
-
-        res = decode_loop(self.runner, logits, cache, choose, max_new_tokens, self.model.tokenizer.eos_token_id,
-                          on_token)
-        res.reused_prefix_tokens = reused
-        return res
-
-    @torch.no_grad()
-    def closed_set(self, question: str, options: list[str]) -> dict:
-        """Probability of each allowed answer (answer tokens + end of turn), normalised over the options."""
-        if len(set(options)) != len(options) or not options:
-            raise ValueError("closed-set answering needs distinct, non-empty options")
-        ids = self.prompt_ids(question)
-        logits, cache, reused = self.prefill(ids)
-        eos = self.model.tokenizer.eos_token_id
-        scores = []
-        for opt in options:
-            toks = self.model.tokenizer(opt, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-            c = copy.deepcopy(cache)
-            step_logits, _, _ = self.runner.forward(c, ids=toks[:-1]) if len(toks) > 1 else (None, None, None)
-            all_logits = torch.cat([logits[None], step_logits]) if step_logits is not None else logits[None]
-            lp = torch.log_softmax(all_logits, -1)
-            scores.append(float(sum(lp[i, t] for i, t in enumerate(toks))))
-        probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0).tolist()
-        best = max(range(len(options)), key=lambda i: probs[i])
-        return {"answer": options[best], "probs": dict(zip(options, probs)), "logprobs": dict(zip(options, scores)),
-                "reused_prefix_tokens": reused}
-
-    def contrastive_decoding(self, question: str, amateur_llm, alpha: float = 0.1, beta: float = 0.5,
-                             max_new_tokens: int = 64) -> DecodeResult:
-        """Expert = this model (with its modality tokens); amateur = a text-only LM fed the prompt without them."""
-        ids = self.prompt_ids(question)
-        logits, cache, reused = self.prefill(ids)
-        placeholders = {mt.token_id for mt in self.model.modality_tokens.values()}
-        amateur = CausalRunner(amateur_llm)
-        a_logits, a_cache, _ = amateur.forward(None, ids=[t for t in ids if t not in placeholders])
-        a_last = a_logits[-1]
-        eos = self.model.tokenizer.eos_token_id
-        out: list[int] = []
-        while True:
-            tok = greedy_token(contrastive_decoding_scores(logits, a_last, alpha, beta))
-            out.append(tok)
-            out, done = _stop(out, eos, max_new_tokens)
-            if done:
-                return DecodeResult(out, reused_prefix_tokens=reused, extra={"alpha": alpha, "beta": beta})
-            lg, cache, _ = self.runner.forward(cache, ids=[tok])
-            logits = lg[-1]
-            al, a_cache, _ = amateur.forward(a_cache, ids=[tok])
-            a_last = al[-1]
-
-    def contrastive_search(self, question: str, penalty_alpha: float = 0.6, top_k: int = 4,
-                           max_new_tokens: int = 64) -> DecodeResult:
-        """Contrastive search (Su et al. 2022): model confidence minus degeneration penalty over top-k candidates."""
-        ids = self.prompt_ids(question)
-        emb = self._embed(ids)
-        logits, cache, hidden = self.runner.forward(None, embeds=emb, hidden=True)
-        context_h = hidden  # (T, H)
-        last = logits[-1]
-        eos = self.model.tokenizer.eos_token_id
-        out: list[int] = []
-        while True:
-            probs = torch.softmax(last, -1)
-            top_p, top_i = torch.topk(probs, top_k)
-            cand_h, cand_logits = [], []
-            for t in top_i.tolist():  # look one step ahead for each candidate
-                c = copy.deepcopy(cache)
-                lg, _, h = self.runner.forward(c, ids=[t], hidden=True)
-                cand_h.append(h[-1])
-                cand_logits.append(lg[-1])
-            j = contrastive_search_select(top_p, torch.stack(cand_h), context_h, penalty_alpha)
-            tok = int(top_i[j])
-            out.append(tok)
-            out, done = _stop(out, eos, max_new_tokens)
-            if done:
-                return DecodeResult(out, extra={"penalty_alpha": penalty_alpha, "top_k": top_k})
-            _, cache, _ = self.runner.forward(cache, ids=[tok])
-            context_h = torch.cat([context_h, cand_h[j][None]])
-            last = cand_logits[j]
-
-    def speculative(self, question: str, draft_llm=None, k: int = 4, max_new_tokens: int = 64,
-                    prompt_lookup: bool = False, draft_sees_modalities: bool | None = None) -> DecodeResult:
-        """Greedy speculative decoding with a draft sharing the tokenizer, or prompt lookup.
-
-        A draft of the target's width is fed the target's spliced prompt embeddings (it sees the
-        modality features); a narrower, text-only draft gets the prompt without placeholders.
-        """
-        ids = self.prompt_ids(question)
-        logits, cache, reused = self.prefill(ids)
-        placeholders = {mt.token_id for mt in self.model.modality_tokens.values()}
-        # A draft can take the target's spliced embeddings when it has the target's width and vocabulary.
-        same_width = draft_llm is not None and (
-            draft_llm.get_input_embeddings().weight.shape == self.runner.embed_tokens.weight.shape)
-        if draft_sees_modalities is None:
-            draft_sees_modalities = same_width
-        if draft_sees_modalities and not same_width:
-            raise ValueError("a draft that sees the modality features needs the target's hidden size and vocabulary")
-        context = ids if draft_sees_modalities else [t for t in ids if t not in placeholders]
-        if prompt_lookup:
-            propose = prompt_lookup_proposal
-        elif draft_llm is not None:
-            propose = DraftProposer(draft_llm, self._embed(ids) if draft_sees_modalities else None,
-                                    suppress=sorted(placeholders) if draft_sees_modalities else None)
-        else:
-            raise ValueError("speculative decoding needs a draft model or prompt_lookup=True")
-        res = draft_and_verify(self.runner, logits, cache, context, propose, k, max_new_tokens,
-                               self.model.tokenizer.eos_token_id)
-        res.reused_prefix_tokens = reused
-        return res

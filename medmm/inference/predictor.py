@@ -1,36 +1,44 @@
-"""Load a medmm model folder and answer requests with Hugging Face ``generate``.
+"""Load a medmm model folder and answer requests with any registered decoding strategy.
 
 A request is a record ``{"id", "modalities": {name: value}, "question": str}`` or a conversation
-record ending with a human turn. Batches are left-padded and grouped by prompt length; each output
-records its decoding settings, timings and token counts, or the typed error of a failed request.
+record (LLaVA ``conversations``) ending with a human turn (a final gpt turn is dropped as the
+reference); ``options`` asks for closed-set answering and ``questions`` for several questions about one
+input. Where Hugging Face ``generate`` runs the strategy (:attr:`Strategy.hf`), requests are batched,
+left-padded and grouped by prompt length; sessions, closed sets and the strategies HF lacks run in
+medmm's KV-cached loop (:mod:`medmm.inference.loop`). Each output records its decoding settings, the
+engine that ran it, timings and token counts, or the typed error of a failed request.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
 from ..config import DecodingConfig
-from ..errors import InvalidInputError, ModalityMismatchError
+from ..errors import ConfigError, InvalidInputError, ModalityMismatchError
+from .strategies import Strategy, get_strategy, resolve
 
 
-def generation_kwargs(d: DecodingConfig) -> dict:
-    """DecodingConfig -> ``generate`` keyword arguments. Temperature 0 means greedy."""
-    kw: dict = {"max_new_tokens": d.max_new_tokens, "repetition_penalty": d.repetition_penalty}
-    if d.no_repeat_ngram_size:
-        kw["no_repeat_ngram_size"] = d.no_repeat_ngram_size
-    if d.strategy == "greedy" or (d.strategy == "sample" and d.temperature == 0):
-        kw.update(do_sample=False, num_beams=1)
-    elif d.strategy == "beam":
-        kw.update(do_sample=False, num_beams=d.num_beams, length_penalty=d.length_penalty, early_stopping=True)
-    elif d.strategy == "sample":
-        kw.update(do_sample=True, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p)
-    else:  # pragma: no cover - config Literal guards this
-        raise ValueError(f"unknown decoding strategy {d.strategy}")
-    return kw
+def generation_kwargs(d: DecodingConfig, aux: dict | None = None) -> dict:
+    """DecodingConfig -> ``generate`` keyword arguments, from the strategy's registry entry."""
+    s = get_strategy(d.strategy)
+    if s.hf is None:
+        raise ConfigError(f"decoding.strategy={s.name} does not run through Hugging Face generate")
+    return {"max_new_tokens": d.max_new_tokens, **s.hf(resolve(d), aux or {})}
+
+
+def settings(d: DecodingConfig) -> dict:
+    """The decoding record written beside each answer: strategy, limits and every resolved setting."""
+    return {"strategy": d.strategy, "max_new_tokens": d.max_new_tokens, "seed": d.seed, "params": resolve(d)}
+
+
+def closed_set_check(d: DecodingConfig) -> None:
+    """Closed-set answering scores the options; it cannot honour a decoding strategy's settings."""
+    if d.strategy != "greedy" or d.params:
+        raise ConfigError(f"options (closed-set answering) score each allowed answer; decoding.strategy={d.strategy} "
+                          f"{'with ' + ', '.join(d.params) if d.params else ''} does not apply to them")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -70,84 +78,116 @@ class Predictor:
             raise InvalidInputError(str(request.get("id", "<request>")), "a request needs 'question' or 'conversations'")
         return {"id": request.get("id"), "modalities": request.get("modalities") or {}, "conversations": conv}
 
-    def _aux_model(self, path: str | None):
-        """A draft/amateur text-only LM from a local folder (cached per path)."""
+    def _aux_model(self, path: str, match_vocab: bool = False):
+        """A draft/amateur LM from a local folder (cached per path); ``match_vocab`` pads its vocabulary to the
+        target's (HF's assistant path compares the two; the added rows are modality placeholders, never accepted)."""
         from transformers import AutoModelForCausalLM
 
-        if not path:
-            return None
         cache = self.__dict__.setdefault("_aux", {})
-        if path not in cache:
-            cache[path] = AutoModelForCausalLM.from_pretrained(path, dtype=self.model.llm.dtype).to(self.device).eval()
-        return cache[path]
+        key = (path, match_vocab)
+        if key not in cache:
+            if not Path(path).is_dir():
+                raise ConfigError(f"{path}: the helper model folder does not exist")
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=self.model.llm.dtype).to(self.device).eval()
+            n = self.model.llm.get_input_embeddings().weight.shape[0]
+            if match_vocab and m.get_input_embeddings().weight.shape[0] < n:
+                m.resize_token_embeddings(n, mean_resizing=False)
+            cache[key] = m
+        return cache[key]
+
+    def aux_models(self, strategy: Strategy, params: dict, for_hf: bool = False) -> dict:
+        """The helper models a strategy names (``draft``, ``amateur``), loaded."""
+        return {name: self._aux_model(params[name], match_vocab=for_hf) for name in strategy.aux_models}
 
     def session(self, modalities: dict, base_dir: Path | None = None):
-        """A :class:`~medmm.inference.decoding.Session` over these inputs (encoded once, prefix KV reused)."""
-        from .decoding import Session
+        """A :class:`~medmm.inference.session.Session` over these inputs (encoded once, prefix KV reused)."""
+        from .session import Session
 
         return Session(self.model, self.processor, modalities, base_dir)
 
-    def ask(self, session, question: str, decoding: DecodingConfig, options: list[str] | None = None,
+    def ask(self, session, question: str | list[dict], decoding: DecodingConfig, options: list[str] | None = None,
             on_token=None) -> dict:
-        """One question in a session, with any strategy; ``options`` gives closed-set answering."""
+        """One question (or conversation) in a session, with any strategy that has a loop step; ``options`` gives
+        closed-set answering."""
         t0 = time.perf_counter()
         if options:
+            closed_set_check(decoding)
             res = session.closed_set(question, list(options))
             out = {"answer": res["answer"], "probs": res["probs"], "new_tokens": 0,
-                   "reused_prefix_tokens": res["reused_prefix_tokens"]}
+                   "reused_prefix_tokens": res["reused_prefix_tokens"], "engine": "closed_set"}
         else:
-            d = decoding
-            if d.strategy == "speculative":
-                r = session.speculative(question, draft_llm=self._aux_model(d.draft), k=d.num_draft_tokens,
-                                        max_new_tokens=d.max_new_tokens)
-            elif d.strategy == "prompt_lookup":
-                r = session.speculative(question, prompt_lookup=True, k=d.num_draft_tokens,
-                                        max_new_tokens=d.max_new_tokens)
-            elif d.strategy == "contrastive":
-                r = session.contrastive_decoding(question, self._aux_model(d.amateur), d.cd_alpha, d.cd_beta,
-                                                 d.max_new_tokens)
-            elif d.strategy == "contrastive_search":
-                r = session.contrastive_search(question, d.penalty_alpha, d.search_top_k, d.max_new_tokens)
-            elif d.strategy in ("greedy", "sample"):
-                temp = 0.0 if d.strategy == "greedy" else d.temperature
-                r = session.generate(question, d.max_new_tokens, temp, d.top_k, d.top_p, d.repetition_penalty,
-                                     d.seed, on_token=on_token)
-            else:
-                raise ValueError(f"strategy '{d.strategy}' runs through batched generate, not a session")
+            s = get_strategy(decoding.strategy)
+            params = resolve(decoding)
+            if params.get("backend") == "hf":
+                raise ConfigError(f"decoding.strategy={s.name} with backend=hf cannot run in a session "
+                                  "(modality inputs, several questions or streaming); use backend=auto or medmm")
+            r = session.decode(question, decoding, self.aux_models(s, params), on_token=on_token)
             out = {"answer": self.tokenizer.decode(r.tokens, skip_special_tokens=True).strip(),
-                   "new_tokens": len(r.tokens), "reused_prefix_tokens": r.reused_prefix_tokens}
+                   "new_tokens": len(r.tokens), "reused_prefix_tokens": r.reused_prefix_tokens, "engine": "loop"}
             if r.proposed:
                 out["acceptance_rate"] = round(r.acceptance_rate, 4)
                 out["target_forwards"] = r.forwards
         out["timing_s"] = {"generate": round(time.perf_counter() - t0, 4)}
-        out["decoding"] = dataclasses.asdict(decoding)
+        out["decoding"] = settings(decoding)
         return out
+
+    def route(self, req: dict, strategy: Strategy, params: dict) -> str:
+        """``hf`` (batched ``generate``) or ``loop`` (a session) for one request; ConfigError when neither can."""
+        wants_session = bool(req.get("options") or req.get("questions"))
+        has_modalities = bool(req.get("modalities"))
+        backend = params.get("backend", "auto")
+        if wants_session:
+            if req.get("options"):
+                return "loop"  # closed set: checked in ask()
+            if strategy.start is None:
+                raise ConfigError(f"decoding.strategy={strategy.name} has no session loop; several questions need "
+                                  "a strategy that has one")
+            return "loop"
+        hf_ok = strategy.hf is not None and not (strategy.hf_text_only and has_modalities) and backend != "medmm"
+        if backend == "hf" and not hf_ok:
+            raise ConfigError(f"decoding.strategy={strategy.name} backend=hf: Hugging Face generate cannot take this "
+                              "request's modality inputs on this path; use backend=auto or medmm")
+        if hf_ok:
+            return "hf"
+        if strategy.start is None:
+            raise ConfigError(f"decoding.strategy={strategy.name} runs through Hugging Face generate only, which "
+                              "cannot take modality inputs for it; send a text-only request")
+        return "loop"
 
     def predict(self, requests: list[dict], decoding: DecodingConfig | None = None, batch_size: int = 8,
                 base_dir: Path | None = None) -> list[dict]:
         """One output per request, in input order. Failed requests carry ``error``; nothing is dropped.
 
-        Requests with ``options`` (closed-set) or ``questions`` (several questions, prefix-cached), and the
-        medmm strategies (speculative, prompt_lookup, contrastive, contrastive_search), run one by one
-        through a session; the rest are batched through HF ``generate``.
+        The strategy and its settings are checked first (a ConfigError for the whole call); a request the
+        strategy cannot serve (e.g. beam search with several questions) gets a ConfigError record.
         """
         decoding = decoding or DecodingConfig()
+        strategy = get_strategy(decoding.strategy)
+        params = resolve(decoding)
         outputs: list[dict | None] = [None] * len(requests)
         ready = []
         for i, req in enumerate(requests):
             source = f"request {i} (id={req.get('id')})"
-            if decoding.strategy in SESSION_STRATEGIES or req.get("options") or req.get("questions"):
-                outputs[i] = self._predict_in_session(req, decoding, base_dir, source)
-                continue
             try:
+                route = self.route(req, strategy, params)
+                if route == "loop":
+                    outputs[i] = self._predict_in_session(req, decoding, base_dir, source)
+                    continue
                 t0 = time.perf_counter()
                 sample = self.processor.process_prompt(self.to_conversation(req), base_dir, source)
                 ready.append((i, sample, time.perf_counter() - t0))
-            except (InvalidInputError, ModalityMismatchError) as e:
+            except (InvalidInputError, ModalityMismatchError, ConfigError) as e:
                 outputs[i] = {"id": req.get("id"), "error": type(e).__name__, "message": str(e)}
-        kwargs = generation_kwargs(decoding) if ready else {}
+        if ready:
+            self._generate_batches(requests, ready, outputs, decoding, strategy, params,
+                                   batch_size if strategy.hf_batch else 1)
+        return outputs  # type: ignore[return-value]
+
+    def _generate_batches(self, requests, ready, outputs, decoding, strategy, params, batch_size) -> None:
+        kwargs = {"max_new_tokens": decoding.max_new_tokens,
+                  **strategy.hf(params, self.aux_models(strategy, params, for_hf=True))}
         ready.sort(key=lambda r: r[1]["input_ids"].shape[0])  # group by length: less padding
-        settings = dataclasses.asdict(decoding)
+        record = settings(decoding)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(ready), desc="generate", unit="req", disable=len(ready) <= batch_size, leave=False)
@@ -157,12 +197,11 @@ class Predictor:
             batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else
                          {n: {kk: (vv.to(self.device) if isinstance(vv, torch.Tensor) else vv) for kk, vv in d.items()}
                           for n, d in v.items()}) for k, v in batch.items()}
-            if decoding.strategy == "sample":
-                torch.manual_seed(decoding.seed)
+            torch.manual_seed(decoding.seed)  # sampling strategies: the same seed gives the same answers
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            new = self.model.generate(batch["input_ids"], batch["attention_mask"], batch["modality_inputs"], **kwargs)
+            new = self._generate(batch, kwargs)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -177,30 +216,40 @@ class Predictor:
                     "new_tokens": n_new,
                     "timing_s": {"preprocess": round(prep_s, 4), "generate_batch": round(dt, 4)},
                     "batch_size": len(chunk),
-                    "decoding": settings,
+                    "engine": "hf",
+                    "decoding": record,
                     "checkpoint": self.checkpoint,
                 }
             bar.update(len(chunk))
         bar.close()
-        return outputs  # type: ignore[return-value]
 
+    def _generate(self, batch: dict, kwargs: dict) -> torch.Tensor:
+        """New tokens ``(B, new)``; a batch without modality inputs goes to the LLM as ids (HF's prompt-lookup
+        and assistant paths need ids, and text-only embeddings are just the ids' embeddings)."""
+        if batch["modality_inputs"]:
+            return self.model.generate(batch["input_ids"], batch["attention_mask"], batch["modality_inputs"], **kwargs)
+        ids = batch["input_ids"]
+        kw = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id,
+              "suppress_tokens": [mt.token_id for mt in self.model.modality_tokens.values()], **kwargs}
+        return self.model.llm.generate(input_ids=ids, attention_mask=batch["attention_mask"], **kw)[:, ids.shape[1]:]
 
     def _predict_in_session(self, req: dict, decoding: DecodingConfig, base_dir, source: str) -> dict:
         try:
             sess = self.session(req.get("modalities") or {}, base_dir)
-            questions = req.get("questions") or [req.get("question")]
-            if not all(isinstance(q, str) and q for q in questions):
-                raise InvalidInputError(source, "a request needs 'question' or a list of 'questions'")
-            answers = [self.ask(sess, q, decoding, req.get("options")) for q in questions]
-        except (InvalidInputError, ModalityMismatchError) as e:
+            if req.get("questions"):
+                questions = req["questions"]
+                if not isinstance(questions, list) or not all(isinstance(q, str) and q for q in questions):
+                    raise InvalidInputError(source, "'questions' must be a list of non-empty strings")
+                prompts: list = list(questions)
+            else:
+                prompts = [self.to_conversation(req)["conversations"]]
+            answers = [self.ask(sess, q, decoding, req.get("options")) for q in prompts]
+        except (InvalidInputError, ModalityMismatchError, ConfigError) as e:
             return {"id": req.get("id"), "error": type(e).__name__, "message": str(e)}
         if req.get("questions"):
-            return {"id": req.get("id"), "answers": [{"question": q, **a} for q, a in zip(questions, answers)],
+            return {"id": req.get("id"), "answers": [{"question": q, **a} for q, a in zip(req["questions"], answers)],
                     "checkpoint": self.checkpoint}
         return {"id": req.get("id"), **answers[0], "checkpoint": self.checkpoint}
-
-
-SESSION_STRATEGIES = {"speculative", "prompt_lookup", "contrastive", "contrastive_search"}
 
 
 def _strip_length(ids: list[int], pad: int | None, eos: int | None) -> int:

@@ -285,6 +285,26 @@ def murcko_scaffold(mol) -> str:
     return MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False)
 
 
+def scaffolds_as_written(smiles: Sequence[str]) -> list[str | None]:
+    """Bemis-Murcko scaffolds with chirality of SMILES as written (not standardised); None where RDKit cannot parse.
+
+    The scaffold of the ``scaffold_deterministic`` split (Hu et al. 2020, DeepChem, OGB):
+    ``MurckoScaffoldSmiles(smiles=s, includeChirality=True)``, over the SMILES ``Chem.MolFromSmiles`` accepts.
+    """
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    RDLogger.DisableLog("rdApp.*")  # unparseable rows are reported by the caller, not on stderr
+    try:
+        out: list[str | None] = []
+        for s in smiles:
+            mol = Chem.MolFromSmiles(s) if s else None
+            out.append(None if mol is None else MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=True))
+        return out
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+
+
 # ----------------------------------------------------------------------------- fingerprints and graphs
 def morgan_fingerprint(mol, bits: int = 2048, radius: int = 2) -> np.ndarray:
     """Morgan (ECFP-like) bit vector as float32 (bits,)."""

@@ -132,10 +132,15 @@ class HeadModel(nn.Module):
     def binary(self) -> bool:
         return self.config.objective == "binary"
 
+    @property
+    def tasks(self) -> int:
+        """Binary tasks (logits per input): ``len(data.label_cols)`` for a multi-task head, else 1."""
+        return max(1, len(self.config.data.label_cols))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         tokens, tmask = self.encoder(x, mask)  # (B, N, D), (B, N) | None
         logits = self.head(tokens, tmask)  # (B, out)
-        return logits.squeeze(-1) if self.binary else logits
+        return logits.squeeze(-1) if self.binary and self.tasks == 1 else logits  # (B,) | (B, T) | (B, C)
 
     @torch.no_grad()
     def attention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,7 +207,7 @@ def build_head_model(cfg: HeadStageConfig, load_encoder_weights: bool = True) ->
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"head.encoder: {e}") from e
     enc.requires_grad_(cfg.encoder.trainable == "full")
-    out = 1 if cfg.objective == "binary" else len(cfg.classes)
+    out = max(1, len(cfg.data.label_cols)) if cfg.objective == "binary" else len(cfg.classes)
     head = build_head(cfg.type, in_dim=enc.out_dim, num_tokens=enc.num_tokens, out_dim=out, hidden=cfg.hidden,
                       dropout=cfg.dropout)
     return HeadModel(cfg, enc, head)
@@ -218,7 +223,7 @@ def predict_logits(model: HeadModel, featuriser, items: list[dict], batch_size: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    width = 1 if model.binary else len(model.classes)
+    width = model.tasks if model.binary else len(model.classes)
     out = np.zeros((len(items), width), dtype=np.float64)
     order = sorted(range(len(items)), key=lambda i: item_size(items[i]))  # similar sizes together
     for s in range(0, len(order), batch_size):
@@ -229,7 +234,7 @@ def predict_logits(model: HeadModel, featuriser, items: list[dict], batch_size: 
         logits = model(x, None if mask is None else mask.to(device))
         out[idx] = logits.reshape(len(idx), width).double().cpu().numpy()
     model.train(was_training)
-    return out[:, 0] if model.binary else out
+    return out[:, 0] if model.binary and model.tasks == 1 else out  # (n,) | (n, T) | (n, C)
 
 
 def item_size(item: dict) -> int:

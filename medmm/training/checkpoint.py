@@ -73,19 +73,164 @@ def load_checkpoint(engine, root: str | Path) -> dict | None:
     return client_state or {}
 
 
-def save_final_model(engine, model, out_dir: str | Path, zero_stage: int, extra: dict | None = None) -> Path | None:
-    """Gather (ZeRO-3) and write ``model.save_pretrained(out_dir, extra=extra)`` on rank 0 (every rank calls it)."""
+def save_final_model(engine, model, out_dir: str | Path, zero_stage: int, extra: dict | None = None,
+                     max_shard_bytes: int = 1 << 30) -> Path | None:
+    """Write ``model.save_pretrained(out_dir, extra=extra)`` on rank 0 (every rank calls it).
+
+    Under ZeRO-3 the full model is never gathered at once: :func:`stream_zero3_weights` gathers one module's
+    own parameters at a time and rank 0 writes them into safetensors shards as they come (at most
+    ``max_shard_bytes`` of pending tensors in memory); rank 0 then points each parameter at its memory-mapped
+    copy on disk for ``save_pretrained`` and restores the partitions afterwards. The extra memory of the save
+    is the largest module's parameters (on every rank, for one gather) plus one pending shard (rank 0); the
+    mapped pages are file-backed and reclaimable.
+    """
     out_dir = Path(out_dir)
     if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        scratch = out_dir.parent / f".{out_dir.name}.zero3-shards"
+        if is_main():
+            shutil.rmtree(scratch, ignore_errors=True)
+        barrier()
+        try:
+            index = stream_zero3_weights(model, scratch, max_shard_bytes=max_shard_bytes)
             if is_main():
-                model.save_pretrained(out_dir, extra=extra)
+                with _params_from_shards(model, scratch, index):
+                    model.save_pretrained(out_dir, extra=extra)
+        finally:
+            if is_main():
+                shutil.rmtree(scratch, ignore_errors=True)
     elif is_main():
         model.save_pretrained(out_dir, extra=extra)
     barrier()
     return out_dir if is_main() else None
+
+
+def save_final_model_gathered_at_once(model, out_dir: str | Path, extra: dict | None = None) -> Path | None:
+    """The former ZeRO-3 save: every parameter gathered on every rank at once. Kept only so
+    ``bench/zero3_save.py`` can measure what :func:`save_final_model` saves; do not use it for large models."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if is_main():
+            model.save_pretrained(out_dir, extra=extra)
+    barrier()
+    return Path(out_dir) if is_main() else None
+
+
+def stream_zero3_weights(model, folder: str | Path, max_shard_bytes: int = 1 << 30) -> dict[str, str] | None:
+    """Gather ZeRO-3 parameters module by module; rank 0 writes them to ``folder`` as safetensors shards.
+
+    Every rank must call it (the gathers are collective). Each shard holds one dtype (so its tensors can be
+    memory-mapped without copies) and is written as soon as its pending tensors reach ``max_shard_bytes``.
+    Parameters shared between modules (tied embeddings) are gathered and written once, under the name
+    ``model.named_parameters()`` gives them.
+
+    Args:
+        model: the engine's module (parameters partitioned by ZeRO-3).
+        folder: where the shards and ``index.json`` (parameter name -> shard file) go; created by rank 0.
+        max_shard_bytes: flush a dtype's pending tensors into a shard when they reach this many bytes.
+
+    Returns:
+        On rank 0 the index ``{parameter name: shard file name}``; None on the other ranks.
+    """
+    import json
+
+    import deepspeed
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    main = is_main()
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+    names = {id(p): n for n, p in model.named_parameters()}  # the canonical name of each (possibly shared) parameter
+    seen: set[int] = set()
+    pending: dict = {}  # dtype -> {name: cpu tensor}
+    pending_bytes: dict = {}
+    index: dict[str, str] = {}
+
+    def flush(dtype) -> None:
+        tensors = pending.pop(dtype, None)
+        pending_bytes.pop(dtype, None)
+        if tensors:
+            fname = f"shard-{len(set(index.values())):05d}.safetensors"
+            save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+            index.update({k: fname for k in tensors})
+
+    for _, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen and id(p) in names]
+        if not own:
+            continue
+        seen.update(id(p) for p in own)
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+            if main:
+                for p in own:
+                    # (a copy: the gathered buffer is released when the context exits)
+                    t = p.detach().to("cpu", copy=True).contiguous()
+                    pending.setdefault(t.dtype, {})[names[id(p)]] = t
+                    pending_bytes[t.dtype] = pending_bytes.get(t.dtype, 0) + t.numel() * t.element_size()
+                    if pending_bytes[t.dtype] >= max_shard_bytes:
+                        flush(t.dtype)
+    if not main:
+        return None
+    for dtype in list(pending):
+        flush(dtype)
+    atomic_write_text(folder / "index.json", json.dumps(index, indent=1))
+    return index
+
+
+def mmap_safetensors(path: str | Path) -> dict:
+    """The tensors of a one-dtype safetensors file, each memory-mapped copy-on-write (nothing read into memory)."""
+    import json
+    import struct
+
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    if not header:
+        return {}
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    out = {}
+    for name, h in header.items():
+        begin, end = h["data_offsets"]
+        if end == begin:
+            out[name] = torch.empty(h["shape"], dtype=dtypes[h["dtype"]])
+            continue
+        # one mapping per tensor: each gets its own storage, so savers that look for shared storage (tied
+        # weights) see none; one dtype per file keeps every offset aligned for the view
+        raw = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n + begin, shape=(end - begin,))
+        out[name] = torch.from_numpy(raw).view(dtypes[h["dtype"]]).reshape(h["shape"])
+    return out
+
+
+class _params_from_shards:
+    """Point every parameter of ``model`` at its memory-mapped copy in the shards; restore the ZeRO-3
+    partitions (empty ``.data``) on exit."""
+
+    def __init__(self, model, folder: Path, index: dict[str, str]):
+        self.model, self.folder, self.index = model, Path(folder), index
+        self.saved: list = []
+
+    def __enter__(self):
+        tensors: dict = {}
+        for fname in sorted(set(self.index.values())):
+            tensors.update(mmap_safetensors(self.folder / fname))
+        for name, p in self.model.named_parameters():
+            self.saved.append((p, p.data))
+            p.data = tensors[name]
+        return self
+
+    def __exit__(self, *exc):
+        for p, data in self.saved:
+            p.data = data
+        self.saved.clear()
+        return False
 
 
 def load_modules_from(model, folder: str | Path) -> dict:

@@ -41,7 +41,8 @@ _OPTION_LINE = re.compile(r"^\s*([A-J])\s*[\.\:：、．\)）]?\s*(.+?)\s*$")
 _LETTERS_ONLY = re.compile(r"^[\s\(\（\[]*([A-J](?:[\s,，、和and]*[A-J])*)[\s\)\）\]\.。]*$")
 _STATED = re.compile(r"(?:(?i:the\s+)?(?i:correct\s+)?(?i:answer|option)(?:\s+(?i:is))?|答案(?:是|为|应为|应该是)?|选)"
                      r"\s*[:：]?\s*[\(（]?([A-J])(?![A-Za-z])")
-_LEADING = re.compile(r"^\s*[\(（\[]?([A-J])[\)）\]]?(?:[\.\:：、．,，\s]|$)")
+# "(B) ...", "B. ...", "B) ...", "B：..."; not "A patient" (a bare letter then a space is an English article)
+_LEADING = re.compile(r"^\s*(?:[\(（\[]([A-J])[\)）\]]|([A-J])(?:[\.\:：、．\)）]|$))")
 
 
 def _options(rec: dict, source: str) -> dict[str, str]:
@@ -108,10 +109,12 @@ def parse_choice(text: str, options: dict[str, str]) -> str | None:
         letters = {c for c in m.group(1) if c in LETTERS}
         if letters and letters <= set(options):
             return "".join(sorted(letters))
-    for rx in (_STATED, _LEADING):
-        m = rx.search(text) if rx is _STATED else rx.match(text)
-        if m and m.group(1) in options:
-            return m.group(1)
+    m = _STATED.search(text)
+    if m and m.group(1) in options:
+        return m.group(1)
+    m = _LEADING.match(text)
+    if m and (m.group(1) or m.group(2)) in options:
+        return m.group(1) or m.group(2)
     low = text.lower()
     hits = [k for k, v in options.items() if v and v.lower() in low]
     return hits[0] if len(hits) == 1 else None

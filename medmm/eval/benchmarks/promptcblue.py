@@ -447,7 +447,7 @@ class PromptCBLUEBenchmark(Benchmark):
                     out[j]["score"] = s
         position = np.full(len(rows), -1, dtype=np.int64)  # each row's index within its task
         code = np.full(len(rows), -1, dtype=np.int64)  # each row's task, as a number
-        for t, (task, (idx, _)) in enumerate(scorers.items()):
+        for t, (idx, _) in enumerate(scorers.values()):
             position[idx] = np.arange(len(idx))
             code[idx] = t
 

@@ -85,6 +85,9 @@ class Benchmark:
     """The metric a summary shows first."""
     scale: ClassVar[float] = 1.0
     """The metrics' full scale (1 for fractions, 100 for PromptCBLUE's official 0-100)."""
+    trains: ClassVar[bool] = False
+    """True for a benchmark that trains its own models (moleculenet): ``medmm eval NAME`` calls its
+    ``main(argv)`` instead of scoring a checkpoint or predictions."""
 
     @dataclass
     class Options:

@@ -188,10 +188,11 @@ def format_metrics(result: dict) -> str:
     lines = [f"{result['benchmark']}  n={result['n']}  errors={result.get('errors', 0)}",
              f"  protocol: {result['protocol']}"]
     width = max((len(k) for k in result["metrics"]), default=4)
+    tag = result["protocol"].split(":", 1)[0]  # the protocol's short name beside every figure
     for k, m in result["metrics"].items():
         ci = m.get("ci95")
         ci_s = f"[{_fmt(ci[0], scale)}, {_fmt(ci[1], scale)}]" if ci else "[no interval]"
-        lines.append(f"  {k:<{width}}  {_fmt(m['value'], scale):>8}  95% CI {ci_s}")
+        lines.append(f"  {k:<{width}}  {_fmt(m['value'], scale):>8}  95% CI {ci_s:<20}  ({tag})")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@
 runs it (ZeRO 0-3, checkpoints, ``--resume``, progress bar, TensorBoard, ``metrics.jsonl``, early
 stopping). Built in::
 
+    pretrain next-token loss on every text token of packed documents (continued pretraining) stages/pretrain.py
     sft     next-token loss on the answers of conversations (multimodal, text-only, or both)   stages/sft.py
     align   image-report contrastive alignment of one modality's encoder + projector           stages/align.py
     head    an encoder + classification head on labelled molecules, DNA or slides (no LLM)     stages/head.py

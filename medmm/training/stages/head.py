@@ -2,10 +2,12 @@
 
 Section ``head`` (:class:`medmm.config.HeadStageConfig`). Records -> batches: the labelled file is read
 by the registered featuriser (``head.featuriser``: molecules, dna, slides; :mod:`medmm.data.featurisers`),
-split (scaffold / stratified / random, or a separate ``head.data.eval_path``), and batched in shuffled
+split (scaffold / scaffold_deterministic / stratified / random, or a separate ``head.data.eval_path``), and batched in shuffled
 buckets of similar-sized inputs (less padding). Model: an encoder from the ``encoders`` registry and a
-head from :mod:`medmm.model.heads`. Loss: BCE on one logit (``objective: binary``) or cross-entropy
-(``multiclass``), optionally class-weighted. Logged: the loss, and after every epoch the validation
+head from :mod:`medmm.model.heads`. Loss: BCE on one logit (``objective: binary``), masked BCE on one logit per
+label column (``head.data.label_cols``: multi-task, a blank cell is a missing label that counts in neither the
+loss nor the metrics; ROC-AUC is averaged over the tasks with both classes present, the MoleculeNet convention)
+or cross-entropy (``multiclass``), optionally class-weighted. Logged: the loss, and after every epoch the validation
 scores (``val_auroc``, ``val_log_loss`` or ``val_accuracy``, ``val_balanced_accuracy``; early
 stopping and ``restore_best`` follow ``val_score``). At the end: temperature scaling fitted on the
 validation part (binary), test metrics raw and calibrated. Saved (``<output_dir>/checkpoint``)::
@@ -13,7 +15,9 @@ validation part (binary), test metrics raw and calibrated. Saved (``<output_dir>
     head_model.json       the head settings (preprocessing included) and temperature: rebuilds from itself
     model.safetensors     encoder + head          encoder.safetensors   the encoder alone
     metrics.json          validation and test metrics       predictions_test.csv   one row per test input
-    split.json            the sources of the train / validation / test parts
+and ``<output_dir>/split.json`` = ``{"train": [...], "val": [...], "test": [...], "rejected": [...]}``: 0-based
+numbers of the input file's data rows (the first row after the header is 0); with ``split: none`` the
+validation and test numbers are rows of ``eval_path``.
 
     python train.py --config configs/tasks/druggability_head.yaml head.data.path=assay.csv head.data.label_col=active
 """
@@ -93,6 +97,48 @@ class BucketBatchSampler:
         return self.batches_per_epoch
 
 
+def multitask_label_parser(columns: list[str]):
+    """``label_of(raw_values, source) -> tuple of 0.0 / 1.0 / nan`` for several 0/1 columns; blank = nan (missing)."""
+
+    def label_of(raw, source: str) -> tuple[float, ...]:
+        out = []
+        for col, v in zip(columns, raw):
+            text = str(v if v is not None else "").strip()
+            if not text:
+                out.append(float("nan"))
+            elif text in ("0", "1", "0.0", "1.0"):
+                out.append(float(text))
+            else:
+                raise InvalidInputError(source, f"label '{text}' in column '{col}' is not 0/1 or blank")
+        return tuple(out)
+
+    return label_of
+
+
+def multitask_metrics(labels, probs) -> dict:
+    """MoleculeNet-style scores of several binary tasks with missing labels (nan in ``labels``).
+
+    ``auroc`` is the mean ROC-AUC over the tasks whose observed labels hold both classes; a missing label
+    (nan) is left out of every score. ``log_loss`` is over the observed labels.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)  # (n, T), nan = missing
+    p = np.clip(np.asarray(probs, dtype=np.float64).reshape(len(y), -1), 1e-7, 1 - 1e-7)  # (n, T)
+    per: list[float | None] = []
+    for t in range(y.shape[1]):
+        seen = ~np.isnan(y[:, t])
+        yt = y[seen, t]
+        per.append(float(roc_auc_score(yt, p[seen, t])) if 0 < yt.sum() < len(yt) else None)
+    scored = [a for a in per if a is not None]
+    obs = ~np.isnan(y)
+    yo, po = y[obs], p[obs]
+    return {"n": int(len(y)), "labels_observed": int(obs.sum()), "positives": int(yo.sum()),
+            "auroc": float(np.mean(scored)) if scored else None, "tasks_scored": len(scored),
+            "auroc_per_task": per,
+            "log_loss": float(-np.mean(yo * np.log(po) + (1 - yo) * np.log(1 - po))) if len(yo) else None}
+
+
 def _split(cfg, feats) -> tuple[list[int], list[int], list[int]]:
     from ...data.splits import random_split, scaffold_split, stratified_split
 
@@ -102,6 +148,23 @@ def _split(cfg, feats) -> tuple[list[int], list[int], list[int]]:
     if d.split == "stratified":
         return stratified_split(feats.labels, d.fractions, d.seed)
     return random_split(len(feats.items), d.fractions, d.seed)
+
+
+def _deterministic_parts(rows, feats, fractions) -> tuple[list[int], list[int], list[int]]:
+    """The ``scaffold_deterministic`` parts as positions in ``feats``: the split is made over every row RDKit
+    parses as written (scaffolds with chirality, Hu et al. 2020), so it equals the published procedure's
+    whatever the featuriser later rejects; a rejected row is simply absent from its part."""
+    from ...data.splits import scaffold_deterministic_rows
+
+    rows_of = scaffold_deterministic_rows([r.value for r in rows], fractions)
+    part_of = {k: p for p, name in enumerate(("train", "val", "test")) for k in rows_of[name]}
+    row_of = {r.source: k for k, r in enumerate(rows)}
+    out: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for i, src in enumerate(feats.sources):
+        p = part_of.get(row_of[src])
+        if p is not None:
+            out[p].append(i)
+    return out
 
 
 @register_stage("head")
@@ -122,26 +185,53 @@ class HeadStage(Stage):
             raise ConfigError("head.data.path: the labelled file is required")
         t0 = time.perf_counter()
         self.featuriser = build_featuriser(h)
-        rows = self.featuriser.read_rows(h.data.path)
+        self.multitask = bool(h.data.label_cols)
+        read = self._read_multitask if self.multitask else self.featuriser.read_rows
+        rows = read(h.data.path)
         self.classes = resolve_classes(h.objective, h.classes, rows)
-        label_of = label_parser(self.classes, h.data.label_col)
+        label_of = multitask_label_parser(h.data.label_cols) if self.multitask else \
+            label_parser(self.classes, h.data.label_col)
         feats = featurise_rows(self.featuriser, rows, label_of)
         self.errors = list(feats.errors)
+        self.rows = rows
+        row_of = {r.source: k for k, r in enumerate(rows)}
         if h.data.split == "none":
-            held = featurise_rows(self.featuriser, self.featuriser.read_rows(h.data.eval_path), label_of)
+            held_rows = read(h.data.eval_path)
+            held = featurise_rows(self.featuriser, held_rows, label_of)
             self.errors += held.errors
             self.train, self.val, self.test = feats, held, held
             self.parts = (list(range(len(feats))), [], [])
+            held_of = {r.source: k for k, r in enumerate(held_rows)}
+            used = [row_of[s] for s in feats.sources]
+            held_idx = [held_of[s] for s in held.sources]
+            self.split_rows = {"train": used, "val": held_idx, "test": held_idx,
+                               "rejected": sorted(set(range(len(rows))) - set(used))}
         else:
             if len(feats) < 10:
                 raise InvalidInputError(h.data.path, f"only {len(feats)} usable rows; need at least 10 to train")
-            self.parts = _split(h, feats)
+            self.parts = _deterministic_parts(rows, feats, h.data.fractions) \
+                if h.data.split == "scaffold_deterministic" else _split(h, feats)
             self.train, self.val, self.test = (feats.subset(p) for p in self.parts)
+            named = {k: sorted(row_of[feats.sources[i]] for i in p) for k, p in zip(("train", "val", "test"),
+                                                                                  self.parts)}
+            used = {k for v in named.values() for k in v}
+            self.split_rows = named | {"rejected": sorted(set(range(len(rows))) - used)}
         if not len(self.train) or not len(self.val):
             raise InvalidInputError(h.data.path, f"the split left {len(self.train)} training and {len(self.val)} "
                                                  "validation items; both parts need some")
         self.all = feats
         self.seconds_featurise = time.perf_counter() - t0
+
+    def _read_multitask(self, path) -> list:
+        """Rows whose label is the tuple of the ``head.data.label_cols`` cells (blank = missing)."""
+        from ...data.featurisers import Row, read_table
+
+        d = self.settings.data
+        table = read_table(path, d.input_col, None, d.delimiter, d.limit)
+        missing = [c for c in d.label_cols if table and c not in table[0][1]]
+        if missing:
+            raise InvalidInputError(path, f"no label columns {missing} (columns: {list(table[0][1])})")
+        return [Row(src, row.get(d.input_col) or "", tuple(row.get(c) for c in d.label_cols)) for src, row in table]
 
     def build_model(self):
         from ...model.heads import build_head_model
@@ -153,10 +243,12 @@ class HeadStage(Stage):
         if h.loader == "slide_features" and in_dim is not None and in_dim != h.preprocess.slide_feature_dim:
             raise ConfigError(f"head.encoder.kwargs.in_dim={in_dim} but head.preprocess.slide_feature_dim="
                               f"{h.preprocess.slide_feature_dim}: set both to the tile-feature width")
-        y = np.asarray(self.train.labels)
-        counts = np.bincount(y, minlength=len(self.classes)).astype(np.float64)
         self.class_weight = None
+        if h.class_weights == "balanced" and self.multitask:
+            raise ConfigError("head.class_weights=balanced is not defined for a multi-task head (data.label_cols)")
         if h.class_weights == "balanced":
+            y = np.asarray(self.train.labels)
+            counts = np.bincount(y, minlength=len(self.classes)).astype(np.float64)
             self.class_weight = torch.tensor(len(y) / (len(self.classes) * np.maximum(counts, 1)), dtype=torch.float32)
         self.t_start = time.perf_counter()
         return self.model
@@ -189,6 +281,11 @@ class HeadStage(Stage):
         mask = batch["mask"] if isinstance(batch.get("mask"), torch.Tensor) else None
         logits = engine(x, mask)
         y = batch["labels"]
+        if self.multitask:  # (B, T) with nan = missing: masked out of the mean
+            z, y = logits.float().reshape(len(y), -1), y.float().reshape(len(y), -1)
+            seen = ~torch.isnan(y)
+            per = F.binary_cross_entropy_with_logits(z, torch.nan_to_num(y), reduction="none")
+            return (per * seen).sum() / seen.sum().clamp(min=1), {}
         w = None if self.class_weight is None else self.class_weight.to(logits.device)
         if self.model.binary:
             pos = None if w is None else (w[1] / w[0]).reshape(1)
@@ -203,7 +300,7 @@ class HeadStage(Stage):
     def _probs(self, z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         from ...scoring import sigmoid
 
-        if z.ndim == 1:
+        if z.ndim == 1 or self.multitask:  # one probability per logit (binary, multi-task)
             return sigmoid(z / temperature)
         z = z / temperature
         e = np.exp(z - z.max(1, keepdims=True))
@@ -212,6 +309,8 @@ class HeadStage(Stage):
     def _metrics(self, labels, probs: np.ndarray, bootstrap: int = 0) -> dict:
         from ...scoring import binary_metrics, classification_metrics
 
+        if self.multitask:
+            return multitask_metrics(labels, probs)
         if probs.ndim == 1:
             return binary_metrics(labels, probs)
         return classification_metrics(labels, probs, self.classes, bootstrap=bootstrap, seed=self.cfg.trainer.seed)
@@ -233,7 +332,11 @@ class HeadStage(Stage):
         t_train = time.perf_counter() - self.t_start
         z_val, z_test = self._logits(model, self.val), self._logits(model, self.test)
         temperature = 1.0
-        if model.binary and h.calibration == "temperature":
+        if model.binary and h.calibration == "temperature" and self.multitask:  # one T over the observed labels
+            yv = np.asarray(self.val.labels, dtype=np.float64).reshape(len(z_val), -1)
+            seen = ~np.isnan(yv)
+            temperature = fit_temperature(z_val.reshape(len(yv), -1)[seen], yv[seen].astype(int)) if seen.any() else 1.0
+        elif model.binary and h.calibration == "temperature":
             temperature = fit_temperature(z_val, self.val.labels)
         model.temperature = temperature
         self.test_probs_raw, self.test_probs = self._probs(z_test), self._probs(z_test, temperature)
@@ -268,11 +371,14 @@ class HeadStage(Stage):
         path = save_final_model(engine, model, out_dir, zero_stage, extra={"training": training})
         if path is None:  # not rank 0
             return None
-        write_predictions(path / "predictions_test.csv", with_reports(self.featuriser, self.test), self.test_probs,
-                          self.classes, self.test_probs_raw if model.binary else None)
+        if self.multitask:
+            _write_multitask_predictions(path / "predictions_test.csv", self.test, self.test_probs,
+                                         self.settings.data.label_cols)
+        else:
+            write_predictions(path / "predictions_test.csv", with_reports(self.featuriser, self.test),
+                              self.test_probs, self.classes, self.test_probs_raw if model.binary else None)
         atomic_write_text(path / "metrics.json", json.dumps(self.metrics, indent=2))
-        atomic_write_text(path / "split.json", json.dumps({"train": self.train.sources, "val": self.val.sources,
-                                                          "test": self.test.sources}))
+        atomic_write_text(Path(self.cfg.trainer.output_dir) / "split.json", json.dumps(self.split_rows))
         return path
 
     def load_errors(self) -> list[dict]:
@@ -281,3 +387,17 @@ class HeadStage(Stage):
     def describe(self, model) -> str:
         return f"{super().describe(model)} encoder={self.settings.encoder.name} head={self.settings.type} " \
                f"classes={self.classes}"
+
+
+def _write_multitask_predictions(path: Path, feats, probs: np.ndarray, tasks: list[str]) -> None:
+    """One CSV row per item: source, input, canonical, then ``label_<task>`` (blank = missing), ``prob_<task>``."""
+    import csv
+
+    probs = np.asarray(probs).reshape(len(feats.items), -1)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["source", "input", "canonical", *[f"label_{t}" for t in tasks], *[f"prob_{t}" for t in tasks]])
+        for i in range(len(feats.items)):
+            labs = ["" if np.isnan(v) else int(v) for v in feats.labels[i]]
+            w.writerow([feats.sources[i], feats.inputs[i], feats.canonical[i], *labs,
+                        *[round(float(p), 5) for p in probs[i]]])

@@ -50,6 +50,10 @@ class SFTStage(Stage):
         if d.packing != "none" and (self.dataset_mode != "sft" or d.packing == "concat"):
             raise ConfigError(f"data.packing={d.packing}: stage {self.name} packs only whole conversations "
                               "(neat, stage sft); concat is for stage pretrain")
+        for x in d.datasets:
+            if x.format != "conversation":
+                raise ConfigError(f"data.datasets[{x.path}].format={x.format}: stage {self.name} reads conversation "
+                                  "JSONL; text corpora are for stage pretrain")
         proc = self.medmm.processor(d.max_length, d.system_prompt)
         self.datasets = [ConversationDataset(x.path, proc, x.name, mode=self.dataset_mode) for x in d.datasets]
         parts = self.datasets
@@ -66,7 +70,9 @@ class SFTStage(Stage):
         return StageData(mixture, sampler, partial(proc.collate, pad_missing_modalities=self.pad_missing_modalities),
                          sampler(0).batches_per_epoch, num_workers=d.num_workers,
                          pin_memory=getattr(d, "pin_memory", False),
-                         description=f"datasets={[(x.name, len(x)) for x in self.datasets]}")
+                         description=f"datasets={[(x.name, len(x)) for x in self.datasets]}"
+                         + (f" packing=neat blocks={[(x.name, len(x), f'fill {x.fill():.0%}') for x in parts]}"
+                            if parts is not self.datasets else ""))
 
     def describe(self, model) -> str:
         counts = self.medmm.parameter_counts()

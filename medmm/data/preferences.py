@@ -1,0 +1,388 @@
+"""Preference pairs: records -> chosen/rejected samples -> batches, and the production of pairs.
+
+A preference record is a conversation whose last turn is the human prompt, and two answers::
+
+    {"id": "vqa-11", "modalities": {"image": "synpic42202.jpg"},
+     "conversations": [{"from": "human", "value": "<image>\\nIs there evidence of an aortic aneurysm?"}],
+     "chosen": "yes", "rejected": "no"}
+
+``rejected_modalities`` (optional) gives the rejected answer other inputs (e.g. a corrupted image); by default
+both answers see ``modalities``. Each answer becomes one training sequence, prompt + answer, whose labels are
+the answer's tokens alone (earlier answers of a multi-turn prompt are context, not scored).
+
+Length: a pair whose prompt, or a modality placeholder, would be cut by ``data.max_length`` is dropped when the
+dataset is built, with its reason in ``errors.jsonl`` (a cut placeholder is the "image features and image tokens
+do not match" failure of other frameworks); an answer longer than what is left is truncated, as TRL does.
+
+Production (``medmm prepare preferences``):
+
+- :func:`pairs_from_labels`: closed-set data (VQA yes/no, ``prepare molecules`` druggability labels, records with
+  ``answer_choices``): the right answer chosen, a wrong option rejected;
+- :func:`pairs_from_samples`: N sampled answers per prompt ranked by a registered reward
+  (:mod:`medmm.data.rewards`); best and worst kept as a pair when the margin passes.
+
+Precomputed reference log-probs (``trainer.dpo.reference: precomputed``) are stored per pair with a digest of
+both token sequences, so a file made for other data or another tokenizer is refused (:func:`read_reference`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, ConversationError, InvalidInputError
+from ..scoring import normalize
+from ..utils import read_jsonl
+from .conversation import IGNORE_INDEX, ROLES, reference_of
+from .rewards import RewardSpec, choices
+
+log = logging.getLogger(__name__)
+REFERENCE_FORMAT = "medmm-dpo-reference"
+REFERENCE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+def _role(turn) -> str | None:
+    if not isinstance(turn, dict):
+        return None
+    return ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+
+
+def _answer(record: dict, key: str, source: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConversationError(source, f"a preference record needs a non-empty '{key}' answer")
+    return value
+
+
+def _counts(mods, source: str) -> dict[str, int]:
+    if mods is None:
+        return {}
+    if not isinstance(mods, dict):
+        raise ConversationError(source, "'modalities' must be a mapping {name: value or [values]}")
+    return {k: len(v) if isinstance(v, list) else 1 for k, v in mods.items()}
+
+
+def _encode_answer(encoder, conv: list[dict], answer: str, counts: dict[str, int], which: str,
+                   source: str) -> tuple[list[int], list[int]]:
+    """prompt + answer -> (ids, labels) with labels on this answer's tokens only."""
+    prompt = encoder.encode_prompt(conv, counts, source)  # raises when the prompt alone is over max_length
+    ids, labels = encoder.encode(conv + [{"from": "gpt", "value": answer}], counts, source)  # raises on a cut placeholder
+    if ids[: len(prompt)] != prompt:
+        raise ConversationError(source, "the chat template does not render the prompt as a prefix of prompt + answer")
+    labels = [IGNORE_INDEX] * len(prompt) + labels[len(prompt):]
+    if all(t == IGNORE_INDEX for t in labels):
+        raise ConversationError(source, f"the {which} answer is cut away entirely by max_length={encoder.max_length} "
+                                        f"(the prompt takes {len(prompt)} tokens)")
+    return ids, labels
+
+
+def encode_pair(processor, record: dict, source: str = "<record>") -> dict:
+    """Check a preference record and tokenise both answers (no modality input is read).
+
+    Returns:
+        ``{"chosen": (ids, labels), "rejected": (ids, labels)}``.
+
+    Raises:
+        ConversationError: a malformed record, a prompt that does not end with a human turn, identical answers, or
+            a prompt or modality placeholder that ``max_length`` would cut.
+    """
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise ConversationError(source, "'conversations' must be a non-empty list ending with the human prompt")
+    if _role(conv[-1]) != "user":
+        raise ConversationError(source, "a preference record's conversations end with a human turn (the prompt); "
+                                        "the answers go in 'chosen' and 'rejected'")
+    chosen, rejected = _answer(record, "chosen", source), _answer(record, "rejected", source)
+    if chosen.strip() == rejected.strip():
+        raise ConversationError(source, "'chosen' and 'rejected' are the same answer")
+    counts = _counts(record.get("modalities"), source)
+    rmods = record.get("rejected_modalities")
+    rcounts = counts if rmods is None else _counts(rmods, source)
+    enc = processor.encoder
+    return {"chosen": _encode_answer(enc, conv, chosen, counts, "chosen", source),
+            "rejected": _encode_answer(enc, conv, rejected, rcounts, "rejected", source)}
+
+
+def pair_digest(chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> str:
+    """A short digest of both token sequences (ties a precomputed reference to its exact inputs)."""
+    return hashlib.sha1(json.dumps([list(chosen_ids), list(rejected_ids)]).encode()).hexdigest()[:16]
+
+
+class PreferenceDataset(Dataset):
+    """A preference JSONL file; relative modality paths resolve against its folder.
+
+    Pairs that cannot be trained on (malformed, a prompt or placeholder cut by ``max_length``) are dropped when the
+    dataset is built and listed in :attr:`failed` (they reach ``errors.jsonl``). A pair whose modality input fails
+    to load is replaced by the next one, the failure travelling with the sample (``load_errors``), as in
+    :class:`medmm.data.dataset.ConversationDataset`.
+    """
+
+    def __init__(self, path: str | Path, processor, name: str | None = None, max_retries: int = 16):
+        self.path = Path(path)
+        self.processor = processor
+        self.name = name or self.path.stem
+        self.max_retries = max_retries
+        self.failed: dict[str, dict] = {}
+        self.pairs: list[dict] = []
+        records = read_jsonl(self.path)
+        if not records:
+            raise InvalidInputError(self.path, "no records")
+        key_path = str(self.path.resolve())
+        for j, rec in enumerate(records):
+            source = f"{self.path}:{j + 1} (id={rec.get('id')})"
+            try:
+                enc = encode_pair(processor, rec, source)
+            except InvalidInputError as e:
+                self.failed[source] = e.to_record()
+                log.warning("dropping preference pair: %s", e)
+                continue
+            (c_ids, c_lab), (r_ids, r_lab) = enc["chosen"], enc["rejected"]
+            self.pairs.append({"record": rec, "source": source, "key": (key_path, j + 1),
+                               "digest": pair_digest(c_ids, r_ids), "chosen": (c_ids, c_lab),
+                               "rejected": (r_ids, r_lab)})
+        if not self.pairs:
+            raise InvalidInputError(self.path, f"none of its {len(records)} records is a usable preference pair "
+                                               f"(first reason: {next(iter(self.failed.values()))['message']})")
+        self.reference: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def attach_reference(self, table: dict, file: str | Path) -> None:
+        """Give every pair its precomputed reference log-probs from ``table`` (:func:`read_reference`)."""
+        for p in self.pairs:
+            entry = table.get(p["key"])
+            if entry is None:
+                raise ConfigError(f"trainer.dpo.reference_file: {file} has no reference log-probs for {p['source']}; "
+                                  "rerun `medmm prepare dpo-reference` for this data")
+            if entry["digest"] != p["digest"]:
+                raise ConfigError(f"trainer.dpo.reference_file: {file} was computed for other tokens of {p['source']} "
+                                  "(data, tokenizer or data.max_length changed); rerun `medmm prepare dpo-reference`")
+        self.reference = table
+
+    def __getitem__(self, idx: int) -> dict:
+        errors: list[dict] = []
+        for k in range(self.max_retries):
+            p = self.pairs[(idx + k) % len(self.pairs)]
+            try:
+                sample = self._load(p)
+                sample["load_errors"] = errors
+                return sample
+            except InvalidInputError as e:
+                errors.append(e.to_record())
+                if p["source"] not in self.failed:
+                    self.failed[p["source"]] = errors[-1]
+                    log.warning("skipping preference pair: %s", e)
+        raise InvalidInputError(self.path, f"{self.max_retries} consecutive pairs failed to load")
+
+    def _load(self, p: dict) -> dict:
+        rec, base = p["record"], self.path.parent
+        items = self.processor._modality_items(rec, p["source"], base)
+        ritems = items
+        if rec.get("rejected_modalities") is not None:
+            ritems = self.processor._modality_items({"modalities": rec["rejected_modalities"]}, p["source"], base)
+        (c_ids, c_lab), (r_ids, r_lab) = p["chosen"], p["rejected"]
+        sample = {"chosen": {"input_ids": torch.tensor(c_ids), "labels": torch.tensor(c_lab), "items": items},
+                  "rejected": {"input_ids": torch.tensor(r_ids), "labels": torch.tensor(r_lab), "items": ritems},
+                  "key": p["key"], "id": rec.get("id")}
+        if self.reference is not None:
+            entry = self.reference[p["key"]]
+            sample["ref"] = (entry["chosen"], entry["rejected"])
+        return sample
+
+
+def collate_pairs(processor, samples: list[dict], pad_missing_modalities: bool = True) -> dict:
+    """Pairs -> one batch of ``2B`` rows: the B chosen sequences, then the B rejected ones (one forward pass).
+
+    ``pad_missing_modalities`` gives every modality of the model an input (a zero-weighted dummy where no row has
+    one), so every rank runs every encoder at every step: mixed text-only and multimodal pairs cannot hang ZeRO-3.
+    With precomputed references the batch carries ``ref_logps`` ``(2B,)`` in the same order.
+    """
+    rows = [s["chosen"] for s in samples] + [s["rejected"] for s in samples]
+    batch = processor.collate(rows, pad_missing_modalities=pad_missing_modalities)
+    if all("ref" in s for s in samples):
+        batch["ref_logps"] = torch.tensor([s["ref"][0] for s in samples] + [s["ref"][1] for s in samples],
+                                          dtype=torch.float64)
+    errors = [e for s in samples for e in s.get("load_errors", [])]
+    if errors:
+        batch["load_errors"] = errors
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------- reference file
+def write_reference(path: str | Path, header: dict, rows: list[dict]) -> Path:
+    """Write precomputed reference log-probs: a header line, then one line per pair (dataset, line, digest, logps)."""
+    from ..utils import atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = {"format": REFERENCE_FORMAT, "version": REFERENCE_VERSION, **header}
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in [head, *rows]))
+    return path
+
+
+def read_reference(path: str | Path) -> tuple[dict, dict]:
+    """Read a file of :func:`write_reference`: ``(header, {(dataset, line): {"digest", "chosen", "rejected"}})``."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"trainer.dpo.reference_file: '{path}' not found (medmm prepare dpo-reference writes it)")
+    rows = read_jsonl(path)
+    if not rows or rows[0].get("format") != REFERENCE_FORMAT:
+        raise InvalidInputError(path, f"not a {REFERENCE_FORMAT} file (medmm prepare dpo-reference writes them)")
+    if rows[0].get("version") != REFERENCE_VERSION:
+        raise InvalidInputError(path, f"format version {rows[0].get('version')}, this medmm reads {REFERENCE_VERSION}")
+    table = {(r["dataset"], int(r["line"])): {"digest": r["digest"], "chosen": float(r["chosen"]),
+                                               "rejected": float(r["rejected"])} for r in rows[1:]}
+    return rows[0], table
+
+
+# ----------------------------------------------------------------------------------------------- production
+_OR = re.compile(r"([\w][\w-]*)\s+or\s+([\w][\w-]*)", re.IGNORECASE)
+
+
+def closed_options(record: dict) -> list[str] | None:
+    """The allowed answers of a closed question, or None when they are unknown.
+
+    In order: the record's ``answer_choices``/``options``; yes/no when the reference answer is yes or no; the two
+    words around an "X or Y" of the question when the answer is one of them ("Is this an MRI or CT?" -> MRI, CT).
+    """
+    listed = choices(record)
+    if listed:
+        return listed
+    answer = reference_of(record)
+    if answer is None:
+        return None
+    norm = normalize(answer)
+    if norm in ("yes", "no"):
+        return ["yes", "no"]
+    question = next((str(t.get("value", "")) for t in reversed(record.get("conversations") or [])
+                     if _role(t) == "user"), "")
+    for a, b in _OR.findall(question):
+        if norm in (normalize(a), normalize(b)) and normalize(a) != normalize(b):
+            return [a, b]
+    return None
+
+
+def _prompt_of(record: dict, source: str) -> list[dict]:
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or len(conv) < 2 or _role(conv[-1]) != "assistant" or _role(conv[-2]) != "user":
+        raise ConversationError(source, "needs conversations ending with a human question and its answer")
+    return [dict(t) for t in conv[:-1]]
+
+
+def pairs_from_labels(records: list[dict], source: str = "<data>", seed: int = 0) -> tuple[list[dict], list[dict], dict]:
+    """Closed-set labelled conversations -> preference pairs: the reference answer chosen, a wrong option rejected.
+
+    Open questions (``answer_type: OPEN``, or no known options) are skipped and counted, not errors; a reference
+    answer outside its own options is an error. With several wrong options one is drawn, seeded by ``seed`` and
+    the record id, so reruns give the same file.
+
+    Returns:
+        ``(pairs, error records, counts)``.
+    """
+    pairs, errors, counts = [], [], Counter()
+    for j, rec in enumerate(records):
+        src = f"{source}:{j + 1} (id={rec.get('id')})"
+        counts["read"] += 1
+        try:
+            if str(rec.get("answer_type", "")).upper() == "OPEN":
+                counts["skipped_open"] += 1
+                continue
+            prompt = _prompt_of(rec, src)
+            options = closed_options(rec)
+            if not options:
+                counts["skipped_open"] += 1
+                continue
+            answer = reference_of(rec)
+            right = [o for o in options if normalize(o) == normalize(answer)]
+            if not right:
+                raise ConversationError(src, f"the answer is not one of the options {options}")
+            wrong = [o for o in options if normalize(o) != normalize(answer)]
+            if not wrong:
+                raise ConversationError(src, "no wrong option to reject")
+            rejected = random.Random(f"{seed}:{rec.get('id', j)}").choice(wrong)
+        except InvalidInputError as e:
+            errors.append(e.to_record())
+            continue
+        pair = {"id": rec.get("id", f"pair-{j}"), "modalities": rec.get("modalities") or {}, "conversations": prompt,
+                "chosen": answer, "rejected": rejected, "answer_choices": options}
+        if rec.get("rejected_modalities") is not None:
+            pair["rejected_modalities"] = rec["rejected_modalities"]
+        pairs.append(pair)
+        counts["pairs"] += 1
+    return pairs, errors, dict(counts)
+
+
+def pairs_from_samples(records: list[dict], samples: list[list[str]], reward: RewardSpec, min_margin: float = 0.0,
+                       source: str = "<prompts>") -> tuple[list[dict], list[dict], dict]:
+    """Sampled answers -> preference pairs: per prompt, the best answer by ``reward`` chosen and the worst rejected.
+
+    ``samples[i]`` holds the answers sampled for ``records[i]``; the reward sees the record (its reference answer,
+    its ``answer_choices``). A pair is kept when ``best - worst >= min_margin`` and the margin is above zero;
+    identical answers never make a pair. A reward that cannot score a record (no reference) is an error record.
+
+    Returns:
+        ``(pairs, error records, counts)``.
+    """
+    if len(samples) != len(records):
+        raise ValueError(f"{len(samples)} lists of samples for {len(records)} prompts")
+    pairs, errors, counts = [], [], Counter()
+    for j, (rec, answers) in enumerate(zip(records, samples)):
+        src = f"{source}:{j + 1} (id={rec.get('id')})"
+        counts["read"] += 1
+        conv = rec.get("conversations") or []
+        prompt = conv[:-1] if conv and _role(conv[-1]) == "assistant" else conv
+        try:
+            if not prompt or _role(prompt[-1]) != "user":
+                raise ConversationError(src, "needs conversations ending with a human question (and its reference)")
+            scored = []
+            for a in dict.fromkeys(x.strip() for x in answers if x and x.strip()):  # distinct, in sampled order
+                try:
+                    scored.append((reward(a, rec), a))
+                except ValueError as e:
+                    raise InvalidInputError(src, f"reward '{reward.name}': {e}") from e
+        except InvalidInputError as e:
+            errors.append(e.to_record())
+            continue
+        if len(scored) < 2:
+            counts["skipped_too_few_distinct"] += 1
+            continue
+        best = max(scored, key=lambda s: s[0])
+        worst = min(scored, key=lambda s: s[0])
+        margin = best[0] - worst[0]
+        if margin <= 0 or margin < min_margin:
+            counts["skipped_margin"] += 1
+            continue
+        pair = {"id": rec.get("id", f"pair-{j}"), "modalities": rec.get("modalities") or {},
+                "conversations": [dict(t) for t in prompt], "chosen": best[1], "rejected": worst[1],
+                "scores": {"reward": reward.name, "chosen": best[0], "rejected": worst[0], "n": len(answers)}}
+        for k in ("answer_choices", "options"):
+            if k in rec:
+                pair[k] = rec[k]
+        pairs.append(pair)
+        counts["pairs"] += 1
+    return pairs, errors, dict(counts)
+
+
+def write_pairs(out: str | Path, pairs: list[dict], errors: list[dict], counts: dict, extra: dict) -> dict:
+    """Write the pairs (JSONL), append failures to ``errors.jsonl`` beside them; returns the summary."""
+    from ..utils import write_jsonl
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, pairs)
+    if errors:
+        with open(out.parent / "errors.jsonl", "a") as f:
+            for e in errors:
+                f.write(json.dumps(e) + "\n")
+    return {"out": str(out), **counts, "errors": len(errors), **extra}

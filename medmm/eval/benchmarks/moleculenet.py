@@ -1,0 +1,263 @@
+"""MoleculeNet classification (BBBP, BACE, ClinTox, Tox21, HIV): train + test a GIN head over seeds, beside the
+published tables.
+
+    medmm eval moleculenet --datasets bbbp,bace,clintox,tox21,hiv --seeds 5 --split scaffold_deterministic \\
+        [--data-dir ../shared/data/molecules/moleculenet] [--pretrained CKPT] [--out bench/results/moleculenet.json]
+
+Unlike the other benchmarks this one trains: every (dataset, seed) is one ``trainer.stage: head`` run
+(``python -m medmm.training --config configs/tasks/druggability_head.yaml`` + the overrides of
+:func:`run_overrides`) in its own process, ``--jobs`` at a time, one torch thread each. The split is the
+deterministic scaffold split of Hu et al. 2020 (the seed changes the initialisation and the batches, never
+the split); labels are masked where missing; the score is the test ROC-AUC averaged over the tasks with both
+classes, of the epoch with the best validation ROC-AUC. The results file holds, per variant::
+
+    {"no_pretrain": {"bbbp": {"mean": 68.1, "std": 1.2, "seeds": [..], "n_seeds": 5}, ...},
+     "pretrained":  {...},                     # runs given --pretrained (the encoder's starting weights)
+     "published":   {"gin_no_pretrain": {...}, "gin_pretrained": {...}, "ogbg_molhiv": {...}},
+     "protocol":    {"no_pretrain": {...layers, width, epochs, model selection...}, "pretrained": {...}}}
+
+ROC-AUC is on the 0-100 scale of the published tables. A plot of the means with their std beside the
+published figures goes next to the JSON (``.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .registry import Benchmark, register_benchmark
+
+REPO = Path(__file__).resolve().parents[3]
+
+DATASETS: dict[str, dict] = {
+    "bbbp": {"file": "bbbp.csv", "smiles": "smiles", "labels": ["p_np"]},
+    "bace": {"file": "bace.csv", "smiles": "mol", "labels": ["Class"]},
+    "clintox": {"file": "clintox.csv", "smiles": "smiles", "labels": ["FDA_APPROVED", "CT_TOX"]},
+    "tox21": {"file": "tox21.csv", "smiles": "smiles",
+              "labels": ["NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD", "NR-PPAR-gamma",
+                         "SR-ARE", "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53"]},
+    "hiv": {"file": "hiv.csv.gz", "smiles": "smiles", "labels": ["HIV_active"]},
+}
+"""File, SMILES column and label columns of each dataset in the shared MoleculeNet folder (chemprop's copies)."""
+
+PUBLISHED = {
+    "gin_no_pretrain": {"bbbp": [65.8, 4.5], "tox21": [74.0, 0.8], "clintox": [58.0, 4.4], "hiv": [75.3, 1.9],
+                        "bace": [70.1, 5.4], "source": "Hu et al. 2020 (ICLR), Table 1, GIN without pre-training"},
+    "gin_pretrained": {"bbbp": [68.7, 1.3], "clintox": [72.6, 1.5], "bace": [84.5, 0.7],
+                       "source": "Hu et al. 2020 (ICLR), Table 1, GIN with ContextPred + supervised pre-training"},
+    "ogbg_molhiv": {"gin": [75.58, 1.40], "gin_virtual_node": [77.07, 1.49],
+                    "source": "OGB leaderboard, ogbg-molhiv (scaffold split)"},
+}
+"""Published test ROC-AUC (mean, std over seeds) on the same deterministic scaffold split."""
+
+
+@dataclass
+class Protocol:
+    """How every run is trained (recorded beside the numbers)."""
+
+    hidden: int = 64
+    """GIN width."""
+    layers: int = 3
+    """GIN message-passing layers."""
+    epochs: int = 10
+    """Passes over the training part (the epoch with the best validation ROC-AUC is kept)."""
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    dropout: float = 0.1
+    canonical_tautomer: bool = False
+    """The RDKit canonical-tautomer pass (off: the published protocols featurise the SMILES as written)."""
+
+
+def run_overrides(dataset: str, seed: int, data_dir: Path, out: Path, split: str, proto: Protocol,
+                  pretrained: str | None = None) -> list[str]:
+    """The ``key=value`` overrides of one (dataset, seed) run on ``configs/tasks/druggability_head.yaml``."""
+    d = DATASETS[dataset]
+    ov = [f"head.data.path={data_dir / d['file']}", f"head.data.input_col={d['smiles']}",
+          f"head.data.label_cols=[{','.join(d['labels'])}]", f"head.data.split={split}",
+          "head.data.fractions=[0.8,0.1,0.1]", "head.data.seed=0", "head.data.workers=0",
+          f"head.encoder.kwargs={{hidden: {proto.hidden}, layers: {proto.layers}, dropout: 0.0}}",
+          f"head.hidden={proto.hidden}", f"head.dropout={proto.dropout}",
+          f"head.preprocess.mol_canonical_tautomer={str(proto.canonical_tautomer).lower()}",
+          "head.preprocess.mol_max_heavy_atoms=1000",
+          f"trainer.output_dir={out}", f"trainer.seed={seed}", f"trainer.epochs={proto.epochs}",
+          f"trainer.micro_batch_size={proto.batch_size}", f"trainer.lr={proto.lr}",
+          f"trainer.patience={proto.epochs}", "trainer.restore_best=true", "trainer.save_every=1000000000"]
+    if pretrained:
+        ov.append(f"head.encoder.checkpoint={pretrained}")
+    return ov
+
+
+def test_auroc(run_dir: Path) -> float | None:
+    """A finished run's test ROC-AUC (0-100), mean over tasks with both classes; None if the run has none."""
+    path = run_dir / "checkpoint" / "metrics.json"
+    if not path.exists():
+        return None
+    auc = json.loads(path.read_text())["test"]["raw"].get("auroc")
+    return None if auc is None else 100.0 * float(auc)
+
+
+def summarise(scores: list[float]) -> dict:
+    """``{"mean", "std", "seeds", "n_seeds"}`` (population std, as the published tables)."""
+    a = np.asarray(scores, dtype=np.float64)
+    return {"mean": round(float(a.mean()), 2), "std": round(float(a.std()), 2),
+            "seeds": [round(float(s), 2) for s in scores], "n_seeds": len(scores)}
+
+
+def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path, split: str = "scaffold_deterministic",
+                    proto: Protocol | None = None, pretrained: str | None = None, jobs: int = 1,
+                    seed_counts: dict[str, int] | None = None, train: bool = True) -> dict[str, dict]:
+    """Train + test every (dataset, seed) in subprocesses; ``{dataset: summary}`` over the runs that finished
+    (``train=False``: only collect the runs already finished under ``work``)."""
+    proto = proto or Protocol()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # more threads than cores: 10x slower
+    tasks = [(ds, s) for ds in datasets for s in range((seed_counts or {}).get(ds, seeds))]
+
+    def one(task) -> tuple[str, int, float | None, float]:
+        ds, seed = task
+        out = work / ds / f"seed{seed}"
+        t0 = time.perf_counter()
+        if train and test_auroc(out) is None:  # finished runs are kept (resumable benchmark)
+            out.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "medmm.training", "--config",
+                   str(REPO / "configs/tasks/druggability_head.yaml"),
+                   *run_overrides(ds, seed, data_dir, out, split, proto, pretrained)]
+            with open(out / "train.log", "w") as log:
+                subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+        auc = test_auroc(out)
+        print(f"moleculenet {ds} seed {seed}: test ROC-AUC {auc} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        return ds, seed, auc, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        done = list(pool.map(one, tasks))
+    out: dict[str, dict] = {}
+    for ds in datasets:
+        scores = [auc for d, _, auc, _ in sorted(done) if d == ds and auc is not None]
+        if scores:
+            out[ds] = summarise(scores)
+    return out
+
+
+def protocol_record(proto: Protocol, split: str, pretrained: str | None) -> dict:
+    return {"encoder": "mol_gin (GINE, dense bond codes)", "layers": proto.layers, "width": proto.hidden,
+            "epochs": proto.epochs, "batch_size": proto.batch_size, "lr": proto.lr, "dropout_head": proto.dropout,
+            "split": f"{split} 0.8/0.1/0.1 (Hu et al. 2020 procedure)", "canonical_tautomer": proto.canonical_tautomer,
+            "model_selection": "epoch with the best validation ROC-AUC (restore_best)",
+            "metric": "test ROC-AUC x100, mean over tasks with both classes; missing labels masked",
+            "seeds": "trainer.seed = 0..N-1 (initialisation and batch order; the split is fixed)",
+            "init": pretrained or "random"}
+
+
+def write_results(path: Path, variant: str, results: dict[str, dict], protocol: dict) -> dict:
+    """Merge one variant's table into the results JSON (the other variant is kept) and draw the plot."""
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc.setdefault("no_pretrain", {})
+    doc.setdefault("pretrained", {})
+    doc[variant] = {**doc.get(variant, {}), **results}
+    doc["published"] = PUBLISHED
+    doc.setdefault("protocol", {})[variant] = protocol
+    doc["layout"] = ("{variant: {dataset: {mean, std, seeds, n_seeds}}}, variant in no_pretrain | pretrained; "
+                     "ROC-AUC 0-100 on the deterministic scaffold split")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    plot_results(doc, path.with_suffix(".png"))
+    return doc
+
+
+def plot_results(doc: dict, path: Path) -> Path | None:
+    """Bars of our mean ± std per dataset and variant, with the published GIN figures as markers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional
+        return None
+    names = list(DATASETS)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for k, (variant, off) in enumerate((("no_pretrain", -0.2), ("pretrained", 0.2))):
+        res = doc.get(variant, {})
+        means = [res.get(n, {}).get("mean", np.nan) for n in names]
+        stds = [res.get(n, {}).get("std", 0.0) for n in names]
+        ax.bar(x + off, means, 0.4, yerr=stds, label=f"medmm {variant}", color=f"C{k}", alpha=0.8)
+    for key, marker in (("gin_no_pretrain", "v"), ("gin_pretrained", "^")):
+        pub = PUBLISHED[key]
+        ax.scatter(x, [pub.get(n, [np.nan])[0] for n in names], marker=marker, color="k", zorder=3,
+                   label=f"published {key}")
+    ax.set_xticks(x, names)
+    ax.set_ylim(40, 100)
+    ax.set_ylabel("test ROC-AUC (scaffold_deterministic)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@register_benchmark
+class MoleculeNet(Benchmark):
+    """The MoleculeNet classification benchmark: this benchmark trains (see the module docstring), so it is run
+    by :func:`main` (``medmm eval moleculenet ...``) rather than on a checkpoint's predictions."""
+
+    name = "moleculenet"
+    summary = "MoleculeNet BBBP/BACE/ClinTox/Tox21/HIV: train + test a GIN over seeds vs published tables"
+    headline = "auroc"
+    scale = 100.0
+    trains = True
+
+    def protocol(self, opts) -> str:
+        return "deterministic scaffold split (Hu et al. 2020), test ROC-AUC of the best-validation epoch"
+
+    @staticmethod
+    def main(argv: list[str]) -> dict:
+        return main(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``medmm eval moleculenet``: train + test each dataset over seeds, write the table (JSON + plot)."""
+    ap = argparse.ArgumentParser(prog="medmm eval moleculenet", description=MoleculeNet.summary)
+    ap.add_argument("--datasets", default="bbbp,bace,clintox,tox21,hiv", help="comma-separated: " + ",".join(DATASETS))
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per dataset")
+    ap.add_argument("--seeds-per-dataset", type=json.loads, default=None,
+                    help='JSON {"hiv": 3} overriding --seeds for some datasets')
+    ap.add_argument("--split", default="scaffold_deterministic", choices=["scaffold_deterministic", "scaffold",
+                                                                          "random"])
+    ap.add_argument("--data-dir", default="../shared/data/molecules/moleculenet")
+    ap.add_argument("--pretrained", help="an encoder checkpoint (encoder.safetensors or a folder) to start from")
+    ap.add_argument("--out", default="bench/results/moleculenet.json", help="results JSON (a .png plot beside it)")
+    ap.add_argument("--work", default="runs/moleculenet", help="one run folder per dataset and seed")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (one torch thread each)")
+    ap.add_argument("--collect-only", action="store_true", help="train nothing: tabulate the finished runs")
+    for f in ("hidden", "layers", "epochs", "batch_size"):
+        ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(Protocol, f))
+    a = ap.parse_args(argv)
+    names = [n.strip() for n in a.datasets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        ap.error(f"unknown datasets {unknown}; known: {', '.join(DATASETS)}")
+    data_dir = Path(a.data_dir)
+    if not data_dir.is_absolute() and not data_dir.exists():
+        data_dir = REPO / data_dir  # the default is relative to the repository root
+    data_dir = data_dir.resolve()
+    proto = Protocol(hidden=a.hidden, layers=a.layers, epochs=a.epochs, batch_size=a.batch_size)
+    variant = "pretrained" if a.pretrained else "no_pretrain"
+    pretrained = str(Path(a.pretrained).resolve()) if a.pretrained else None
+    work = Path(a.work).resolve() / variant
+    results = run_moleculenet(names, a.seeds, data_dir, work, a.split, proto, pretrained, a.jobs,
+                              a.seeds_per_dataset, train=not a.collect_only)
+    doc = write_results(Path(a.out), variant, results, protocol_record(proto, a.split, pretrained))
+    for n in names:
+        r = doc[variant].get(n)
+        pub = PUBLISHED["gin_no_pretrain"].get(n)
+        print(f"{n:8s} {variant}: " + (f"{r['mean']:.1f} ± {r['std']:.1f} ({r['n_seeds']} seeds)" if r else "no run")
+              + (f"   published GIN {pub[0]} ± {pub[1]}" if pub else ""))
+    return doc
