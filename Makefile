@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv system-deps demo test test-fast bench lint clean
+.PHONY: venv system-deps demo test test-fast bench lint clean gpu-check
 
 venv: $(STAMP)
 
@@ -38,6 +38,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	for b in train_step decoding dicom_load wsi_tiles molecules serve; do $(VPY) bench/$$b.py || exit 1; done
+
+# bf16 training (~1B Llama + ViT, SDPA, gradient checkpointing, ZeRO-2) and decoding on one CUDA GPU -> tokens/s, MFU
+# (bench/results/gpu_check.json); DRY_RUN=1 runs the same script on the CPU at tiny size.
+gpu-check: $(STAMP)
+	$(VPY) bench/gpu_check.py $(if $(DRY_RUN),--dry-run,)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medmm encoders tests bench train.py infer.py

@@ -157,6 +157,52 @@ def prefix_cache_256(args, device) -> dict:
     }
 
 
+def hf_vs_medmm(args, device) -> dict:
+    """Text-only requests (HF's prompt-lookup and assistant paths need ids, not spliced embeddings): the same
+    prompts through Predictor with backend=hf and backend=medmm, against HF greedy, interleaved in the same passes.
+    The draft is the target's first layer(s) (layer-skip). Every exact strategy is checked to equal greedy."""
+    from medmm.config import DecodingConfig
+    from medmm.inference.decoding import layer_skip_draft
+    from medmm.inference.predictor import Predictor
+
+    with tempfile.TemporaryDirectory(prefix="medmm-bench-") as tmp:
+        llm_dir, _ = build_target(Path(tmp), args.layers, args.hidden, args.seed)
+        pred = Predictor(Path(tmp) / "medmm", device=device.type)
+        draft = layer_skip_draft(pred.model.llm, max(1, args.layers // 8))
+        draft.save_pretrained(Path(tmp) / "draft")
+        _, qs = questions(4)
+        # A report-like prompt that repeats itself gives prompt lookup something to find.
+        reqs = [{"id": str(i), "question": f"{q} Findings: {q} Impression: {q}"} for i, q in enumerate(qs)]
+        N = args.new_tokens
+        spec = {"draft": str(Path(tmp) / "draft"), "num_draft_tokens": K}
+        configs = {
+            "hf_greedy": DecodingConfig("greedy", N),
+            "hf_prompt_lookup": DecodingConfig("prompt_lookup", N, params={"num_draft_tokens": K, "backend": "hf"}),
+            "medmm_prompt_lookup": DecodingConfig("prompt_lookup", N, params={"num_draft_tokens": K,
+                                                                              "backend": "medmm"}),
+            "hf_assistant": DecodingConfig("speculative", N, params={**spec, "backend": "hf"}),
+            "medmm_speculative": DecodingConfig("speculative", N, params={**spec, "backend": "medmm"}),
+        }
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        outs: dict[str, list] = {}
+        for rep in range(args.repeats + 1):
+            for name, d in configs.items():
+                t0 = time.perf_counter()
+                outs[name] = pred.predict(reqs, d, batch_size=1)
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+    greedy = [o["answer"] for o in outs["hf_greedy"]]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "what": f"{len(reqs)} text-only prompts, up to {N} new tokens (EOS allowed), batch of one, random weights; "
+                f"median of {args.repeats} interleaved passes after one warm-up",
+        "median_s": med, "speedup_vs_hf_greedy": {k: med["hf_greedy"] / v for k, v in med.items()},
+        "engines": {k: sorted({o.get("engine") for o in v}) for k, v in outs.items()},
+        "identical_to_greedy": {k: [o["answer"] for o in v] == greedy for k, v in outs.items()},
+        "new_tokens": {k: [o.get("new_tokens") for o in v] for k, v in outs.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -166,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="timed passes (after one warm-up pass)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "decoding.json"))
-    ap.add_argument("--only", choices=["prefix256"], help="run one section and merge its figures into --out")
+    ap.add_argument("--only", choices=["prefix256", "hf_vs_medmm"], help="run one section and merge its figures into --out")
     args = ap.parse_args(argv)
     from medmm.inference.predictor import pick_device
 
@@ -186,6 +232,18 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"prefix cache, {sec['image_tokens']} image tokens: {sec['speedup_vs_fresh_session']:.2f}x vs a fresh "
               f"session per question, {sec['speedup_vs_hf_generate']:.2f}x vs HF generate per question "
               f"(identical answers: {sec['identical_answers']}) ({args.device})")
+        return result
+
+    if args.only == "hf_vs_medmm":
+        sec = hf_vs_medmm(args, device)
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {"benchmark": "decoding"}
+        result["hf_vs_medmm_text_only"] = {**sec, "device": args.device, "cpu_threads": torch.get_num_threads(),
+                                           "llm": {"num_hidden_layers": args.layers, "hidden_size": args.hidden}}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print("hf vs medmm (text-only): " + ", ".join(f"{k} {v:.2f}x" for k, v in sec["speedup_vs_hf_greedy"].items())
+              + f"; identical to greedy: {sec['identical_to_greedy']} ({args.device})")
         return result
 
     import transformers

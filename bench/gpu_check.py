@@ -175,6 +175,7 @@ def run(a) -> dict:
 
     # decoding: the trained module, bf16, KV cache, greedy, a fixed number of new tokens
     module = engine.module.eval()
+    module.llm.gradient_checkpointing_disable()  # (checkpointing turns the KV cache off)
     prompt = batch["input_ids"][: s["decode_batch"], :32]
     if prompt.shape[0] < s["decode_batch"]:
         prompt = prompt.repeat((s["decode_batch"] + prompt.shape[0] - 1) // prompt.shape[0], 1)[: s["decode_batch"]]

@@ -429,6 +429,9 @@ def _export(argv: list[str]) -> None:
 def _pacs(argv: list[str]) -> None:
     """``medmm pacs report|pull-run-push|listen|resend|http``: DICOM SR out of a study, over files, DICOMweb, DIMSE
     or HTTP."""
+    from .errors import ConfigError
+    from .inference.strategies import add_decoding_flags, apply_decoding_flags
+
     ap = argparse.ArgumentParser(prog="medmm pacs")
     sub = ap.add_subparsers(dest="kind", required=True)
     rep = sub.add_parser("report", help="one study from disk -> a DICOM SR file (no network)")
@@ -473,6 +476,7 @@ def _pacs(argv: list[str]) -> None:
         p.add_argument("--min-volume-slices", type=int, default=8)
         p.add_argument("--series-modalities", help="only series of these DICOM modalities, e.g. CT,MR")
         p.add_argument("--device", default="auto")
+        add_decoding_flags(p, common=False)  # --strategy and its settings, from the strategy registry
     a = ap.parse_args(argv)
     import logging
 
@@ -496,6 +500,10 @@ def _pacs(argv: list[str]) -> None:
     cfg = ReportConfig(question=a.question, decoding=DecodingConfig(max_new_tokens=a.max_new_tokens),
                        min_volume_slices=a.min_volume_slices,
                        series_modalities=a.series_modalities.split(",") if a.series_modalities else None)
+    try:
+        apply_decoding_flags(a, cfg.decoding)
+    except ConfigError as e:
+        raise SystemExit(f"medmm pacs: {e}") from e
     if a.kind == "http":
         from .export.http import create_app, resolve_token, serve
 

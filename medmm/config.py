@@ -441,6 +441,8 @@ class IndexConfig:
     """lsa: vector size."""
     rrf_k: int = 60
     """Reciprocal-rank fusion constant."""
+    rrf_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """Fusion weights of (BM25, dense); ``medmm index build --tune`` picks them and ``rrf_k`` on training queries."""
     depth: int = 100
     """Hits each retriever contributes to the fusion."""
     seed: int = 0
@@ -452,6 +454,8 @@ class IndexConfig:
                               f"{self.chunk_overlap}")
         if self.rrf_k < 0 or self.depth < 1 or self.dense_dim < 2:
             raise ConfigError("index: rrf_k >= 0, depth >= 1 and dense_dim >= 2")
+        if len(self.rrf_weights) != 2 or min(self.rrf_weights) < 0 or max(self.rrf_weights) <= 0:
+            raise ConfigError(f"index.rrf_weights: two weights >= 0 (BM25, dense), not both 0; got {self.rrf_weights}")
 
 
 @dataclass

@@ -7,13 +7,15 @@ TRL is a test-only dependency (``pip install trl==1.16.0``). Its ``DPOTrainer`` 
 fixed log-probs (with precomputed reference log-probs), so the comparison is with TRL's loss code itself.
 """
 
+import json
+import math
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.conftest import SAMPLE, model_dict
+from tests.conftest import REPO, SAMPLE, model_dict
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -240,3 +242,197 @@ def test_trainer_dpo_section_and_overrides(tiny_llm, tmp_path):
         build("trainer.stage=simpo", "trainer.dpo.loss_type=ipo")
     with pytest.raises(ConfigError, match="stage orpo always adds"):
         build("trainer.stage=orpo", "trainer.dpo.rpo_alpha=0.5")
+
+
+# ----------------------------------------------------------------------------------------------- through train.py
+def frozen_model(tiny_llm, modalities=("image", "mol"), r=8):
+    """The tiny LoRA model with frozen encoders and projectors (what ``reference: adapter`` asks for)."""
+    md = model_dict(tiny_llm)
+    md["modalities"] = {k: v for k, v in md["modalities"].items() if k in modalities}
+    for m in md["modalities"].values():
+        m["encoder"]["trainable"] = m["projector"]["trainable"] = "frozen"
+    md["lora"] = {"r": r, "alpha": 2 * r}
+    return md
+
+
+def write_config(path, md, data, zero="zero0", dpo=None, **trainer):
+    import yaml
+
+    cfg = {"model": md, "data": {"datasets": [{"path": str(data)}], "max_length": 128, "num_workers": 0},
+           "trainer": {"stage": "dpo", "output_dir": str(path.parent / "run"),
+                       "deepspeed": str(REPO / f"configs/deepspeed/{zero}.json"), "max_steps": 3, "micro_batch_size": 2,
+                       "lr": 1e-2, "save_every": 100, "seed": 0, "lr_schedule": "constant", "dpo": dpo or {},
+                       **trainer}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def mixed_pairs(path):
+    """Image, molecule and text-only pairs: most micro-batches lack one modality or another."""
+    imgs = sorted((SAMPLE / "vqa_rad" / "images").glob("*.jpg"))
+    recs = []
+    for i in range(6):
+        yes = i % 2 == 0
+        if i % 3 == 0:
+            recs.append({"id": f"i{i}", "modalities": {"image": str(imgs[i])},
+                         "conversations": [{"from": "human", "value": "<image>\nIs there an abnormality?"}],
+                         "chosen": "yes" if yes else "no", "rejected": "no" if yes else "yes"})
+        elif i % 3 == 1:
+            recs.append({"id": f"m{i}", "modalities": {"mol": ["CCO", "c1ccccc1O"][i % 2]},
+                         "conversations": [{"from": "human", "value": "<mol>\nIs this drug-like?"}],
+                         "chosen": "yes", "rejected": "no"})
+        else:
+            recs.append({"id": f"t{i}", "conversations": [{"from": "human", "value": "Is aspirin an NSAID?"}],
+                         "chosen": "yes, it is", "rejected": "no"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def metric_rows(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_adapter_copy_and_precomputed_references_give_the_same_loss(tmp_path, tiny_llm):
+    """Under ZeRO-3 (one process): the disabled adapter, a frozen copy (its own ZeRO-3 engine) and log-probs written
+    by `medmm prepare dpo-reference` give the same losses and rewards, step by step, and the same evaluation."""
+    import train
+    from medmm.cli import main as cli
+
+    data = mixed_pairs(tmp_path / "pairs.jsonl")
+    md = frozen_model(tiny_llm)
+    ref_file = tmp_path / "reference.jsonl"
+    rows = {}
+    for ref in ("adapter", "copy", "precomputed"):
+        cfg = write_config(tmp_path / ref / "cfg.yaml", md, data, zero="zero3", eval_every=3,
+                           dpo={"reference": ref, "reference_file": str(ref_file), "eval_path": str(data)})
+        if ref == "precomputed":
+            cli(["prepare", "dpo-reference", "--config", str(cfg), "--out", str(ref_file), "--device", "cpu"])
+            head = json.loads(ref_file.read_text().splitlines()[0])
+            assert head["format"] == "medmm-dpo-reference" and head["pairs"] == 12  # 6 training + 6 eval pairs
+        res = train.main(["--config", str(cfg)])
+        assert res["zero_stage"] == 3 and res["step"] == 3
+        rows[ref] = metric_rows(tmp_path / ref / "run")
+    keys = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "eval_loss",
+            "eval_reward_margin")
+    for a, b, c in zip(rows["adapter"], rows["copy"], rows["precomputed"]):
+        for k in keys:
+            if k in a:
+                assert a[k] == pytest.approx(b[k], abs=1e-5) == pytest.approx(c[k], abs=1e-5), (a["step"], k)
+    first, last = rows["adapter"][1], rows["adapter"][-1]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["reward_accuracy"] == 0.5
+    assert last["loss"] < math.log(2) and last["eval_reward_margin"] > 0  # it trained: the three agree on a real loss
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("stage", ["simpo", "orpo"])
+def test_reference_free_stages_learn_a_fixed_batch(tmp_path, tiny_llm, stage):
+    import train
+
+    recs = [json.loads(x) for x in mixed_pairs(tmp_path / "all.jsonl").read_text().splitlines()]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs[:2]))  # one micro-batch: the same pairs every step
+    dpo = {"beta": 2.0, "simpo_gamma": 0.5} if stage == "simpo" else {"beta": 0.1}
+    cfg = write_config(tmp_path / "cfg.yaml", frozen_model(tiny_llm), data, stage=stage, max_steps=6, dpo=dpo)
+    res = train.main(["--config", str(cfg)])
+    rows = metric_rows(tmp_path / "run")
+    assert res["step"] == 6 and all({"rewards_chosen", "reward_margin", "reward_accuracy"} <= r.keys() for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["reward_margin"] > rows[0]["reward_margin"]
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "medmm_config.json").read_text())
+    assert meta["training"]["stage"] == stage and meta["training"]["dpo"]["beta"] == dpo["beta"]
+
+
+# ----------------------------------------------------------------------------------------------- real pairs, 2 ranks
+FACTS = [("Is aspirin an NSAID?", "yes", "no"), ("Is insulin produced by the liver?", "no", "yes"),
+         ("Is the femur a bone of the arm?", "no", "yes"), ("Is metoprolol a beta blocker?", "yes", "no")]
+
+
+@pytest.fixture(scope="module")
+def real_pairs(shared_data, tmp_path_factory):
+    """Pairs from real labels: VQA-RAD closed questions (split by image) and ClinTox FDA_APPROVED, plus text-only
+    pairs; 20 training pairs (and one whose <image> sits past max_length), 16 held-out pairs."""
+    import csv
+    import random
+
+    from medmm.data.preferences import pairs_from_labels
+    from medmm.data.prepare import prepare_molecules, prepare_vqa
+    from medmm.utils import read_jsonl, write_jsonl
+
+    root = tmp_path_factory.mktemp("real_pairs")
+    v = shared_data / "vqa" / "vqa_rad"
+    prepare_vqa(v / "testset.json", v / "images", root / "vqa", eval_fraction=0.2, seed=0)
+    vqa_train = pairs_from_labels(read_jsonl(root / "vqa" / "vqa_train.jsonl"))[0]
+    vqa_held = pairs_from_labels(read_jsonl(root / "vqa" / "vqa_eval.jsonl"))[0]
+    with open(shared_data / "molecules" / "moleculenet" / "clintox.csv") as f:
+        rows = random.Random(0).sample(list(csv.DictReader(f)), 30)
+    with open(root / "clintox.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    prepare_molecules(root / "clintox.csv", root / "mol", "smiles", "FDA_APPROVED", eval_fraction=0.0)
+    mol = pairs_from_labels(read_jsonl(root / "mol" / "molecules_train.jsonl"))[0]
+    text = [{"id": f"t{i}", "conversations": [{"from": "human", "value": q}], "chosen": c, "rejected": r}
+            for i, (q, c, r) in enumerate(FACTS)]
+    train = vqa_train[:8] + mol[:8] + text
+    random.Random(1).shuffle(train)
+    cut = dict(vqa_train[8], id="cut")  # the placeholder moved behind a long question: max_length would cut it
+    q = cut["conversations"][-1]["value"].replace("<image>\n", "")
+    cut["conversations"] = [{"from": "human", "value": " ".join([q] * 40) + "\n<image>"}]
+    write_jsonl(root / "train.jsonl", train + [cut])
+    write_jsonl(root / "held_out.jsonl", vqa_held[:8] + mol[8:16])
+    return root
+
+
+def closed_set_probs(checkpoint, pairs):
+    """P(chosen) among {chosen, rejected} by the inference path (Predictor sessions, closed-set answering)."""
+    from medmm.inference.predictor import Predictor
+
+    pred = Predictor(checkpoint, device="cpu", max_length=128)
+    reqs = [{"id": p["id"], "modalities": p["modalities"], "question": p["conversations"][-1]["value"],
+             "options": [p["chosen"], p["rejected"]]} for p in pairs]
+    outs = pred.predict(reqs)
+    assert all("error" not in o for o in outs), outs
+    return [o["probs"][p["chosen"]] for o, p in zip(outs, pairs)]
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_two_ranks_zero3_lora_dpo_on_vqa_rad_and_clintox_pairs(tmp_path, tiny_llm, real_pairs):
+    """torchrun, 2 ranks, ZeRO-3, LoRA, reference = the disabled adapter; image, molecule and text-only pairs mixed
+    in one run (no hang). Reward accuracy on the training pairs goes from 0.5 (every pair ties at the start) to at
+    least 0.9; the pair with a cut <image> is dropped with its reason in errors.jsonl; the saved model reloads and
+    its closed-set probability of the chosen answers rises on held-out pairs."""
+    from medmm.config import TrainConfig, load_config
+    from medmm.model.multimodal import MedMMForCausalLM
+    from medmm.utils import read_jsonl, seed_everything
+    from tests.test_training import torchrun
+
+    train = real_pairs / "train.jsonl"
+    cfg = write_config(tmp_path / "cfg.yaml", frozen_model(tiny_llm), train, zero="zero3", max_steps=30, lr=5e-3,
+                       micro_batch_size=2, eval_every=30, dpo={"beta": 0.1, "eval_path": str(train)})
+    r = torchrun(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world=2" in r.stdout and "zero=3" in r.stdout
+    run = tmp_path / "run"
+    rows = metric_rows(run)
+    evals = [x for x in rows if "eval_reward_accuracy" in x]
+    assert [x["step"] for x in evals] == [0, 30]
+    assert evals[0]["eval_reward_accuracy"] == 0.5  # the policy is its reference: every training pair ties
+    assert evals[-1]["eval_reward_accuracy"] >= 0.9, evals
+    steps = [x for x in rows if "loss" in x]
+    assert steps[0]["reward_accuracy"] == 0.5 and steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert all({"rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"} <= x.keys() for x in steps)
+    errors = [json.loads(x) for x in (run / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 1 and "(id=cut)" in errors[0]["path"]
+    assert "modality tokens beyond max_length=128" in errors[0]["message"]
+
+    # the saved model reloads with that behaviour: held-out pairs, closed-set answering, against the start
+    seed_everything(0)  # the loop seeds before building: the starting weights (a fresh adapter = the reference)
+    MedMMForCausalLM.from_config(load_config(TrainConfig, cfg).model).save_pretrained(tmp_path / "start")
+    held = read_jsonl(real_pairs / "held_out.jsonl")
+    before = closed_set_probs(tmp_path / "start", held)
+    after = closed_set_probs(run / "checkpoint", held)
+    assert sum(after) / len(after) > sum(before) / len(before) + 0.02, (before, after)

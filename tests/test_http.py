@@ -115,3 +115,18 @@ def test_ask_with_strategies(client):
                 {"strategy": "sample", "options": ["yes", "no"]}]:
         r = client.post("/v1/ask", json={**body, **bad}, headers=AUTH)
         assert r.status_code == 422 and r.json()["detail"]["error"] == "ConfigError", r.text
+
+
+def test_concurrent_asks_are_batched_with_the_same_answers(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"question": q, "modalities": {"mol": m}, "max_new_tokens": 4}
+              for q, m in [("drug?", "CCO"), ("toxic?", "c1ccccc1"), ("is it soluble in water?", "CCN"), ("q", "C")]]
+    alone = [client.post("/v1/ask", json=b, headers=AUTH).json()["answer"] for b in bodies]
+    batcher = client.app.state.batcher
+    batcher.window_s = 0.5  # a wide window so the four concurrent requests meet
+    before = len(batcher.batches)
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda b: client.post("/v1/ask", json=b, headers=AUTH).json()["answer"], bodies))
+    assert together == alone  # batched generate (left padding) answers as one request at a time does
+    assert max(batcher.batches[before:]) > 1  # at least two requests shared one generate call

@@ -142,9 +142,8 @@ STRATEGY_FLAGS = {
 def test_every_strategy_through_manifest_forms(checkpoint, tiny_llm, tmp_path, pydicom_files, strategy):
     from medmm.inference.strategies import get_strategy
 
-    flags = STRATEGY_FLAGS.get(strategy) or {"speculative": ["--draft", str(tiny_llm)],
-                                             "contrastive": ["--amateur", str(tiny_llm)],
-                                             "speculative_sampling": ["--draft", str(tiny_llm)]}[strategy]
+    flags = {**STRATEGY_FLAGS, "speculative": ["--draft", str(tiny_llm)], "contrastive": ["--amateur", str(tiny_llm)],
+             "speculative_sampling": ["--draft", str(tiny_llm)]}[strategy]
     man = tmp_path / "m.jsonl"
     man.write_text("".join(json.dumps(r) + "\n" for r in _conversation_rows(pydicom_files)))
     out = infer_main(["--checkpoint", str(checkpoint), "--manifest", str(man), "--max-new-tokens", "5",

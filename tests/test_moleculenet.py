@@ -192,3 +192,24 @@ def test_multitask_tox21_trains_with_missing_labels(tmp_path):
     header = next(csv.reader(open(tmp_path / "run" / "checkpoint" / "predictions_test.csv")))
     assert header[3:15] == [f"label_{c}" for c in cols]
     assert res is not None
+
+
+# ----------------------------------------------------------------------------- the benchmark's table
+def test_moleculenet_benchmark_registered_and_table_layout(tmp_path):
+    from medmm.eval.benchmarks import get_benchmark, list_benchmarks
+    from medmm.eval.benchmarks.moleculenet import DATASETS, PUBLISHED, summarise, write_results
+
+    assert "moleculenet" in list_benchmarks() and get_benchmark("moleculenet").trains
+    for d in DATASETS.values():  # the shared layout is the default --data-dir
+        with (gzip.open if d["file"].endswith(".gz") else open)(MOLECULENET / d["file"], "rt") as f:
+            header = next(csv.reader(f))
+        assert d["smiles"] in header and set(d["labels"]) <= set(header)
+    s = summarise([60.0, 70.0])
+    assert s == {"mean": 65.0, "std": 5.0, "seeds": [60.0, 70.0], "n_seeds": 2}
+    out = tmp_path / "moleculenet.json"
+    write_results(out, "no_pretrain", {"bbbp": s}, {"layers": 3})
+    doc = write_results(out, "pretrained", {"bbbp": summarise([70.0])}, {"layers": 3, "init": "x"})
+    assert doc["no_pretrain"]["bbbp"]["mean"] == 65.0 and doc["pretrained"]["bbbp"]["mean"] == 70.0
+    assert doc["published"] == PUBLISHED and PUBLISHED["gin_no_pretrain"]["bbbp"][0] == 65.8
+    assert set(doc["protocol"]) == {"no_pretrain", "pretrained"}
+    assert json.loads(out.read_text()) == doc

@@ -12,10 +12,23 @@ import torch
 from medmm.config import IndexConfig, ModelConfig, config_from_dict
 from medmm.errors import ConfigError, InvalidInputError
 from medmm.retrieval.fusion import reciprocal_rank_fusion
-from medmm.retrieval.index import (attach_citations, augment_question, build_index, cited_numbers, load_index,
-                                   rag_requests)
-from medmm.retrieval.sources import (Document, chunk_documents, icd10cm_pairs, icd10cm_table, list_sources,
-                                     read_documents, split_of)
+from medmm.retrieval.index import (
+    attach_citations,
+    augment_question,
+    build_index,
+    cited_numbers,
+    load_index,
+    rag_requests,
+)
+from medmm.retrieval.sources import (
+    Document,
+    chunk_documents,
+    icd10cm_pairs,
+    icd10cm_table,
+    list_sources,
+    read_documents,
+    split_of,
+)
 from tests.conftest import model_dict
 
 pytest.importorskip("bm25s")
@@ -96,16 +109,21 @@ def test_index_round_trip_keeps_ids_sources_metadata(index, icd_subset):
     assert meta["documents"] == 926 and meta["config"]["dense_encoder"] == "lsa"
 
 
-def test_fusion_recall_on_abbreviated_queries(index, icd_subset):
+def test_fusion_tuned_on_training_queries_beats_both_on_held_out(index, icd_subset):
     _, queries = icd_subset
-    assert len(queries) > 100
-    gold = [q["code"] for q in queries]
+    train = [q for q in queries if split_of(q["code"]) == "train"]
+    test = [q for q in queries if split_of(q["code"]) == "test"]
+    assert len(train) > 300 and len(test) > 80
+    res = index.tune_fusion([q["query"] for q in train], [q["code"] for q in train])
+    assert index.cfg.rrf_weights == res["rrf_weights"]
+    assert json.loads((index.path / "index.json").read_text())["config"]["rrf_k"] == res["rrf_k"]
     rec = {}
     for mode in ("bm25", "dense", "fused"):
-        ranked = index.rank([q["query"] for q in queries], 5, mode)
-        rec[mode] = sum(g in [index.docs[i].id for i, _ in r] for r, g in zip(ranked, gold)) / len(gold)
+        ranked = index.rank([q["query"] for q in test], 5, mode)
+        rec[mode] = sum(q["code"] in [index.docs[i].id for i, _ in r] for r, q in zip(ranked, test)) / len(test)
     assert rec["dense"] > 0.5 and rec["bm25"] > 0.3, rec
-    assert rec["fused"] >= max(rec["bm25"], rec["dense"]) - 0.02, rec
+    # weights chosen on other queries: allow one query's worth of slack on ~150 held-out ones
+    assert rec["fused"] >= max(rec["bm25"], rec["dense"]) - 1 / len(test) - 1e-9, (rec, res)
 
 
 def test_duplicate_ids_and_missing_parts_fail(tmp_path, index):
@@ -147,6 +165,7 @@ def checkpoint(tiny_llm, tmp_path_factory):
     return m.save_pretrained(tmp_path_factory.mktemp("ckpt") / "model")
 
 
+@pytest.mark.slow  # builds the tiny LLM checkpoint
 def test_infer_rag_text_and_multimodal(checkpoint, index, pydicom_files):
     from infer import main as infer_main
 
@@ -175,3 +194,37 @@ def test_cli_index_build_queries_predict(tmp_path, icd_subset):
     assert pred["prediction"] == "I70.0" and len(pred["candidates"]) == 5
     with pytest.raises(ConfigError, match="unknown"):
         cli_main(["index", "build", str(path), "--out", str(tmp_path / "x"), "no_such_key=1"])
+
+
+def test_druggable_genome_source():
+    from medmm.retrieval.sources import DRUGGABLE_GENOME, get_source
+
+    if not DRUGGABLE_GENOME.exists():
+        pytest.skip("shared druggable genome table not present")
+    docs = list(get_source("druggable_genome")())
+    assert len(docs) > 2000 and len({d.id for d in docs}) == len(docs)
+    adora1 = next(d for d in docs if d.metadata["symbol"] == "ADORA1")
+    assert adora1.id == "NCBIGene:134" and "adenosine A1 receptor" in adora1.text and "GPCR" in adora1.text
+    with pytest.raises(ConfigError, match="registered"):
+        get_source("nope")
+
+
+@pytest.mark.slow  # builds the tiny LLM checkpoint
+def test_mcq_with_and_without_retrieval_same_model(checkpoint, index, tmp_path):
+    from medmm.eval.benchmarks import run_benchmark
+
+    data = tmp_path / "mcq.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "m1", "question": "Which code family covers atherosclerosis of the aorta?",
+         "options": {"A": "I70", "B": "I10"}, "answer": "A"},
+        {"id": "m2", "question": "Subarachnoid hemorrhage from the carotid siphon is coded under?",
+         "options": {"A": "I63", "B": "I60"}, "answer": "B"}]))
+    plain = run_benchmark("mcq", tmp_path / "plain", checkpoint=checkpoint, data=[data], resamples=50, html=False,
+                          device="cpu")
+    rag = run_benchmark("mcq", tmp_path / "rag", checkpoint=checkpoint, data=[data], resamples=50, html=False,
+                        device="cpu", options={"rag": str(index.path), "rag_top_k": 2})
+    assert "accuracy" in plain["metrics"] and "accuracy" in rag["metrics"]
+    rows = [json.loads(x) for x in (tmp_path / "rag" / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(r["citations"]) == 2 and all(index.get(c["id"]) for c in r["citations"]) for r in rows)
+    plain_rows = (tmp_path / "plain" / "predictions.jsonl").read_text()
+    assert "citations" not in plain_rows

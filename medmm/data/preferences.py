@@ -75,8 +75,8 @@ def _counts(mods, source: str) -> dict[str, int]:
 def _encode_answer(encoder, conv: list[dict], answer: str, counts: dict[str, int], which: str,
                    source: str) -> tuple[list[int], list[int]]:
     """prompt + answer -> (ids, labels) with labels on this answer's tokens only."""
-    prompt = encoder.encode_prompt(conv, counts, source)  # raises when the prompt alone is over max_length
     ids, labels = encoder.encode(conv + [{"from": "gpt", "value": answer}], counts, source)  # raises on a cut placeholder
+    prompt = encoder.encode_prompt(conv, counts, source)  # raises when the prompt alone is over max_length
     if ids[: len(prompt)] != prompt:
         raise ConversationError(source, "the chat template does not render the prompt as a prefix of prompt + answer")
     labels = [IGNORE_INDEX] * len(prompt) + labels[len(prompt):]

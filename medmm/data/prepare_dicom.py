@@ -446,6 +446,11 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
                 record = {"__key__": s["key"], "npz": s["npz"], "json": json.dumps(s["meta"]).encode()}
                 if text:
                     record["txt"] = text.encode()
+                # the sample carries its conversations, so training can stream the shards alone
+                # (medmm.data.streaming); the array is this sample's ``npz``
+                modality = "image" if s["meta"]["kind"] == "image" else "volume"
+                record["conversations.json"] = json.dumps(
+                    {"modality": modality, "conversations": _conversations(modality, opts.task, rows)}).encode()
                 sink.write(record)
                 samples.append({"key": s["key"], "shard": Path(sink.fname).name, "meta": s["meta"], "rows": rows,
                                 "study": s["meta"]["study_uid"]})
@@ -459,15 +464,7 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
     for s in samples:
         modality = "image" if s["meta"]["kind"] == "image" else "volume"
         ref = f"{s['shard']}#{s['key']}.npz"
-        if opts.task == "report":
-            if not s["rows"]:
-                continue
-            convs = [[{"from": "human", "value": f"<{modality}>\nWrite the radiology report."},
-                      {"from": "gpt", "value": s["rows"][0]["report"]}]]
-        else:
-            convs = [[{"from": "human", "value": f"<{modality}>\n{r['question']}"}, {"from": "gpt", "value": r["answer"]}]
-                     for r in s["rows"]]
-        for i, conv in enumerate(convs):
+        for i, conv in enumerate(_conversations(modality, opts.task, s["rows"])):
             rec = {"id": f"{s['key']}-{i}", "modalities": {modality: ref}, "conversations": conv}
             (evals if s["study"] in eval_studies else train).append(rec)
     write_jsonl(out / f"{opts.task}_train.jsonl", train)
@@ -498,6 +495,17 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
+
+
+def _conversations(modality: str, task: str, rows: list[dict]) -> list[list[dict]]:
+    """The conversations of one series: its report (task report) or one per question (task vqa); none without rows."""
+    if task == "report":
+        if not rows:
+            return []
+        return [[{"from": "human", "value": f"<{modality}>\nWrite the radiology report."},
+                 {"from": "gpt", "value": rows[0]["report"]}]]
+    return [[{"from": "human", "value": f"<{modality}>\n{r['question']}"}, {"from": "gpt", "value": r["answer"]}]
+            for r in rows]
 
 
 def read_shard_array(ref: str, base_dir: Path | None = None) -> np.ndarray:

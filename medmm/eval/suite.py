@@ -102,6 +102,9 @@ def run_suite(config: str | Path, checkpoint: str | Path | None, out: str | Path
         if b.name not in known:
             raise ConfigError(f"{config}: benchmarks.{i}.name: unknown benchmark '{b.name}' "
                               f"(known: {', '.join(sorted(known))})")
+        if get_benchmark(b.name).trains:
+            raise ConfigError(f"{config}: benchmarks.{i}: '{b.name}' trains its own models; run `medmm eval "
+                              f"{b.name}` on its own")
         get_benchmark(b.name).options(b.options, f"{config}: benchmarks.{i}.options")
         if b.predictions is None and (b.checkpoint or checkpoint) is None:
             raise ConfigError(f"{config}: benchmarks.{i} ({b.name}): no checkpoint (give --checkpoint) and no "

@@ -9,7 +9,8 @@
 Every ``/v1`` call except health needs ``Authorization: Bearer <token>``; the token comes from
 ``--token-file`` or ``MEDMM_API_TOKEN`` (at least 16 characters) and the server refuses to start
 without one. It binds to 127.0.0.1 unless ``--host`` says otherwise, and answers 413 to a body over
-``--max-request-mb`` before reading it. One model serves every request, one request at a time.
+``--max-request-mb`` before reading it. One model serves every request: reports one at a time,
+concurrent ``/v1/ask`` questions batched (:class:`AskBatcher`).
 Uploaded files live in a temporary folder for the duration of the request only.
 
     MEDMM_API_TOKEN=$(cat /etc/medmm/token) medmm pacs http --checkpoint C --port 8080
@@ -94,7 +95,67 @@ class BodyLimit:
                 await self._reject(scope, receive, send)
 
 
-def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20):
+class AskBatcher:
+    """Batches concurrent ``/v1/ask`` requests: those that arrive within ``window_s`` of the first one and share its
+    decoding settings run as ONE :meth:`Predictor.predict` call (HF ``generate`` batches them; sessions and closed
+    sets run one by one inside it). One worker thread owns the model; ``submit`` blocks until its answer is ready.
+    Static batching per window: the model's ``generate`` cannot admit a request into a running batch."""
+
+    def __init__(self, predictor, model_lock: threading.Lock, max_batch: int = 8, window_s: float = 0.01):
+        import queue
+
+        self.predictor, self.lock = predictor, model_lock
+        self.max_batch, self.window_s = max(1, max_batch), window_s
+        self.queue: queue.Queue = queue.Queue()
+        self.batches: list[int] = []  # sizes of the predict() calls made (for tests and the bench)
+        self._worker = threading.Thread(target=self._run, name="medmm-ask-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, record: dict, decoding) -> dict:
+        done = threading.Event()
+        slot: dict = {}
+        self.queue.put((record, decoding, slot, done))
+        done.wait()
+        if "exception" in slot:
+            raise slot["exception"]
+        return slot["out"]
+
+    def _run(self) -> None:
+        import dataclasses
+        import queue
+        import time
+
+        held = None
+        while True:
+            first = held or self.queue.get()
+            held = None
+            group = [first]
+            key = dataclasses.asdict(first[1])
+            deadline = time.monotonic() + self.window_s
+            while len(group) < self.max_batch:
+                try:
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if dataclasses.asdict(item[1]) != key:
+                    held = item  # other settings: the next batch starts with it
+                    break
+                group.append(item)
+            try:
+                with self.lock:
+                    outs = self.predictor.predict([g[0] for g in group], first[1], batch_size=self.max_batch)
+                self.batches.append(len(group))
+                for g, out in zip(group, outs):
+                    g[2]["out"] = out
+            except Exception as e:  # noqa: BLE001 - handed to every waiting request
+                for g in group:
+                    g[2]["exception"] = e
+            for g in group:
+                g[3].set()
+
+
+def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20, max_batch: int = 8,
+               batch_window_s: float = 0.01):
     """The FastAPI app around a loaded :class:`~medmm.export.study.ReportPipeline`."""
     optional_import("fastapi")
     from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile
@@ -109,8 +170,9 @@ def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20):
 
     if len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"the API token must have at least {MIN_TOKEN_CHARS} characters")
-    model_lock = threading.Lock()  # one model, one request at a time
+    model_lock = threading.Lock()  # one model: one report or one batch of questions at a time
     predictor = pipeline.predictor
+    batcher = AskBatcher(predictor, model_lock, max_batch, batch_window_s)
     bearer = HTTPBearer(auto_error=False, description="the token from --token-file or $MEDMM_API_TOKEN")
 
     def require_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
@@ -161,6 +223,7 @@ def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20):
                   description="Reports from a medmm multimodal model. Not a medical device: every report is "
                               "UNVERIFIED until a clinician verifies it.")
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    app.state.batcher = batcher
 
     @app.get("/v1/health", response_model=Health)
     def health() -> Health:
@@ -228,11 +291,10 @@ def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20):
                 closed_set_check(decoding)
         except ConfigError as e:
             raise HTTPException(422, {"error": "ConfigError", "message": str(e)}) from e
-        with model_lock:
-            try:
-                out = predictor.predict([record], decoding, batch_size=1)[0]
-            except (InvalidInputError, ModalityMismatchError, ConfigError) as e:
-                raise HTTPException(422, {"error": type(e).__name__, "message": str(e)}) from e
+        try:
+            out = batcher.submit(record, decoding)  # concurrent questions share one batched generate
+        except (InvalidInputError, ModalityMismatchError, ConfigError) as e:
+            raise HTTPException(422, {"error": type(e).__name__, "message": str(e)}) from e
         if "error" in out:
             raise HTTPException(422, {"error": out["error"], "message": out["message"]})
         return AskOut(answer=out["answer"], probs=out.get("probs"), new_tokens=out.get("new_tokens"),

@@ -318,7 +318,7 @@ class ReportPipeline:
     def _parameters(cfg: ReportConfig) -> dict[str, str]:
         d = cfg.decoding
         return {"question": cfg.question, "strategy": d.strategy, "max_new_tokens": str(d.max_new_tokens),
-                "repetition_penalty": str(d.repetition_penalty), "min_volume_slices": str(cfg.min_volume_slices)}
+                **{k: str(v) for k, v in sorted(d.params.items())}, "min_volume_slices": str(cfg.min_volume_slices)}
 
     def run(self, source, work_dir: str | Path | None = None, question: str | None = None,
             predecessor=None) -> StudyReport:

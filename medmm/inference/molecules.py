@@ -3,7 +3,7 @@
 * head: ``python train.py --config configs/tasks/druggability_head.yaml`` trains ``mol_gin`` + a head
   (``trainer.stage: head``); the score is the calibrated probability of the positive class;
 * LLM: ``configs/druggability_llm.yaml`` fine-tunes the language model on ``<mol>`` yes/no records; the
-  score is the closed-set probability of "yes" (:meth:`medmm.inference.decoding.Session.closed_set`).
+  score is the closed-set probability of "yes" (:meth:`medmm.inference.session.Session.closed_set`).
 
 ::
 

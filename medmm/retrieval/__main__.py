@@ -1,6 +1,6 @@
 """``medmm index``: build, query and evaluate retrieval indices.
 
-    medmm index build [FILE ...] [--source icd10cm|druggable_genome ...] --out IDX [key=value ...]
+    medmm index build [FILE ...] [--source icd10cm|druggable_genome ...] --out IDX [--tune icd10cm] [key=value ...]
     medmm index search IDX "query" [-k 5] [--mode fused|bm25|dense]
     medmm index queries --out Q.jsonl [--split test] [--limit N]       ICD-10-CM normalisation queries (leak-free)
     medmm index predict IDX --data Q.jsonl --out P.jsonl [-k 20] [--mode fused]   retriever-only predictions
@@ -19,6 +19,20 @@ import sys
 import time
 
 
+def tuning_pairs(spec: str, n: int = 2000) -> tuple[list[str], list[str]]:
+    """(queries, gold ids) to tune the fusion: ``icd10cm`` = a seeded sample of the training split's short names."""
+    if spec == "icd10cm":
+        from .sources import icd10cm_pairs
+
+        rows = icd10cm_pairs("train")
+        rows = random.Random(0).sample(rows, min(n, len(rows)))
+        return [r["query"] for r in rows], [r["code"] for r in rows]
+    from ..utils import read_jsonl
+
+    rows = read_jsonl(spec)
+    return [str(r["query"]) for r in rows], [str(r.get("id", r.get("code"))) for r in rows]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="medmm index", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", required=True)
     b.add_argument("--text-field", default="text")
     b.add_argument("--id-field", default="id")
+    b.add_argument("--tune", metavar="PAIRS", help="choose the fusion's rrf_k and weights by recall@5 on queries: "
+                   "icd10cm (2,000 short names of the training split, never the benchmark's) or a JSONL of "
+                   "{query, id}")
     b.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     s = sub.add_parser("search", help="print the top hits of one query")
     s.add_argument("index")
@@ -57,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         idx = build_index(a.out, sources=a.source, files=a.files, cfg=index_config(overrides),
                           text_field=a.text_field, id_field=a.id_field)
-        print(json.dumps({"out": a.out, "documents": len(idx), "by_source": idx.meta["by_source"],
-                          "build_s": round(time.perf_counter() - t0, 2)}))
+        res = {"out": a.out, "documents": len(idx), "by_source": idx.meta["by_source"]}
+        if a.tune:
+            res["fusion_tuning"] = idx.tune_fusion(*tuning_pairs(a.tune))
+        print(json.dumps({**res, "build_s": round(time.perf_counter() - t0, 2)}))
     elif a.cmd == "search":
         for h in load_index(a.index).search(a.query, a.k, a.mode):
             print(json.dumps(h, ensure_ascii=False))

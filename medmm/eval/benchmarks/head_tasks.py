@@ -44,13 +44,14 @@ def _label01(v, source: str) -> int:
 
 
 def binary_rows(sources, inputs, labels, probs, probs_raw=None, extra=None) -> list[dict]:
-    """Rows of a binary task (``probs`` = calibrated P(class 1))."""
+    """Rows of a binary task (``probs`` = calibrated P(class 1)), at full precision: rounding would create
+    ties and move the AUROC of a model whose scores are close together."""
     rows = []
     for i, (s, x, y, p) in enumerate(zip(sources, inputs, labels, probs)):
-        r = {"id": s, "input": x, "label": int(y), "reference": str(int(y)), "prob": round(float(p), 6),
+        r = {"id": s, "input": x, "label": int(y), "reference": str(int(y)), "prob": float(p),
              "prediction": "1" if p >= 0.5 else "0"}
         if probs_raw is not None:
-            r["prob_raw"] = round(float(probs_raw[i]), 6)
+            r["prob_raw"] = float(probs_raw[i])
         if extra is not None:
             r.update(extra[i])
         rows.append(r)
@@ -62,7 +63,7 @@ def multiclass_rows(sources, inputs, labels, probs, classes, extra=None) -> list
     rows = []
     for i, (s, x, y, p) in enumerate(zip(sources, inputs, labels, probs)):
         r = {"id": s, "input": x, "label": classes[int(y)], "reference": classes[int(y)],
-             "probs": {c: round(float(q), 6) for c, q in zip(classes, p)}, "prediction": classes[int(np.argmax(p))]}
+             "probs": {c: float(q) for c, q in zip(classes, p)}, "prediction": classes[int(np.argmax(p))]}
         if extra is not None:
             r.update(extra[i])
         rows.append(r)

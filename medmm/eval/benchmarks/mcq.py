@@ -136,6 +136,11 @@ class MCQBenchmark(Benchmark):
         """Last line of the prompt (after the lettered options)."""
         max_new_tokens: int = 16
         """generate: tokens generated per answer."""
+        rag: str = ""
+        """A ``medmm index build`` folder: retrieved passages go before each question (the same model with and
+        without retrieval = two suite entries); rows keep the ``citations``."""
+        rag_top_k: int = 3
+        """Passages per question with ``rag``."""
 
     def protocol(self, opts) -> str:
         if opts.mode == "loglik":
@@ -165,6 +170,15 @@ class MCQBenchmark(Benchmark):
                     raise InvalidInputError(f"{r.get('_file')} (id={r['id']})", "two options have the same text")
                 req["options"] = cands
             reqs.append(req)
+        cites = None
+        if opts.rag:
+            from ...retrieval.index import augment_question, load_index, rag_requests
+
+            # the query is the question alone: the options would pull in passages about every distractor
+            plain = [dict(q, question=r["question"]) for q, r in zip(reqs, records)]
+            _, cites = rag_requests(plain, load_index(opts.rag), opts.rag_top_k)
+            for q, c in zip(reqs, cites):
+                q["question"] = augment_question(q["question"], c)[0]
         by_file: dict[str, list[int]] = {}
         for i, r in enumerate(records):
             by_file.setdefault(r.get("_file", ""), []).append(i)
@@ -177,6 +191,8 @@ class MCQBenchmark(Benchmark):
         rows = []
         for r, o in zip(records, outs):
             row = {k: r[k] for k in ("id", "question", "options", "reference", "modalities")}
+            if cites is not None:
+                row["citations"] = cites[len(rows)]
             if "error" in o:
                 row.update(error=o["error"], message=o.get("message", ""))
             elif opts.mode == "loglik":

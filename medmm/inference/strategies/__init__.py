@@ -170,14 +170,15 @@ def at_least_one(v) -> str | None:
 
 
 # ----------------------------------------------------------------------------- command-line flags
-def add_decoding_flags(parser) -> None:
-    """``--strategy``, ``--max-new-tokens``, ``--seed`` and one flag per registered setting (argparse)."""
+def add_decoding_flags(parser, common: bool = True) -> None:
+    """``--strategy``, ``--max-new-tokens``, ``--seed`` (``common``) and one flag per registered setting (argparse)."""
     _load()
     g = parser.add_argument_group("decoding (flags derived from the strategy registry)")
     listing = "; ".join(f"{s.name}: {s.summary}" for s in sorted(_REGISTRY.values(), key=lambda s: s.name))
     g.add_argument("--strategy", choices=list_strategies(), help=listing)
-    g.add_argument("--max-new-tokens", type=int, help="tokens generated at most")
-    g.add_argument("--seed", type=int, help="seed for sampling and search")
+    if common:
+        g.add_argument("--max-new-tokens", type=int, help="tokens generated at most")
+        g.add_argument("--seed", type=int, help="seed for sampling and search")
     for p in all_params().values():
         users = ", ".join(s.name for s in _REGISTRY.values() if s.param(p.name) is not None)
         g.add_argument(p.flag, dest=f"param_{p.name}", type=p.type, default=None,
