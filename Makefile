@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv system-deps demo test test-fast bench lint clean gpu-check
+.PHONY: venv system-deps demo test test-fast bench bench-long lint clean gpu-check
 
 venv: $(STAMP)
 
@@ -36,8 +36,13 @@ test: system-deps $(STAMP)
 test-fast: $(STAMP)
 	$(VPY) -m pytest -m "not slow and not deepspeed and not integration" $(PYTEST_ARGS)
 
+# The side-by-side benchmarks that take minutes on a 2-core CPU. Longer ones run alone:
+# bench-long = retrieval (full ICD-10-CM index), data_stream (1M records), moleculenet (5 datasets x seeds).
 bench: $(STAMP)
-	for b in train_step decoding dicom_load wsi_tiles molecules serve; do $(VPY) bench/$$b.py || exit 1; done
+	for b in train_step decoding dicom_load wsi_tiles molecules serve packing dpo_step zero3_save; do $(VPY) bench/$$b.py || exit 1; done
+
+bench-long: $(STAMP)
+	for b in retrieval data_stream moleculenet; do $(VPY) bench/$$b.py || exit 1; done
 
 # bf16 training (~1B Llama + ViT, SDPA, gradient checkpointing, ZeRO-2) and decoding on one CUDA GPU -> tokens/s, MFU
 # (bench/results/gpu_check.json); DRY_RUN=1 runs the same script on the CPU at tiny size.

@@ -139,6 +139,7 @@ def prefix_cache_256(args, device) -> dict:
                 sync()
                 if rep:
                     times[name].append(time.perf_counter() - t0)
+                print(f"  pass {rep} {name}: {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     prompt_len = len(Session(model, proc, {"image": image}).prompt_ids(closed[0]))
     return {

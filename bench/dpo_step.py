@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "lora": LORA, "beta": 0.1, "loss_type": "sigmoid", "batch_shape": shapes,
                    "answer_tokens": answer_tokens},
         "first_loss": {k: v[0] for k, v in losses.items()},
+        # same weights, tokens and optimiser: the two loss curves must coincide step after step
+        "max_loss_diff": max(abs(a - b) for a, b in zip(losses["medmm"], losses["trl"])),
         "medmm": stats["medmm"], "trl": stats["trl"],
         "ratio_vs_trl": ratio, "paired_ratio_median": paired, "goal": GOAL, "goal_met": ratio <= GOAL, "noisy": noisy,
         "per_step_ms": times, "losses": losses,
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         s = stats[k]
         print(f"  {k:5s}: median {s['median_ms']:8.2f} ms  IQR [{s['p25_ms']:.2f}, {s['p75_ms']:.2f}]  "
               f"first loss {losses[k][0]:.4f}  answer tokens {answer_tokens[k]}")
+    print(f"  loss curves agree to {result['max_loss_diff']:.1e} over {len(losses['trl'])} steps")
     print(f"  median of per-step-pair ratios {paired:.3f}; goal ratio <= {GOAL}: "
           f"{'met' if ratio <= GOAL else 'NOT met'}; wrote {out}")
     if noisy:

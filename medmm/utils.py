@@ -36,6 +36,9 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "pysam": "bio",
     "datasketch": "text",
     "py3langid": "text",
+    "bm25s": "retrieval",
+    "faiss": "retrieval",
+    "sentence_transformers": "retrieval",
 }
 
 

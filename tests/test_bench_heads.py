@@ -26,7 +26,7 @@ def test_binary_rows_equal_sklearn(tmp_path):
     p = np.clip(0.3 * y + 0.7 * rng.random(200), 0, 1)
     preds = _write(tmp_path / "p.jsonl", [{"id": i, "label": int(a), "prob": float(b)} for i, (a, b) in
                                           enumerate(zip(y, p))])
-    res = run_benchmark("dna", tmp_path / "o", predictions=preds, resamples=300, progress=False, html=False)
+    res = run_benchmark("dna", tmp_path / "o", predictions=preds, resamples=120, progress=False, html=False)
     m = res["metrics"]
     assert m["auroc"]["value"] == pytest.approx(roc_auc_score(y, p), abs=5e-5)
     assert m["auprc"]["value"] == pytest.approx(average_precision_score(y, p), abs=5e-5)
@@ -37,7 +37,7 @@ def test_binary_rows_equal_sklearn(tmp_path):
     auc, n1, n0 = roc_auc_score(y, p), y.sum(), (1 - y).sum()
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
     se = np.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (n1 * n0))
-    assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.25)
+    assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.3)
     assert res["protocol"].startswith("dna:")
 
 
@@ -52,7 +52,7 @@ def test_multiclass_rows_equal_classification_metrics(tmp_path):
     probs /= probs.sum(1, keepdims=True)
     preds = _write(tmp_path / "p.jsonl", [{"id": f"slide{i}", "label": classes[a], "probs": dict(zip(classes, b))}
                                           for i, (a, b) in enumerate(zip(y, probs.tolist()))])
-    res = run_benchmark("slide", tmp_path / "o", predictions=preds, resamples=100, progress=False, html=False)
+    res = run_benchmark("slide", tmp_path / "o", predictions=preds, resamples=20, progress=False, html=False)
     ref = classification_metrics(y, probs, classes)
     for k in ("accuracy", "balanced_accuracy", "auroc"):
         assert res["metrics"][k]["value"] == pytest.approx(ref[k], abs=1e-9), k

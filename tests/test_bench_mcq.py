@@ -92,6 +92,7 @@ def checkpoint(tiny_llm, tmp_path_factory):
     return m.save_pretrained(tmp_path_factory.mktemp("mcq_ckpt") / "model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("choices", ["letter", "text"])
 def test_loglik_answers_are_the_closed_set_argmax(checkpoint, tmp_path, choices):
     from medmm.inference.predictor import Predictor

@@ -104,6 +104,7 @@ def test_prefix_cache_gives_same_logits_and_encodes_once(model, session, monkeyp
     assert not calls
 
 
+@pytest.mark.slow
 def test_speculative_and_prompt_lookup_equal_greedy(model, session, tiny_llm):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -240,6 +240,8 @@ def test_trainer_dpo_section_and_overrides(tiny_llm, tmp_path):
         build("trainer.stage=dpo", "model.llm_trainable=full")
     with pytest.raises(ConfigError, match="loss_type=ipo is for stage dpo"):
         build("trainer.stage=simpo", "trainer.dpo.loss_type=ipo")
+    with pytest.raises(ConfigError, match="reference=copy is for stage dpo"):
+        build("trainer.stage=simpo", "trainer.dpo.reference=copy")
     with pytest.raises(ConfigError, match="stage orpo always adds"):
         build("trainer.stage=orpo", "trainer.dpo.rpo_alpha=0.5")
 
@@ -436,3 +438,76 @@ def test_two_ranks_zero3_lora_dpo_on_vqa_rad_and_clintox_pairs(tmp_path, tiny_ll
     before = closed_set_probs(tmp_path / "start", held)
     after = closed_set_probs(run / "checkpoint", held)
     assert sum(after) / len(after) > sum(before) / len(before) + 0.02, (before, after)
+
+
+# ----------------------------------------------------------------------------------------------- the recipe chain
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_medical_llm_recipe_chain_pretrain_sft_dpo(tmp_path, tiny_llm, shared_data):
+    """configs/recipes/medical_llm/{pretrain,sft,dpo}.yaml as written, on real data at tiny size (the tiny LLM and
+    encoder, two steps each, ZeRO-0): ICD-10-CM text -> VQA-RAD conversations -> VQA-RAD closed-question pairs made
+    by `medmm prepare preferences --from-labels`. Each stage starts from the last (trainer.init_from); DPO's first
+    evaluation is the SFT model's own preference for the chosen answers."""
+    import random
+
+    import train
+    from medmm.cli import main as cli
+    from medmm.data.preferences import PreferenceDataset, collate_pairs
+    from medmm.data.prepare import prepare_vqa
+    from medmm.data.text import TextPrepareOptions, prepare_text
+    from medmm.model.multimodal import MedMMForCausalLM
+    from medmm.training.stages.dpo import answer_logps
+    from tests.test_text import icd10cm_descriptions
+
+    recipes = REPO / "configs" / "recipes" / "medical_llm"
+    desc = icd10cm_descriptions()
+    (tmp_path / "icd.txt").write_text("\n".join(desc[i] for i in sorted(random.Random(0).sample(range(len(desc)), 400))))
+    prepare_text([tmp_path / "icd.txt"], tmp_path / "text", TextPrepareOptions(min_chars=5, min_words=1,
+                                                                              eval_fraction=0.0, progress=False))
+    v = shared_data / "vqa" / "vqa_rad"
+    prepare_vqa(v / "testset.json", v / "images", tmp_path / "vqa", eval_fraction=0.2, seed=0)
+    for part in ("train", "eval"):
+        cli(["prepare", "preferences", "--from-labels", str(tmp_path / "vqa" / f"vqa_{part}.jsonl"),
+             "--out", str(tmp_path / "prefs" / f"vqa_closed_{part}.jsonl")])
+    tiny = [f"model.llm={tiny_llm}", "model.gradient_checkpointing=false", "model.lora.r=4", "model.lora.alpha=8",
+            f"trainer.deepspeed={REPO / 'configs/deepspeed/zero0.json'}", "trainer.max_steps=2",
+            "trainer.micro_batch_size=2", "trainer.grad_accum=1", "trainer.warmup_steps=0", "trainer.save_every=2",
+            "data.num_workers=0"]
+    image = ["model.modalities.image.encoder.name=vit2d_tiny", "model.modalities.image.encoder.kwargs={}",
+             "model.modalities.image.preprocess.image_size=64"]
+    runs = {s: tmp_path / s for s in ("pretrain", "sft", "dpo")}
+    res = train.main(["--config", str(recipes / "pretrain.yaml"), *tiny, "data.max_length=64", "trainer.eval_every=2",
+                      f"data.datasets.0.path={tmp_path / 'text' / 'train.jsonl'}",
+                      f"trainer.output_dir={runs['pretrain']}"])
+    assert res["eval_ppl"] < res["eval_ppl_first"]
+    res = train.main(["--config", str(recipes / "sft.yaml"), *tiny, *image, "data.max_length=256",
+                      f"data.datasets.0.path={tmp_path / 'vqa' / 'vqa_train.jsonl'}",
+                      f"trainer.init_from={runs['pretrain'] / 'checkpoint'}", f"trainer.output_dir={runs['sft']}"])
+    assert res["step"] == 2
+    res = train.main(["--config", str(recipes / "dpo.yaml"), *tiny, *image, "data.max_length=128",
+                      "trainer.eval_every=2", "trainer.lr=1e-3",
+                      f"data.datasets.0.path={tmp_path / 'prefs' / 'vqa_closed_train.jsonl'}",
+                      f"trainer.dpo.eval_path={tmp_path / 'prefs' / 'vqa_closed_eval.jsonl'}",
+                      f"trainer.init_from={runs['sft'] / 'checkpoint'}", f"trainer.output_dir={runs['dpo']}"])
+    assert res["stage"] == "dpo" and res["step"] == 2
+    rows = metric_rows(runs["dpo"])
+    assert rows[0]["step"] == 0 and rows[0]["eval_reward_accuracy"] == 0.5
+    assert all({"loss", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"} <= r.keys()
+               for r in rows[1:])
+    meta = json.loads((runs["dpo"] / "checkpoint" / "medmm_config.json").read_text())
+    assert meta["training"]["init_from"] == str(runs["sft"] / "checkpoint") and meta["llm_adapter"]
+
+    # DPO started from the SFT model: its step-0 evaluation is the SFT checkpoint's own chosen-vs-rejected preference
+    sft = MedMMForCausalLM.from_pretrained(runs["sft"] / "checkpoint", merge_lora=True).eval()
+    proc = sft.processor(128)
+    held = PreferenceDataset(tmp_path / "prefs" / "vqa_closed_eval.jsonl", proc)
+    probs = []
+    for k in range(0, len(held), 8):
+        batch = collate_pairs(proc, [held[i] for i in range(k, min(k + 8, len(held)))])
+        batch.pop("load_errors", None)
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            lp, _ = answer_logps(sft, batch, labels)
+        B = labels.shape[0] // 2
+        probs += torch.sigmoid(lp[:B] - lp[B:]).tolist()
+    assert rows[0]["eval_chosen_prob"] == pytest.approx(sum(probs) / len(probs), abs=1e-4)

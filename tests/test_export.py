@@ -135,6 +135,7 @@ def test_torchscript_export_through_the_cli(graph_checkpoint, tmp_path, capsys):
     assert printed["graphs"]["dna"]["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_graph_export_fails_loudly_beyond_tolerance(graph_checkpoint, tmp_path):
     from medmm.export.onnx import export_graphs
 

@@ -109,6 +109,7 @@ def _table(path, col):
         return [(i, r) for i, r in enumerate(csv.DictReader(f), start=2)], col
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,col,every", [("bbbp.csv", "smiles", 4), ("clintox.csv", "smiles", 3),
                                             ("tox21.csv", "smiles", 16)])
 def test_real_moleculenet_sets(shared_data, name, col, every):
@@ -135,6 +136,7 @@ def test_real_moleculenet_sets(shared_data, name, col, every):
     assert same >= 0.995 * len(ok), f"standardising twice changed {len(ok) - same} of {len(ok)}"
 
 
+@pytest.mark.slow
 def test_known_rejections_in_real_sets_name_row_and_reason(shared_data):
     """The real sets' rows RDKit rejects, each named by file:line with RDKit's own reason: Tox21's
     hexavalent aluminium salts fail at parsing; three more fail while standardising."""
@@ -225,6 +227,7 @@ def test_descriptors_and_rule_report():
     assert druglikeness(parse_smiles("Cc1ccc(O)c(O)c1"))["pains_alerts"] == ["catechol_A(92)"]
 
 
+@pytest.mark.slow
 def test_scaffold_split_keeps_scaffolds_apart(shared_data):
     from medmm.data.splits import scaffold_split
 

@@ -141,6 +141,7 @@ def test_dataset_drops_cut_placeholders_and_scores_the_final_answer_only(proc, t
          "conversations": [{"from": "human", "value": long_q + "\n<image>"}], "chosen": "yes", "rejected": "no"},
         {"id": "text", "conversations": [{"from": "human", "value": "Is aspirin an NSAID?"}],
          "chosen": "yes, aspirin is a nonsteroidal anti-inflammatory drug " * 8, "rejected": "no"},
+        {"id": "longq", "conversations": [{"from": "human", "value": long_q * 3}], "chosen": "yes", "rejected": "no"},
         {"id": "same", "conversations": [{"from": "human", "value": "Is it?"}], "chosen": "yes", "rejected": " yes"},
         {"id": "ends", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
          "chosen": "yes", "rejected": "no"},
@@ -152,8 +153,9 @@ def test_dataset_drops_cut_placeholders_and_scores_the_final_answer_only(proc, t
     ds = PreferenceDataset(path, p)
     assert [x["record"]["id"] for x in ds.pairs] == ["ok", "text", "mol"]
     reasons = {k.split("id=")[1].rstrip(")"): v["message"] for k, v in ds.failed.items()}
-    assert set(reasons) == {"cut", "same", "ends"}
+    assert set(reasons) == {"cut", "longq", "same", "ends"}
     assert "modality tokens beyond max_length=96" in reasons["cut"]
+    assert "longer than max_length=96" in reasons["longq"]  # no room left for any answer token
     assert "same answer" in reasons["same"] and "end with a human turn" in reasons["ends"]
     assert all(v["error"] == "ConversationError" for v in ds.failed.values())
 

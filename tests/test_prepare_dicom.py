@@ -130,7 +130,7 @@ def test_real_tilted_head_ct_is_resampled(tmp_path, shared_data):
                       DicomPrepareOptions(window="brain", spacing=(4.0, 2.0, 2.0), size_3d=(16, 64, 64), salt="x"))
     assert m["by_kind"] == {"volume": 1} and m["files_rejected"] == 2  # the licence and readme files
     with tarfile.open(out / m["shards"][0]) as tf:
-        meta = json.loads(next(tf.extractfile(x).read() for x in tf.getmembers() if x.name.endswith(".json")))
+        meta = json.loads(next(tf.extractfile(x).read() for x in tf.getmembers() if x.name.endswith(".json") and not x.name.endswith(".conversations.json")))
     assert meta["gantry_tilt_deg"] == pytest.approx(18.5, abs=1.0) and meta["uneven_spacing"]
     assert meta["slices"] == 28 and meta["resampled_to"] == [4.0, 2.0, 2.0]
 
@@ -249,7 +249,7 @@ def test_duplicate_file_and_missing_slices_keep_every_unique_slice(tmp_path, sha
     assert lines[twin.name]["fallbacks"] == [{"attribute": "StudyDate", "problem": "is empty", "fallback": ""}]
     assert sum(x["outcome"] == "written" and x["series"] == key for x in lines.values()) == 25
     with tarfile.open(out / m["shards"][0]) as tf:
-        meta = json.loads(next(tf.extractfile(x).read() for x in tf.getmembers() if x.name.endswith(".json")))
+        meta = json.loads(next(tf.extractfile(x).read() for x in tf.getmembers() if x.name.endswith(".json") and not x.name.endswith(".conversations.json")))
     assert meta["slices"] == 25 and meta["missing_slices"] == 3 and len(meta["gap_positions"]) == 3
 
 

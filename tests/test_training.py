@@ -47,6 +47,8 @@ def make_run(tmp_path, tiny_llm, n_records=4, **trainer):
 def env():
     e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     e.pop("DS_ACCELERATOR", None)  # the trainer must choose the CPU accelerator by itself
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MEDMM_PORT_CHOSEN"):
+        e.pop(k, None)  # set in this process by the in-process runs below; a child chooses its own
     return e
 
 

@@ -175,7 +175,7 @@ class PreferenceDataset(Dataset):
         for k in range(self.max_retries):
             p = self.pairs[(idx + k) % len(self.pairs)]
             try:
-                sample = self._load(p)
+                sample = self.load(p)
                 sample["load_errors"] = errors
                 return sample
             except InvalidInputError as e:
@@ -185,7 +185,8 @@ class PreferenceDataset(Dataset):
                     log.warning("skipping preference pair: %s", e)
         raise InvalidInputError(self.path, f"{self.max_retries} consecutive pairs failed to load")
 
-    def _load(self, p: dict) -> dict:
+    def load(self, p: dict) -> dict:
+        """One pair of :attr:`pairs` as a sample: both sequences and their modality inputs (read now)."""
         rec, base = p["record"], self.path.parent
         items = self.processor._modality_items(rec, p["source"], base)
         ritems = items

@@ -35,6 +35,7 @@ def prepare_environment() -> str:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
+        os.environ["MEDMM_PORT_CHOSEN"] = "1"  # ours to replace if another process takes it first
     return "nccl" if cuda else "gloo"
 
 
@@ -45,8 +46,17 @@ def init_distributed() -> tuple[int, int, int]:
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    for attempt in range(5):
+        if dist.is_initialized():
+            break
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        except dist.DistNetworkError:
+            # A single process picked a free port, but another process bound it before the store did: pick again.
+            # (A launcher's MASTER_PORT is shared by every rank and is never changed here.)
+            if os.environ.get("MEDMM_PORT_CHOSEN") != "1" or os.environ.get("WORLD_SIZE", "1") != "1" or attempt == 4:
+                raise
+            os.environ["MASTER_PORT"] = str(free_port())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -103,6 +103,8 @@ class PreferenceStage(SFTStage):
         s = self.settings
         if not self.uses_reference and s.loss_type != "sigmoid":
             raise ConfigError(f"trainer.dpo.loss_type={s.loss_type} is for stage dpo; stage {self.name} has its own loss")
+        if not self.uses_reference and s.reference != "adapter":
+            raise ConfigError(f"trainer.dpo.reference={s.reference} is for stage dpo; stage {self.name} has no reference")
 
     def build_model(self):
         self.check_settings()
@@ -376,7 +378,7 @@ def precompute_reference(cfg, out: str | Path, device: str = "auto", batch_size:
             loaded = []
             for p in ds.pairs:
                 try:
-                    loaded.append((p, ds._load(p)))
+                    loaded.append((p, ds.load(p)))
                 except InvalidInputError as e:
                     errors.append(e.to_record())
             for k in range(0, len(loaded), bs):
