@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-
 # import name -> the pyproject extra that installs it (``pip install 'medmm[EXTRA]'``); tests check it against
 # pyproject.toml, so a package moved between extras cannot leave a wrong hint behind.
 EXTRA_OF_MODULE: dict[str, str] = {
