@@ -144,8 +144,31 @@ class _EarlyStopping:
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run ``cfg.trainer.stage`` through the loop; returns a summary (steps, last loss, paths, the stage's results).
 
-    Every rank runs this.
+    Every rank runs this. ZeRO-3 swaps ``torch.nn.functional.linear`` for its memory-efficient version for the whole
+    process and never swaps it back; this undoes that when the run ends, so that what the process does next (export
+    by tracing, inference) sees plain PyTorch.
     """
+    try:
+        return _run_training(cfg, resume)
+    finally:
+        restore_torch_linear()
+
+
+def restore_torch_linear() -> bool:
+    """Undo DeepSpeed ZeRO-3's process-wide replacement of ``torch.nn.functional.linear``; True if it was replaced."""
+    import sys
+
+    import torch
+
+    pp = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    original = getattr(getattr(pp, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original
+        return True
+    return False
+
+
+def _run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     rank, world, local_rank = init_distributed()  # sets DS_ACCELERATOR before deepspeed is imported
     import deepspeed
     import torch
