@@ -20,24 +20,15 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from common import ROOT, bench_parser, environment, resolve_device, write_result
 
-import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 GOAL = 1.1
 SIZES = {"small": dict(hidden=64, layers=2, heads=4, kv_heads=2),
          "base": dict(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408)}
@@ -136,22 +127,12 @@ def make_step(loss_fn, params, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap = bench_parser(__doc__, "dpo_step", SIZES)
     ap.add_argument("--pairs", type=int, default=8, help="preference pairs per step (2x rows per forward)")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per framework")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per framework")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dpo_step.json"))
     args = ap.parse_args(argv)
-    from medmm.inference.predictor import pick_device
-
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        ap.error(f"--device: {e}")
-    args.device = device.type
+    device = resolve_device(ap, args)
 
     import transformers
     import trl
@@ -199,10 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "dpo_step",
         "what": "zero_grad + DPO loss (reference = LoRA adapter disabled; policy) + backward + AdamW over LoRA, fp32",
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
-        platform.machine(),
-        "cpu_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+        **environment(device),
         "transformers": transformers.__version__, "trl_version": trl.__version__, "args": vars(args),
         "config": {"llm": {k: getattr(lc, k) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
                                                       "num_hidden_layers", "num_attention_heads")},
@@ -215,9 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_vs_trl": ratio, "paired_ratio_median": paired, "goal": GOAL, "goal_met": ratio <= GOAL, "noisy": noisy,
         "per_step_ms": times, "losses": losses,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(args.out, result)
 
     print(f"device {args.device} ({result['device_name']}), torch {torch.__version__}, trl {trl.__version__}, "
           f"size {args.size}, {args.pairs} pairs: medmm rows {shapes['medmm']}, trl rows {shapes['trl']}, "

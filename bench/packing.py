@@ -27,24 +27,15 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from common import ROOT, bench_parser, environment, resolve_device, write_result
 
-import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 GOAL = 1.5
 SIZES = {
     "small": dict(hidden=128, layers=2, heads=4, kv_heads=2),
@@ -99,25 +90,15 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap = bench_parser(__doc__, "packing", SIZES)
     ap.add_argument("--samples", type=int, default=128, help="samples per epoch")
     ap.add_argument("--report-share", type=float, default=0.2, help="fraction of long reports in the mix")
     ap.add_argument("--batch", type=int, default=8, help="samples per padded micro-batch")
     ap.add_argument("--block", type=int, default=512, help="tokens per packed block (data.max_length)")
     ap.add_argument("--repeats", type=int, default=3, help="timed epochs per layout (alternating)")
     ap.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "packing.json"))
     args = ap.parse_args(argv)
-    from medmm.inference.predictor import pick_device
-
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        ap.error(f"--device: {e}")
-    args.device = device.type
+    device = resolve_device(ap, args)
 
     import transformers
 
@@ -201,10 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     lc = model.llm.config
     result = {
         "benchmark": "packing", "what": "real tokens/s of full training steps (fwd + bwd + AdamW), fp32, same samples",
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
-        platform.machine(),
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+        **environment(device), "transformers": transformers.__version__,
         "args": vars(args),
         "llm": {k: getattr(lc, k) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
                                             "num_hidden_layers", "num_attention_heads", "num_key_value_heads")},
@@ -223,9 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fill_ratio": (real_tokens / packed_cells) / (real_tokens / padded_cells),
         "noisy": noisy, "goal": GOAL, "goal_met": speedup >= GOAL,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(args.out, result)
     L = result["lengths"]
     print(f"device {args.device} ({result['device_name']}), torch {torch.__version__}, transformers "
           f"{transformers.__version__}, size {args.size}, attn {result['attn_implementation']}")

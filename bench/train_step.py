@@ -21,23 +21,14 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from common import ROOT, bench_parser, environment, resolve_device, write_result
 
-import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 GOAL = 1.05
 # vision: CLIPVisionConfig kwargs; llm: build_tiny_llm kwargs (Llama family).
 SIZES = {
@@ -125,22 +116,12 @@ def make_step(model, batch: dict, device: torch.device, lr: float = 1e-4):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap = bench_parser(__doc__, "train_step", SIZES)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50, help="timed steps per model")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per model")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_step.json"))
     args = ap.parse_args(argv)
-    from medmm.inference.predictor import pick_device
-
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        ap.error(f"--device: {e}")
-    args.device = device.type
+    device = resolve_device(ap, args)
     size = SIZES[args.size]
     vision = dict(size["vision"])
 
@@ -189,10 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     lc = medmm.llm.config
     result = {
         "benchmark": "train_step", "what": "zero_grad + forward + backward + AdamW step, fp32, all parameters trainable",
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
-        platform.machine(),
-        "cpu_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+        **environment(device),
         "transformers": transformers.__version__,
         "args": vars(args),
         "config": {"vision": vision, "feature_layer": -2, "drop_cls": True, "projector": "mlp2x_gelu",
@@ -209,9 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "noisy": noisy,
         "per_step_ms": times,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(args.out, result)
 
     print(f"device {args.device} ({result['device_name']}), torch {torch.__version__}, "
           f"transformers {result['transformers']}, size {args.size}, batch {list(ids.shape)}, "
