@@ -141,3 +141,65 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write rows as JSON lines, atomically."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+class PackageRegistry:
+    """The name -> class table of one kind of part whose built-in members are the modules of one package.
+
+    Each module of ``package`` registers its class with :meth:`register` when imported; the modules are imported
+    on first use, so a name is known without importing every part up front, and a part defined anywhere else (a
+    test, a user's module) registers the same way.
+
+    Args:
+        kind: what a member is, for messages ("stage", "featuriser").
+        package: the package whose modules hold the built-in members (its ``__name__``).
+        config_key: the config field that names a member, for the error an unknown name raises.
+        base: when given, only subclasses of it may register.
+    """
+
+    def __init__(self, kind: str, package: str, config_key: str, base: type | None = None):
+        self.kind, self.package, self.config_key, self.base = kind, package, config_key, base
+        self._members: dict[str, type] = {}
+        self._loaded = False
+
+    def register(self, name: str):
+        """Class decorator: register the class under ``name`` (and set its ``name`` attribute).
+
+        Registering another class under a taken name raises ``ValueError``; the same class again (a module
+        imported twice) replaces it.
+        """
+
+        def deco(cls: type) -> type:
+            if self.base is not None and not (isinstance(cls, type) and issubclass(cls, self.base)):
+                raise TypeError(f"register_{self.kind}('{name}') decorates a {self.base.__name__} subclass, not {cls!r}")
+            old = self._members.get(name)
+            if old is not None and old.__qualname__ != cls.__qualname__:
+                raise ValueError(f"{self.kind} '{name}' is registered twice ({old.__module__} and {cls.__module__})")
+            cls.name = name
+            self._members[name] = cls
+            return cls
+
+        return deco
+
+    def _load_builtins(self) -> None:
+        if not self._loaded:
+            import pkgutil
+
+            self._loaded = True
+            pkg = importlib.import_module(self.package)
+            for m in pkgutil.iter_modules(pkg.__path__):
+                importlib.import_module(f"{self.package}.{m.name}")
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        self._load_builtins()
+        return sorted(self._members)
+
+    def get(self, name: str) -> type:
+        """The class registered as ``name``; a ``ConfigError`` naming the config key lists the registered ones."""
+        from .errors import ConfigError
+
+        self._load_builtins()
+        if name not in self._members:
+            raise ConfigError(f"{self.config_key}: unknown {self.kind} '{name}'; registered: {', '.join(self.names())}")
+        return self._members[name]

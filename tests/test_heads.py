@@ -35,7 +35,7 @@ def test_featuriser_registry_and_unknown_name():
     from medmm.errors import ConfigError
 
     assert {"molecules", "dna", "slides"} <= set(list_featurisers())
-    with pytest.raises(ConfigError, match="unknown 'proteins'.*dna"):
+    with pytest.raises(ConfigError, match="unknown featuriser 'proteins'.*dna"):
         build_featuriser(config_from_dict(HeadStageConfig, {"featuriser": "proteins", "data": {"split": "random"}}))
 
 

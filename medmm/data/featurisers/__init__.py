@@ -34,6 +34,7 @@ import numpy as np
 
 from ...config import HeadStageConfig
 from ...errors import ConfigError, InvalidInputError
+from ...utils import PackageRegistry
 
 Item = dict[str, Any]
 
@@ -120,44 +121,22 @@ class Featuriser:
         return None
 
 
-_REGISTRY: dict[str, type[Featuriser]] = {}
-_BUILTINS_LOADED = False
+_FEATURISERS = PackageRegistry("featuriser", __name__, "head.featuriser", base=Featuriser)
 
 
 def register_featuriser(name: str):
     """Class decorator: register a :class:`Featuriser` subclass under ``name``."""
-
-    def deco(cls: type[Featuriser]) -> type[Featuriser]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"featuriser '{name}' is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_builtins() -> None:
-    """Import every module of this folder once (each registers its featuriser)."""
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        for m in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{m.name}")
+    return _FEATURISERS.register(name)
 
 
 def list_featurisers() -> list[str]:
     """Registered featuriser names."""
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return _FEATURISERS.names()
 
 
 def build_featuriser(cfg: HeadStageConfig) -> Featuriser:
     """The featuriser ``cfg.featuriser`` for these settings; a ConfigError lists the registered ones."""
-    _load_builtins()
-    if cfg.featuriser not in _REGISTRY:
-        raise ConfigError(f"head.featuriser: unknown '{cfg.featuriser}'; registered: {', '.join(list_featurisers())}")
-    return _REGISTRY[cfg.featuriser](cfg)
+    return _FEATURISERS.get(cfg.featuriser)(cfg)
 
 
 # ----------------------------------------------------------------------------- labelled tables

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import ConfigError
+from ...utils import PackageRegistry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -85,6 +86,9 @@ class StageData:
     """Pin host batches (CUDA only)."""
     description: str = ""
     """One line for the start-up log (dataset names and sizes; no identifiers)."""
+    stream: Callable[[int], Any] | None = None
+    """Streamed data instead of ``dataset``/``sampler``: start micro-step -> an iterable dataset of collated
+    micro-batches from that step on, endless (:class:`medmm.data.streaming.StreamBatches`)."""
 
 
 class Stage:
@@ -154,46 +158,22 @@ class Stage:
         return f"params={n:,} trainable={k:,}"
 
 
-_REGISTRY: dict[str, type[Stage]] = {}
-_BUILTINS_LOADED = False
+_STAGES = PackageRegistry("stage", __name__, "trainer.stage", base=Stage)
 
 
 def register_stage(name: str):
     """Class decorator: register a :class:`Stage` subclass under ``name`` (what ``trainer.stage`` names)."""
-
-    def deco(cls: type[Stage]) -> type[Stage]:
-        if not (isinstance(cls, type) and issubclass(cls, Stage)):
-            raise TypeError(f"register_stage('{name}') decorates a Stage subclass, not {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
-            raise ValueError(f"stage '{name}' is registered twice ({_REGISTRY[name].__module__} and {cls.__module__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_builtins() -> None:
-    """Import every module of this folder once; each registers its stage."""
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        for m in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{m.name}")
+    return _STAGES.register(name)
 
 
 def list_stages() -> list[str]:
     """Registered stage names."""
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return _STAGES.names()
 
 
 def get_stage(name: str) -> type[Stage]:
     """The stage class registered as ``name``; a ConfigError lists the registered ones."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise ConfigError(f"trainer.stage: unknown stage '{name}'; registered: {', '.join(list_stages())}")
-    return _REGISTRY[name]
+    return _STAGES.get(name)
 
 
 __all__ = ["Stage", "StageContext", "StageData", "get_stage", "list_stages", "register_stage"]
