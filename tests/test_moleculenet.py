@@ -21,6 +21,7 @@ import torch
 MOLECULENET = Path(__file__).resolve().parents[2] / "shared" / "data" / "molecules" / "moleculenet"
 FILES = {"bbbp.csv": "smiles", "bace.csv": "mol", "clintox.csv": "smiles", "tox21.csv": "smiles",
          "delaney.csv": "smiles", "hiv.csv.gz": "smiles"}
+SLOW_SPLITS = {"tox21.csv", "bbbp.csv", "clintox.csv", "bace.csv"}  # > 5 s each: the full tier checks them
 
 pytestmark = pytest.mark.skipif(not MOLECULENET.exists(), reason="shared MoleculeNet files absent")
 
@@ -74,7 +75,7 @@ def test_deterministic_split_ties_go_to_larger_first_index():
     assert train == [0, 1, 2, 3, 9] and val == [7, 8] and test == [4, 5, 6]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "tox21.csv" else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SPLITS else n
                                   for n in FILES if n != "hiv.csv.gz"])
 def test_scaffold_deterministic_matches_reference(name):
     from medmm.data.splits import scaffold_deterministic_rows
@@ -112,6 +113,7 @@ def _write_rows(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_split_json_equals_reference_after_training(tmp_path):
     """A run with split scaffold_deterministic writes OUT/split.json = the oracle's row numbers."""
     from train import main

@@ -171,6 +171,7 @@ def _pydicom_decodes(path) -> bool | None:
         return None if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")) else False
 
 
+@pytest.mark.slow
 def test_cli_over_the_whole_pydicom_test_files_folder(tmp_path, pydicom_files, capsys):
     # the issue: the batch command died at 29% on badVR.dcm (NumberOfFrames '1A'); it must finish, and every
     # file whose pixels pydicom decodes must be written (objects without pixels are skipped, not errors)

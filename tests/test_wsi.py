@@ -553,6 +553,7 @@ def test_cli_prepare_wsi_with_workers_matches_single_process(slide_folder, tmp_p
     assert m["timing"]["workers"] == 2 and (tmp_path / "w2" / "errors.jsonl").read_text() == ""
 
 
+@pytest.mark.slow
 def test_cli_prepare_wsi_dicom_folder(shared_data, tmp_path, capsys):
     from PIL import Image
 
@@ -613,6 +614,7 @@ def test_cli_prepare_wsi_dicom_folder(shared_data, tmp_path, capsys):
     assert meta["slide"]["mpp"] == pytest.approx(0.499)
 
 
+@pytest.mark.slow
 def test_heatmap_png(shared_data, tmp_path):
     from PIL import Image
 
