@@ -10,7 +10,7 @@ from ...errors import InvalidInputError
 from ...utils import read_jsonl
 from .registry import RunContext
 
-__all__ = ["generate_answers", "load_conversations", "modalities_of", "prediction_text", "question_of",
+__all__ = ["generate_answers", "generated_rows", "load_conversations", "modalities_of", "prediction_text", "question_of",
            "rows_from_predictions"]
 
 
@@ -64,6 +64,29 @@ def generate_answers(records: list[dict], ctx: RunContext, decoding: DecodingCon
         for i, o in zip(idx, outs):
             outputs[i] = o
     return outputs  # type: ignore[return-value]
+
+
+def generated_rows(records: list[dict], ctx: RunContext, max_new_tokens: int, what: str,
+                   extra: tuple[str, ...] = ()) -> list[dict]:
+    """Generate an answer per conversation record and pair it with the record's reference.
+
+    Each row is ``{id, question, modalities, reference, *extra, prediction}``; a failed record keeps ``error`` and
+    ``message`` instead of a prediction, and one without a reference (its last turn is not the model's) gets
+    ``error: NoReference`` (``what`` names the reference in that message: "answer", "report").
+    """
+    outs = generate_answers(records, ctx, DecodingConfig(max_new_tokens=max_new_tokens))
+    rows = []
+    for rec, out in zip(records, outs):
+        row = {"id": rec["id"], "question": question_of(rec), "modalities": modalities_of(rec),
+               **{k: rec.get(k) for k in extra}, "reference": reference_of(rec)}
+        if "error" in out:
+            row.update(error=out["error"], message=out.get("message", ""))
+        elif row["reference"] is None:
+            row.update(error="NoReference", message=f"the record has no reference {what} (last turn not gpt)")
+        else:
+            row["prediction"] = out["answer"]
+        rows.append(row)
+    return rows
 
 
 def prediction_text(row: dict, source: str) -> str:

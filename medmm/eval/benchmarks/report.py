@@ -34,8 +34,7 @@ from typing import Literal
 
 import numpy as np
 
-from ...config import DecodingConfig
-from .common import generate_answers, load_conversations, modalities_of, question_of, rows_from_predictions
+from .common import generated_rows, load_conversations, rows_from_predictions
 from .registry import Benchmark, RunContext, Scored, register_benchmark
 
 __all__ = ["ReportBenchmark", "clean_report", "clean_report_iu_xray", "clean_report_mimic_cxr"]
@@ -150,21 +149,7 @@ class ReportBenchmark(Benchmark):
         return load_conversations(paths)
 
     def generate(self, records: list[dict], opts, ctx: RunContext) -> list[dict]:
-        from ...data.conversation import reference_of
-
-        outs = generate_answers(records, ctx, DecodingConfig(max_new_tokens=opts.max_new_tokens))
-        rows = []
-        for rec, out in zip(records, outs):
-            row = {"id": rec["id"], "question": question_of(rec), "modalities": modalities_of(rec),
-                   "reference": reference_of(rec)}
-            if "error" in out:
-                row.update(error=out["error"], message=out.get("message", ""))
-            elif row["reference"] is None:
-                row.update(error="NoReference", message="the record has no reference report (last turn not gpt)")
-            else:
-                row["prediction"] = out["answer"]
-            rows.append(row)
-        return rows
+        return generated_rows(records, ctx, opts.max_new_tokens, "report")
 
     def from_predictions(self, predictions, records, opts, source):
         return rows_from_predictions(predictions, records, source)

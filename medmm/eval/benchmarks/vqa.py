@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...config import DecodingConfig
 from ...scoring import normalize, recall, token_f1
 from ..bootstrap import mean_statistic
-from .common import generate_answers, load_conversations, modalities_of, question_of, rows_from_predictions
+from .common import generated_rows, load_conversations, rows_from_predictions
 from .registry import Benchmark, RunContext, Scored, register_benchmark
 
 CLOSED_ANSWERS = {"yes", "no"}
@@ -53,21 +52,7 @@ class VQABenchmark(Benchmark):
         return load_conversations(paths)
 
     def generate(self, records: list[dict], opts, ctx: RunContext) -> list[dict]:
-        from ...data.conversation import reference_of
-
-        outs = generate_answers(records, ctx, DecodingConfig(max_new_tokens=opts.max_new_tokens))
-        rows = []
-        for rec, out in zip(records, outs):
-            row = {"id": rec["id"], "question": question_of(rec), "modalities": modalities_of(rec),
-                   "answer_type": rec.get("answer_type"), "reference": reference_of(rec)}
-            if "error" in out:
-                row.update(error=out["error"], message=out.get("message", ""))
-            elif row["reference"] is None:
-                row.update(error="NoReference", message="the record has no reference answer (last turn not gpt)")
-            else:
-                row["prediction"] = out["answer"]
-            rows.append(row)
-        return rows
+        return generated_rows(records, ctx, opts.max_new_tokens, "answer", extra=("answer_type",))
 
     def from_predictions(self, predictions, records, opts, source):
         return rows_from_predictions(predictions, records, source, extra=("answer_type",))
