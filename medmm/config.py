@@ -92,8 +92,14 @@ class PreprocessConfig:
     """mol: Morgan fingerprint length."""
     fingerprint_radius: int = 2
     """mol: Morgan radius."""
+    mol_largest_fragment: bool = True
+    """mol (head featuriser): keep the largest organic fragment after RDKit's cleanup (off: every fragment, as
+    the MoleculeNet reference featurises the SMILES as written)."""
+    mol_neutralise: bool = True
+    """mol (head featuriser): neutralise charges where a neutral form exists (off: charges as written)."""
     mol_canonical_tautomer: bool = True
-    """mol (mol_graph loader): replace each molecule by RDKit's canonical tautomer (stereo kept)."""
+    """mol (mol_graph loader): replace each molecule by RDKit's canonical tautomer (stereo kept); the costliest
+    step of standardisation (off for protocols that featurise the SMILES as written, e.g. MoleculeNet)."""
     mol_remove_stereo: bool = False
     """mol (mol_graph loader): drop stereo tags before featurising."""
     mol_max_heavy_atoms: int = 200
@@ -166,21 +172,36 @@ class DatasetConfig:
     """One dataset of a training mixture."""
 
     path: str = ""
-    """Conversation JSONL file (``format: text``: a corpus file or folder)."""
+    """Conversation JSONL file (``format: text``: a corpus file or folder; ``format: wds``: shards, as ``shards``)."""
     weight: float = 1.0
     """Relative sampling weight in the mixture."""
     name: str | None = None
     """Display name (defaults to the file stem)."""
-    format: Literal["conversation", "text"] = "conversation"
-    """conversation = LLaVA-style records; text = pretraining documents: JSONL with a ``text`` field or ``.txt``
-    (one document per non-empty line). Stage pretrain reads both: a conversation record there becomes a captioning
-    document (its modality inputs, then its last answer, e.g. an image and its report)."""
+    format: Literal["conversation", "jsonl", "text", "wds"] = "conversation"
+    """conversation (alias jsonl) = LLaVA-style records; text = pretraining documents: JSONL with a ``text`` field or
+    ``.txt`` (one document per non-empty line). Stage pretrain reads both: a conversation record there becomes a
+    captioning document (its modality inputs, then its last answer, e.g. an image and its report). wds = webdataset
+    shards streamed, never loaded whole (:mod:`medmm.data.streaming`): each sample carries its record in a ``json``
+    (or ``conversations.json``) member and its modality input as an ``npz``/``npy``/``jpg``/``png`` member."""
     text_field: str = "text"
-    """format text: the JSONL field holding the document."""
+    """format text (and wds text samples): the JSON field holding the document."""
+    shards: str | list[str] | None = None
+    """format wds: shard URLs (local paths, brace patterns ``shard-{000000..000099}.tar``, globs, ``pipe:`` commands,
+    fsspec URLs); relative paths resolve against the working directory. Default: ``path``."""
+    samples: int | None = None
+    """format wds: samples in one pass over the shards (sets the epoch length); None = counted once from the tar
+    headers (reads every shard once at start-up)."""
+    split: str | None = "train"
+    """format wds: keep samples whose record says ``split`` is this (``prepare dicom``/``wsi`` write train/eval);
+    samples without a split are always kept; None = keep every sample."""
 
     def __post_init__(self):
         if self.weight <= 0:
             raise ConfigError(f"data.datasets[{self.path}].weight must be > 0, got {self.weight}")
+        if self.format == "jsonl":  # one name for conversation JSONL in code; both are accepted in YAML
+            self.format = "conversation"
+        if self.format == "wds" and not (self.shards or self.path):
+            raise ConfigError("data.datasets[].format=wds needs shards (or path)")
 
 
 @dataclass
@@ -191,6 +212,8 @@ class DataConfig:
     """Mixture components."""
     epoch_size: int | None = None
     """Samples per mixture epoch; None = sum of dataset sizes."""
+    shuffle_buffer: int = 1000
+    """format wds: samples each stream reader holds for shuffling (0 = shard order)."""
     max_length: int = 512
     """Sequences longer than this are truncated (modality tokens are never cut)."""
     num_workers: int = 2
@@ -278,7 +301,7 @@ class TrainerConfig:
     """A registered training stage (``medmm.training.stages.list_stages()``): sft = next-token loss on answers;
     align = image-report contrastive pretraining (section ``align``); head = an encoder + classification head
     without the LLM (section ``head``); dpo / simpo / orpo = preference tuning on chosen/rejected answers (section
-    ``trainer.dpo``)."""
+    ``trainer.dpo``); value = a value head for search decoding (section ``value``)."""
     init_from: str | None = None
     """A medmm model folder whose encoder and projector weights start this run (e.g. the align stage's)."""
     init_llm: Literal["merged", "adapter", "none"] = "merged"
@@ -442,7 +465,8 @@ class IndexConfig:
     rrf_k: int = 60
     """Reciprocal-rank fusion constant."""
     rrf_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    """Fusion weights of (BM25, dense); ``medmm index build --tune`` picks them and ``rrf_k`` on training queries."""
+    """Fusion weights of (BM25, dense); ``medmm index build --tune`` picks them and ``rrf_k`` on training queries.
+    A weight of 0 leaves that retriever out of the fused mode (what tuning chooses when fusing does not help)."""
     depth: int = 100
     """Hits each retriever contributes to the fusion."""
     seed: int = 0
@@ -486,6 +510,86 @@ class RetrieverStageConfig:
 
 
 @dataclass
+class ValueStageConfig:
+    """The ``value`` stage: a value head on a trained model's last hidden state, regressed on answer rewards."""
+
+    model: str = ""
+    """The medmm model folder the head is put on (its LLM stays frozen); the output folder is it plus the head."""
+    source: Literal["labels", "samples"] = "samples"
+    """labels = conversation records whose final answer carries a ``value`` (or ``reward``) number; samples =
+    Monte-Carlo returns: ``samples`` answers sampled from the model per record, scored by ``reward`` against the
+    record's reference."""
+    reward: str = "exact_match"
+    """source samples: a registered reward (``medmm.data.rewards.list_rewards()``)."""
+    samples: int = 8
+    """source samples: answers sampled per record."""
+    temperature: float = 1.0
+    """source samples: sampling temperature."""
+    max_new_tokens: int = 64
+    """source samples: tokens per sampled answer at most."""
+    steps: Literal["answer", "line", "sentence"] = "line"
+    """Which prefixes of each answer are trained on its return: the whole answer only, or also every prefix
+    ending a line / a sentence (what the step-level searches value_beam and mcts score)."""
+    width: int = 256
+    """Hidden units of the head's MLP; 0 = one linear layer."""
+    eval_fraction: float = 0.1
+    """Share of records held out (whole records, with all their answers) for validation MSE and ranking accuracy."""
+    limit: int | None = None
+    """Use at most this many records (quick runs)."""
+
+    def __post_init__(self):
+        if self.samples < 1 or self.max_new_tokens < 1 or self.width < 0 or self.temperature < 0:
+            raise ConfigError("value: samples >= 1, max_new_tokens >= 1, width >= 0, temperature >= 0")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"value.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class MolPretrainConfig:
+    """The ``mol_pretrain`` stage: self-supervised GNN pre-training on unlabelled SMILES (no labels, no LLM)."""
+
+    data_dir: str = "../shared/data/molecules/moleculenet"
+    """Folder of the MoleculeNet files whose SMILES are pooled (chemprop's copies: bbbp.csv, hiv.csv.gz, ...)."""
+    datasets: list[str] = field(default_factory=lambda: ["bbbp", "bace", "clintox", "tox21", "hiv"])
+    """MoleculeNet sets (``medmm.data.featurisers.molecules.MOLECULENET``) whose SMILES form the corpus."""
+    exclude_test_of: list[str] = field(default_factory=lambda: ["bbbp", "bace", "clintox", "tox21", "hiv"])
+    """Benchmarks whose ``scaffold_deterministic`` test molecules (0.8/0.1/0.1) are removed from the corpus,
+    matched by standardised canonical SMILES (so a test molecule of one set is also removed from the others)."""
+    limit: int | None = None
+    """Rows read per corpus file at most (quick runs); the excluded test molecules always come from whole files."""
+    workers: int = 2
+    """Featurisation worker processes (0 = in this process)."""
+    objectives: list[str] = field(default_factory=lambda: ["attr_mask", "contrastive"])
+    """attr_mask (Hu et al. 2020: predict the element of masked atoms) and/or contrastive (GraphCL: NT-Xent
+    between two augmented views of each molecule)."""
+    mask_rate: float = 0.15
+    """attr_mask: share of each molecule's atoms whose element is hidden (at least one atom)."""
+    drop_node_rate: float = 0.2
+    """contrastive: share of atoms dropped in the second view."""
+    drop_edge_rate: float = 0.2
+    """contrastive: share of bonds dropped in the second view."""
+    temperature: float = 0.1
+    """contrastive: NT-Xent temperature."""
+    contrastive_weight: float = 1.0
+    """contrastive: weight of the NT-Xent term beside the masking loss."""
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="mol_gin", trainable="full"))
+    """The GNN being pre-trained (its weights are saved as ``encoder.safetensors`` for ``head.encoder.checkpoint``)."""
+    preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(
+        mol_largest_fragment=False, mol_neutralise=False, mol_canonical_tautomer=False, mol_max_heavy_atoms=1000))
+    """Standardisation; default: the SMILES as written, as the MoleculeNet protocol (fine-tuning should match)."""
+
+    def __post_init__(self):
+        bad = sorted(set(self.objectives) - {"attr_mask", "contrastive"})
+        if bad or not self.objectives:
+            raise ConfigError(f"mol_pretrain.objectives: choose from attr_mask, contrastive (got {self.objectives})")
+        for name in ("mask_rate", "drop_node_rate", "drop_edge_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"mol_pretrain.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"mol_pretrain.temperature must be positive, got {self.temperature}")
+
+
+@dataclass
 class TrainConfig:
     """Everything ``train.py`` needs."""
 
@@ -501,6 +605,10 @@ class TrainConfig:
     """Stage ``head``."""
     retriever: RetrieverStageConfig = field(default_factory=RetrieverStageConfig)
     """Stage ``retriever``."""
+    value: ValueStageConfig = field(default_factory=ValueStageConfig)
+    """Stage ``value``."""
+    mol_pretrain: MolPretrainConfig = field(default_factory=MolPretrainConfig)
+    """Stage ``mol_pretrain``."""
 
 
 @dataclass

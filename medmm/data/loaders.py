@@ -31,11 +31,15 @@ def _resolve(value: str, base_dir: Path | None) -> Path:
 
 
 def _is_array_ref(value: Any) -> bool:
+    if isinstance(value, np.ndarray):  # already decoded (a streamed shard sample, medmm.data.streaming)
+        return True
     v = str(value)
     return ".tar#" in v or v.endswith((".npz", ".npy"))
 
 
 def _read_array(value: Any, base_dir: Path | None) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return np.asarray(value, dtype=np.float32)
     from .prepare_dicom import read_shard_array
 
     return np.asarray(read_shard_array(str(value), base_dir), dtype=np.float32)
@@ -257,8 +261,11 @@ class SlideFeatureLoader(ModalityLoader):
         from ..io.wsi import evenly_spaced
         from .slides import load_slide_features
 
-        path = _resolve(str(value), base_dir)
-        feats, coords, meta = load_slide_features(path)
+        if isinstance(value, np.ndarray):  # a streamed feature-shard sample's (N, D) bag
+            path, feats, coords, meta = "<shard sample>", np.asarray(value, np.float32), None, {}
+        else:
+            path = _resolve(str(value), base_dir)
+            feats, coords, meta = load_slide_features(path)
         if feats.shape[0] == 0:
             raise SlideError(path, "the slide has no tiles (no tissue found?)")
         if feats.shape[1] != self.pre.slide_feature_dim:

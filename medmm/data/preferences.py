@@ -387,3 +387,51 @@ def write_pairs(out: str | Path, pairs: list[dict], errors: list[dict], counts: 
             for e in errors:
                 f.write(json.dumps(e) + "\n")
     return {"out": str(out), **counts, "errors": len(errors), **extra}
+
+
+# ----------------------------------------------------------------------------- streamed pairs (format wds)
+
+
+def preference_records(sample: dict, split: str | None = "train") -> list[dict]:
+    """A shard sample -> its preference pair (``[]`` when it holds none or is of another split).
+
+    The sample's JSON (``json`` or ``conversations.json`` member) is a preference record (``conversations``,
+    ``chosen``, ``rejected``, optional ``rejected_modalities`` given as values) plus optionally ``modality`` and
+    ``split``; its array member (``npz``/``npy``/``jpg``/``png``) is the input of ``modality`` (default ``image``)
+    unless the record names ``modalities`` itself. Nothing is decoded here.
+    """
+    from .streaming import ARRAY_MEMBERS, Member, sample_record_doc
+
+    doc = sample_record_doc(sample)
+    if "chosen" not in doc or "rejected" not in doc or (split is not None and doc.get("split") not in (None, split)):
+        return []
+    key, url = sample.get("__key__"), sample.get("__url__")
+    mods = doc.get("modalities")
+    member = next((e for e in ARRAY_MEMBERS if e in sample), None)
+    if mods is None and member is not None:
+        mods = {str(doc.get("modality") or "image"): Member(member, sample[member], f"{url}#{key}")}
+    return [{**doc, "id": doc.get("id") or key, "modalities": mods or {}, "source": f"{url}#{key}",
+             "key": (str(url), str(key))}]
+
+
+class StreamPairLoader:
+    """``load`` of :class:`medmm.data.streaming.StreamBatches` for preference stages: a streamed pair -> the sample
+    :class:`PreferenceDataset` makes (tokens of both answers, modality inputs decoded and loaded)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, rec: dict) -> dict:
+        from .streaming import decoded
+
+        source = rec["source"]
+        enc = encode_pair(self.processor, rec, source)
+        (c_ids, c_lab), (r_ids, r_lab) = enc["chosen"], enc["rejected"]
+        rec = decoded(rec)
+        items = self.processor._modality_items(rec, source, None)
+        ritems = items
+        if rec.get("rejected_modalities") is not None:
+            ritems = self.processor._modality_items({"modalities": rec["rejected_modalities"]}, source, None)
+        return {"chosen": {"input_ids": torch.tensor(c_ids), "labels": torch.tensor(c_lab), "items": items},
+                "rejected": {"input_ids": torch.tensor(r_ids), "labels": torch.tensor(r_lab), "items": ritems},
+                "key": rec["key"], "id": rec.get("id")}

@@ -16,7 +16,9 @@ Stages (each with a progress bar; stages 1 and 2 run in ``--workers`` processes)
    ``OUT/files.jsonl`` (one line per source file: ``path``, ``outcome`` written/rejected/skipped,
    ``series`` the sample key it went into, ``error``/``message`` when rejected, ``reason`` when skipped,
    ``fallbacks`` the header fallbacks taken), ``OUT/errors.jsonl`` and ``OUT/<task>_train.jsonl`` /
-   ``_eval.jsonl`` conversations that point at ``shard.tar#key.npz``.
+   ``_eval.jsonl`` conversations that point at ``shard.tar#key.npz``. Each shard sample also carries its
+   conversations, modality and train/eval ``split`` (``<key>.conversations.json``), so training can stream the
+   shards alone (``format: wds``, :mod:`medmm.data.streaming`).
 
 No file and no series ends the job: every exception in a file or series (a worker process dying in a
 decoder included) becomes a typed record in ``errors.jsonl`` and ``files.jsonl``.
@@ -418,6 +420,12 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
                              "message": h["message"]}
         else:
             groups[(h["series"], h["for"])].append(p)
+    # the train/eval split, by study, decided before anything is written so that every shard sample can carry its
+    # split (training streams the shards alone); the study UIDs here are the originals, never written
+    studies_seen = sorted({h["study"] or "" for h in headers if "skip" not in h and "error" not in h})
+    random.Random(opts.seed).shuffle(studies_seen)
+    n_eval = int(round(len(studies_seen) * opts.eval_fraction)) if len(studies_seen) > 1 else 0
+    eval_orig = set(studies_seen[:n_eval])
     # stage 2: one job per series (orientations, acquisitions and gaps are sorted out inside it); a series
     # spread over several frames of reference is one job per frame of reference, told apart in its key
     n_for = defaultdict(int)
@@ -449,24 +457,23 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
                 # the sample carries its conversations, so training can stream the shards alone
                 # (medmm.data.streaming); the array is this sample's ``npz``
                 modality = "image" if s["meta"]["kind"] == "image" else "volume"
+                split = "eval" if (s["orig_study"] or "") in eval_orig else "train"
                 record["conversations.json"] = json.dumps(
-                    {"modality": modality, "conversations": _conversations(modality, opts.task, rows)}).encode()
+                    {"id": s["key"], "modality": modality, "split": split,
+                     "conversations": _conversations(modality, opts.task, rows)}).encode()
                 sink.write(record)
                 samples.append({"key": s["key"], "shard": Path(sink.fname).name, "meta": s["meta"], "rows": rows,
-                                "study": s["meta"]["study_uid"]})
+                                "study": s["meta"]["study_uid"], "split": split})
 
-    # conversations, split by (pseudonymous) study
+    # conversations, split by study (the split each shard sample carries)
     studies = sorted({s["study"] for s in samples})
-    random.Random(opts.seed).shuffle(studies)
-    n_eval = int(round(len(studies) * opts.eval_fraction)) if len(studies) > 1 else 0
-    eval_studies = set(studies[:n_eval])
     train, evals = [], []
     for s in samples:
         modality = "image" if s["meta"]["kind"] == "image" else "volume"
         ref = f"{s['shard']}#{s['key']}.npz"
         for i, conv in enumerate(_conversations(modality, opts.task, s["rows"])):
             rec = {"id": f"{s['key']}-{i}", "modalities": {modality: ref}, "conversations": conv}
-            (evals if s["study"] in eval_studies else train).append(rec)
+            (evals if s["split"] == "eval" else train).append(rec)
     write_jsonl(out / f"{opts.task}_train.jsonl", train)
     write_jsonl(out / f"{opts.task}_eval.jsonl", evals)
     write_jsonl(out / "errors.jsonl", errors)

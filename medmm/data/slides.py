@@ -13,7 +13,9 @@ What ``OUT`` holds:
 - ``shard-000000.tar`` ...: webdataset shards (``webdataset.ShardWriter``). Tile mode: one sample per
   tile, ``<slide>__t<index>.jpg`` + ``.json`` (slide, index, level-0 x/y, level, MPP, tissue, label).
   Feature mode: one sample per slide (a MIL bag), ``<slide>.features.npy`` (N, D) float32,
-  ``.coords.npy`` (N, 2) and ``.json``.
+  ``.coords.npy`` (N, 2) and ``.json``. A labelled slide's sample JSON also carries ``modality`` (``image`` for a
+  tile, ``slide`` for a bag), its train/eval ``split`` and ``conversations`` (the label question; for a bag also
+  the report), so training can stream the shards alone (``format: wds``, :mod:`medmm.data.streaming`).
 - ``coords/<slide>.csv`` + ``.json``: the kept tiles (level-0 x, y, tissue fraction) and how they were
   chosen (level, read size, MPP source, Otsu threshold): the audit trail, and what a resumed run reuses.
 - ``features/<slide>.safetensors`` (feature mode): what the ``slide_features`` loader reads;
@@ -452,6 +454,8 @@ def prepare_wsi(src: str | Path, out: str | Path, mpp: float = 0.5, tile: int = 
     if dup:
         raise InvalidInputError(src, f"slides share a file name (ids {sorted(dup)}); ids must be unique")
     unmatched = sorted(set(label_rows) - set(ids))
+    # the train/eval split (by patient) is decided before anything is written: every shard sample carries it
+    splits = _split_of(label_rows, ids, eval_fraction, seed)
     prev = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
     entries: dict[str, dict] = dict(prev.get("slides", {}))
     errors_path = out / "errors.jsonl"
@@ -516,7 +520,8 @@ def prepare_wsi(src: str | Path, out: str | Path, mpp: float = 0.5, tile: int = 
             fpath = save_slide_features(out / "features" / f"{sid}.safetensors", feats, plan["coords"],
                                         {**meta, "encoder": features, "feature_dim": int(feats.shape[1])})
             w.write({"__key__": sid, "features.npy": _npy(feats), "coords.npy": _npy(plan["coords"]),
-                     "json": json.dumps({**meta, "tiles": n}).encode()})
+                     "json": json.dumps({**meta, "tiles": n, **_sample_conversations(
+                         "slide", job.label, splits.get(sid), question, report_question)}).encode()})
             state.wrote(sid, 0)
             entry_extra = {"features": str(fpath.relative_to(out)), "feature_dim": int(feats.shape[1])}
         else:
@@ -554,7 +559,9 @@ def prepare_wsi(src: str | Path, out: str | Path, mpp: float = 0.5, tile: int = 
                     i = first + k
                     x, y = (int(v) for v in plan["coords"][i])
                     info = {**_slide_meta(plan, settings, job.label), "index": i, "x": x, "y": y,
-                            "tissue": round(float(plan["tissue"][i]), 4)}
+                            "tissue": round(float(plan["tissue"][i]), 4),
+                            **_sample_conversations("image", {"label": (job.label or {}).get("label")},
+                                                    splits.get(plan["sid"]), question, None)}
                     job.stage.add(f"{plan['sid']}__t{i:06d}", {image_format: data, "json": json.dumps(info).encode()})
                 bar.update(len(r["tiles"]))
         if job.chunks_done == job.chunks_total:
@@ -620,7 +627,7 @@ def prepare_wsi(src: str | Path, out: str | Path, mpp: float = 0.5, tile: int = 
             writer.close()
         shutil.rmtree(staging, ignore_errors=True)
 
-    records = _conversations(out, entries, label_rows, features, question, report_question, eval_fraction, seed)
+    records = _conversations(out, entries, label_rows, features, question, report_question, splits)
     ok = [e for e in entries.values() if e.get("status") == "ok"]
     manifest = {
         "kind": "wsi", "version": MANIFEST_VERSION, "source": str(src), "settings": asdict(settings),
@@ -688,16 +695,42 @@ def _embed(encoder, dev, tiles: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(outs) if outs else np.zeros((0, encoder.out_dim), np.float32)
 
 
-def _conversations(out: Path, entries: dict, rows: dict, features: str | None, question: str,
-                   report_question: str, eval_fraction: float, seed: int) -> dict:
-    """Feature mode + labels: ``slides_{train,eval}.jsonl``, split by patient (or the CSV's ``split`` column)."""
+def _split_of(rows: dict, ids: list[str], eval_fraction: float, seed: int) -> dict[str, str]:
+    """Slide id -> ``train``/``eval`` for the labelled slides: the CSV's ``split`` column, else by patient (no
+    patient in both), ``eval_fraction`` of the patients (at least one when > 0 and there are two or more)."""
     import random
 
+    labelled = {sid: rows[sid] for sid in ids if sid in rows and (rows[sid].get("label") or rows[sid].get("report"))}
+    patient = {sid: row.get("patient") or patient_id(sid) for sid, row in labelled.items()}
+    patients = sorted({patient[sid] for sid, row in labelled.items() if not row.get("split")})
+    random.Random(seed).shuffle(patients)
+    n_eval = max(1, int(round(len(patients) * eval_fraction))) if eval_fraction > 0 and len(patients) > 1 else 0
+    eval_p = set(patients[:n_eval])
+    return {sid: row.get("split") or ("eval" if patient[sid] in eval_p else "train") for sid, row in labelled.items()}
+
+
+def _sample_conversations(modality: str, label: dict | None, split: str | None, question: str,
+                          report_question: str | None) -> dict:
+    """What a shard sample's JSON carries for training on the shards alone (``format: wds``): its ``modality``,
+    ``split`` and ``conversations`` (the label question, and the report one when ``report_question``); nothing for
+    an unlabelled slide."""
+    label = label or {}
+    convs = [[{"from": "human", "value": f"<{modality}>\n{q}"}, {"from": "gpt", "value": str(answer)}]
+             for q, answer in ((question, label.get("label")), (report_question, label.get("report")))
+             if q and answer]
+    if not convs:
+        return {}
+    return {"modality": modality, "split": split, "conversations": convs}
+
+
+def _conversations(out: Path, entries: dict, rows: dict, features: str | None, question: str,
+                   report_question: str, splits: dict[str, str]) -> dict:
+    """Feature mode + labels: ``slides_{train,eval}.jsonl``, split by patient (or the CSV's ``split`` column)."""
     from ..utils import write_jsonl
 
     if not features or not rows:
         return {}
-    recs = []
+    recs, sids = [], []
     for sid, e in sorted(entries.items()):
         row = rows.get(sid)
         if e.get("status") != "ok" or not row or not e.get("tiles"):
@@ -707,17 +740,14 @@ def _conversations(out: Path, entries: dict, rows: dict, features: str | None, q
                                        ("report", report_question, row.get("report"), "OPEN")):
             if not answer:
                 continue
+            sids.append(sid)
             recs.append({"id": f"wsi-{sid}-{kind}", "modalities": {"slide": e["features"]},
                          "label": row.get("label") or None, "answer_type": atype,
                          "patient": row.get("patient") or patient_id(sid), "split": row.get("split") or None,
                          "conversations": [{"from": "human", "value": f"<slide>\n{q}"},
                                            {"from": "gpt", "value": answer}]})
-    patients = sorted({r["patient"] for r in recs if not r["split"]})
-    random.Random(seed).shuffle(patients)
-    n_eval = max(1, int(round(len(patients) * eval_fraction))) if eval_fraction > 0 and len(patients) > 1 else 0
-    eval_p = set(patients[:n_eval])
-    train = [r for r in recs if (r["split"] or ("eval" if r["patient"] in eval_p else "train")) == "train"]
-    evals = [r for r in recs if (r["split"] or ("eval" if r["patient"] in eval_p else "train")) == "eval"]
+    train = [r for r, sid in zip(recs, sids) if splits.get(sid) != "eval"]
+    evals = [r for r, sid in zip(recs, sids) if splits.get(sid) == "eval"]
     write_jsonl(out / "slides_train.jsonl", train)
     write_jsonl(out / "slides_eval.jsonl", evals)
     return {"train_records": len(train), "eval_records": len(evals)}

@@ -15,12 +15,18 @@ mixture of sources for one rank:
 
 Samples come out as webdataset dicts (``__key__``, ``__url__``, one bytes entry per member extension); ``decode``
 turns one into what the dataset yields.
+
+Training (``data.datasets[].format: wds``) reads them through :class:`StreamBatches`: each sample's record (its
+``json``/``conversations.json`` member: ``conversations``, ``modality``, ``split``) becomes training records whose
+input member is decoded only when the record is loaded; DataLoader workers build whole micro-batches, and the
+batches are a pure function of the micro-step, so ``--resume`` continues the stream where it was.
 """
 
 from __future__ import annotations
 
 import glob
 import io
+import json
 import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -78,13 +84,94 @@ def open_shard(url: str):
     return open(url, "rb", buffering=1 << 20)
 
 
-def shard_samples(url: str) -> Iterator[dict]:
-    """The samples of one shard in order (members grouped by key), each with ``__url__``."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+def _tar_number(field: bytes) -> int:
+    """A tar header's numeric field: octal text, or GNU base-256 (high bit set) for large values."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(text, 8) if text else 0
 
+
+def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of the regular files of a tar stream, in order.
+
+    A plain reader of the ustar/GNU/pax layout (512-byte headers, data padded to 512; pax ``path`` and GNU long
+    names honoured): several times faster than ``tarfile``'s stream mode on the small members shards are made of.
+    """
+    long_name: str | None = None
+    pax_name: str | None = None
+    read = stream.read
+    while True:
+        hdr = read(512)
+        if not hdr or hdr == b"\0" * 512:
+            return
+        if len(hdr) < 512:
+            raise InvalidInputError(url, "shard cannot be read (truncated tar header)")
+        try:
+            size = _tar_number(hdr[124:136])
+            chk = _tar_number(hdr[148:156])
+        except ValueError as e:
+            raise InvalidInputError(url, f"shard cannot be read (bad tar header: {e})") from e
+        if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise InvalidInputError(url, "shard cannot be read (tar header checksum mismatch)")
+        data = read(size)
+        if len(data) < size:
+            raise InvalidInputError(url, "shard cannot be read (a member is truncated)")
+        if size % 512:
+            read(512 - size % 512)
+        t = hdr[156:157]
+        if t == b"L":  # GNU long name: the next member's name
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if t in (b"x", b"g"):  # pax extended header: "<len> key=value\n" records
+            pos = 0
+            while pos < len(data):
+                sp = data.find(b" ", pos)
+                if sp < 0:
+                    break
+                n = int(data[pos:sp])
+                key, _, value = data[sp + 1:pos + n - 1].partition(b"=")
+                if key == b"path" and t == b"x":
+                    pax_name = value.decode("utf-8", "surrogateescape")
+                pos += n
+            continue
+        if t not in (b"0", b"\0", b"7"):  # directories, links, devices: not sample members
+            long_name = pax_name = None
+            continue
+        name = pax_name or long_name
+        if name is None:
+            name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if hdr[257:262] == b"ustar":
+                prefix = hdr[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        long_name = pax_name = None
+        yield name, data
+
+
+def shard_samples(url: str) -> Iterator[dict]:
+    """The samples of one shard in order (members grouped by key: ``dir/key.ext`` -> ``{"__key__": "dir/key",
+    "ext": bytes}``, ``ext`` everything after the first dot of the file name), each with ``__url__``."""
     stream = open_shard(url)
     try:
-        yield from group_by_keys(tar_file_expander(iter([{"url": url, "stream": stream}])))
+        cur: dict | None = None
+        for name, data in _tar_members(stream, url):
+            slash = name.rfind("/")
+            dot = name.find(".", slash + 1)
+            if dot < 0:
+                continue
+            key, ext = name[:dot], name[dot + 1:]
+            if cur is None or cur["__key__"] != key:
+                if cur is not None:
+                    yield cur
+                cur = {"__key__": key, "__url__": url}
+            if ext in cur:
+                raise InvalidInputError(url, f"shard cannot be read (member {name} appears twice)")
+            cur[ext] = data
+        if cur is not None:
+            yield cur
+    except InvalidInputError:
+        raise
     except Exception as e:  # a truncated or corrupt shard names itself
         raise InvalidInputError(url, f"shard cannot be read ({e})") from e
     finally:
@@ -108,12 +195,19 @@ class _SourceReader:
             # (in stride mode every reader must see the same order, or the n-th samples would overlap)
             who = self.reader if stride == 1 else "all"
             random.Random(f"{self.seed}-{self.index}-{who}-{epoch}").shuffle(order)
-            n = 0
+            n, given, first = 0, 0, []
             for url in order:
                 for sample in shard_samples(url):
                     if stride == 1 or n % stride == self.reader:
                         yield sample
+                        given += 1
+                    elif len(first) < stride:
+                        first.append(sample)
                     n += 1
+            if n == 0:
+                raise InvalidInputError(self.urls[0], f"the source's {len(self.urls)} shard(s) hold no sample")
+            if not given:  # fewer samples than readers: this reader repeats one (unavoidable), it never starves
+                yield first[self.reader % n]
             epoch += 1
 
 
@@ -200,3 +294,237 @@ def npz_array(data: bytes):
 
     loaded = np.load(io.BytesIO(data))
     return loaded["arr"] if hasattr(loaded, "files") else loaded
+
+
+# ----------------------------------------------------------------------------- shard samples -> training records
+
+ARRAY_MEMBERS = ("npz", "npy", "features.npy", "jpg", "jpeg", "png")
+"""Members that hold a sample's modality input, in the order they are looked for."""
+
+
+class Member:
+    """A modality input still in its shard bytes; decoded only when the sample is loaded (:func:`decode_member`)."""
+
+    __slots__ = ("ext", "data", "source")
+
+    def __init__(self, ext: str, data: bytes, source: str):
+        self.ext, self.data, self.source = ext, data, source
+
+    def __repr__(self) -> str:
+        return f"Member({self.source}.{self.ext}, {len(self.data)} bytes)"
+
+
+def decode_member(m: Member):
+    """The array of a member: ``npz``/``npy`` as stored; ``jpg``/``png`` as float32 (H, W, 3) in [0, 1]."""
+    import numpy as np
+
+    try:
+        if m.ext.endswith(("npz", "npy")):
+            return npz_array(m.data)
+        from PIL import Image
+
+        with Image.open(io.BytesIO(m.data)) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except Exception as e:
+        raise InvalidInputError(f"{m.source}.{m.ext}", f"shard member cannot be decoded ({e})") from e
+
+
+def sample_record_doc(sample: dict) -> dict:
+    """The JSON record a shard sample carries: its ``conversations.json`` member, else its ``json`` member."""
+    raw = sample.get("conversations.json", sample.get("json"))
+    src = f"{sample.get('__url__')}#{sample.get('__key__')}"
+    if raw is None:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise InvalidInputError(src, f"the sample's JSON cannot be read ({e})") from e
+    if not isinstance(doc, dict):
+        raise InvalidInputError(src, "the sample's JSON must be an object")
+    return doc
+
+
+def sample_records(sample: dict, split: str | None = "train") -> list[dict]:
+    """A shard sample -> its conversation records (cheap: no array is decoded).
+
+    The sample's JSON (:func:`sample_record_doc`) holds ``conversations`` (one conversation, a list of turns, or
+    several, a list of lists), optionally ``modality`` (the model modality its array member feeds; default
+    ``image``), ``split`` and ``id``. A sample whose split is not ``split`` (when both are set), or without
+    conversations (an unlabelled tile), gives no record. Each record's modality value is a :class:`Member`.
+    """
+    doc = sample_record_doc(sample)
+    if split is not None and doc.get("split") not in (None, split):
+        return []
+    convs = doc.get("conversations") or []
+    if convs and isinstance(convs[0], dict):
+        convs = [convs]
+    key, url = sample.get("__key__"), sample.get("__url__")
+    member = next((e for e in ARRAY_MEMBERS if e in sample), None)
+    mods = {}
+    if member is not None:
+        mods = {str(doc.get("modality") or "image"): Member(member, sample[member], f"{url}#{key}")}
+    out = []
+    for i, conv in enumerate(convs):
+        out.append({"id": f"{doc.get('id') or key}-{i}" if len(convs) > 1 else str(doc.get("id") or key),
+                    "modalities": mods, "conversations": conv, "source": f"{url}#{key}"})
+    return out
+
+
+def decoded(record: dict) -> dict:
+    """``record`` with every :class:`Member` of its modalities decoded into an array."""
+    mods = record.get("modalities") or {}
+    out = {}
+    for k, v in mods.items():
+        if isinstance(v, list):
+            out[k] = [decode_member(x) if isinstance(x, Member) else x for x in v]
+        else:
+            out[k] = decode_member(v) if isinstance(v, Member) else v
+    return {**record, "modalities": out}
+
+
+def text_record(sample: dict, split: str | None = "train", text_field: str = "text") -> list[dict]:
+    """A text-corpus shard sample -> ``[{"text", "source"}]`` from its ``txt`` member or its JSON's ``text_field``;
+    a sample with conversations instead gives its conversation records (captioning documents in stage pretrain)."""
+    src = f"{sample.get('__url__')}#{sample.get('__key__')}"
+    if "txt" in sample:
+        return [{"text": sample["txt"].decode("utf-8", "replace"), "source": src}]
+    doc = sample_record_doc(sample)
+    if isinstance(doc.get(text_field), str):
+        return [{"text": doc[text_field], "source": src}]
+    return sample_records(sample, split)
+
+
+class StreamBatches(IterableDataset):
+    """One rank's micro-batches streamed from shards, from micro-step ``start`` on, endlessly.
+
+    The pipeline of a reader: :class:`ShardStream`'s mixture (node/worker split, shuffle buffer) -> ``to_records``
+    (cheap: JSON only) -> ``load`` (arrays decoded, tokens; raises :class:`InvalidInputError`) -> optionally ``pack``
+    (samples -> packed blocks, stage pretrain) -> ``collate`` of ``micro_batch_size``.
+
+    Order and resume: a DataLoader over an iterable dataset takes batches from its workers in turn, so micro-step
+    ``s`` is built by reader ``s % W`` (``W`` = workers, 1 without). A loader made at ``start`` gives its worker
+    ``w`` the reader ``(start + w) % W``, which first skips the batches it built before ``start``: without
+    ``pack`` by counting records (their JSON is read, their arrays are not decoded), with ``pack`` by planning and
+    dropping the blocks (documents are tokenised again; ``pack`` yields callables that build a block, so a skipped
+    block's modality inputs are not read). So a resumed run sees exactly
+    the batches of the uninterrupted run; the one exception: a batch in which every record failed to load takes
+    the next records, which shifts that reader's later batches in a run resumed after it.
+
+    A record that fails to load is left out of its batch, and its error record travels with the batch
+    (``load_errors``), so every rank still runs every step.
+    """
+
+    def __init__(self, sources: list[tuple[list[str], float]], micro_batch_size: int, to_records: Callable,
+                 load: Callable, collate: Callable, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 1000, start: int = 0, pack: Callable | None = None):
+        self.stream = ShardStream(sources, 0, rank, world_size, seed, shuffle_buffer)
+        self.mbs, self.to_records, self.load, self.collate, self.pack = micro_batch_size, to_records, load, collate, pack
+        self.start = start
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        return self.iter_worker(*((info.id, info.num_workers) if info else (0, 1)))
+
+    def _records(self, reader: int, readers: int) -> Iterator[dict]:
+        for s in self.stream._raw(reader, readers):
+            yield from self.to_records(s)
+
+    def _loaded(self, records: Iterator[dict]) -> Iterator[dict]:
+        for rec in records:
+            try:
+                yield self.load(rec)
+            except InvalidInputError as e:
+                yield {"load_errors": [e.to_record()]}
+
+    def iter_worker(self, worker: int, workers: int) -> Iterator[dict]:
+        """The batches DataLoader worker ``worker`` of ``workers`` yields (micro-steps ``start + worker``,
+        ``start + worker + workers``, ...)."""
+        from itertools import islice
+
+        reader = (self.start + worker) % workers
+        skip = max(0, (self.start - reader + workers - 1) // workers)  # its batches before ``start``
+        records = self._records(reader, workers)
+        if self.pack is None:
+            for _ in islice(records, skip * self.mbs):
+                pass
+            items = self._loaded(records)
+        else:
+            items = self.pack(self._loaded(records))
+            for _ in islice(items, skip * self.mbs):
+                pass
+        while True:
+            batch, errors = [], []
+            while not batch:
+                for s in islice(items, self.mbs):
+                    if callable(s):  # a packed block built only now (``pack`` yields thunks; skipping builds none)
+                        s = s()
+                    errors.extend(s.get("load_errors") or [])
+                    if "load_errors" in s and len(s) == 1:  # a record that failed to load
+                        continue
+                    s.pop("load_errors", None)
+                    batch.append(s)
+            if errors:
+                batch[0]["load_errors"] = errors
+            yield self.collate(batch)
+
+
+def count_source(urls: list[str], split: str | None = "train") -> int:
+    """Samples of a source (its records' splits considered; reads every shard once)."""
+    return sum(1 for u in urls for s in shard_samples(u) if split is None
+               or sample_record_doc(s).get("split") in (None, split))
+
+
+def wds_sources(datasets, world_size: int, micro_batch_size: int, epoch_size: int | None = None):
+    """``data.datasets`` of format wds -> ``(sources, batches_per_epoch, description)`` for :class:`StreamBatches`.
+
+    An epoch is ``epoch_size`` samples (default: the sources' ``samples``, counted from the shards when unset),
+    split evenly over the ranks: every rank runs the same number of micro-batches.
+    """
+    from ..errors import ConfigError
+
+    sources, sizes = [], []
+    for x in datasets:
+        if x.format != "wds":
+            raise ConfigError(f"data.datasets[{x.path or x.shards}].format={x.format}: streamed (wds) and in-memory "
+                              "datasets cannot be mixed in one run; make every entry format wds")
+        urls = expand_shards(x.shards or x.path)
+        sources.append((urls, x.weight))
+        sizes.append(x.samples if x.samples is not None else count_source(urls, x.split))
+        if sizes[-1] == 0:
+            raise ConfigError(f"data.datasets[{x.shards or x.path}]: no sample of split {x.split!r} in its shards")
+    total = epoch_size or sum(sizes)
+    per_rank = total // world_size
+    batches = per_rank // micro_batch_size
+    if batches == 0:
+        raise ConfigError(f"data.datasets: an epoch of {total} samples over {world_size} ranks holds no micro-batch "
+                          f"of {micro_batch_size}")
+    desc = [(x.name or Path(str(urls[0])).parent.name, len(urls), n) for x, (urls, _), n in zip(datasets, sources,
+                                                                                              sizes)]
+    return sources, batches, f"streamed (wds) datasets=[(name, shards, samples)] {desc}"
+
+
+class SourceRecords:
+    """``to_records`` of :class:`StreamBatches` for conversation stages: a sample's records, with the ``split`` of
+    the source its shard belongs to (``splits``: shard URL -> split) and ``fn`` (default :func:`sample_records`)."""
+
+    def __init__(self, splits: dict[str, str | None], fn: Callable = None):
+        self.splits, self.fn = splits, fn or sample_records
+
+    def __call__(self, sample: dict) -> list[dict]:
+        return self.fn(sample, self.splits.get(sample.get("__url__"), "train"))
+
+
+class LoadRecord:
+    """``load`` of :class:`StreamBatches`: decode a record's members, then ``fn(record, None, source)`` (e.g.
+    :meth:`medmm.data.dataset.Processor.process`)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, record: dict) -> dict:
+        return self.fn(decoded(record), None, record.get("source", "<shard sample>"))
+
+
+def source_splits(datasets, sources) -> dict[str, str | None]:
+    """Shard URL -> the ``split`` of the dataset entry that names it."""
+    return {u: x.split for x, (urls, _) in zip(datasets, sources) for u in urls}

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar

@@ -8,6 +8,7 @@ stopping). Built in::
     sft     next-token loss on the answers of conversations (multimodal, text-only, or both)   stages/sft.py
     align   image-report contrastive alignment of one modality's encoder + projector           stages/align.py
     head    an encoder + classification head on labelled molecules, DNA or slides (no LLM)     stages/head.py
+    value   a value head on a trained model's last hidden state, regressed on answer returns   stages/value.py
 
 Adding a stage is one new module in this folder; it is found and imported automatically::
 
@@ -32,14 +33,11 @@ A stage may also define :meth:`Stage.evaluate` (validation metrics, read by ``tr
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ...errors import ConfigError
 from ...utils import PackageRegistry
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -178,6 +178,8 @@ class PreferenceStage(SFTStage):
             raise ConfigError("data.datasets: at least one preference file is required")
         if d.packing != "none":
             raise ConfigError(f"data.packing={d.packing}: stage {self.name} scores whole pairs; use packing none")
+        if any(x.format == "wds" for x in d.datasets):
+            return self.build_stream()
         for x in d.datasets:
             if x.format != "conversation":
                 raise ConfigError(f"data.datasets[{x.path}].format={x.format}: stage {self.name} reads preference "
@@ -203,6 +205,32 @@ class PreferenceStage(SFTStage):
         ref = f" reference={s.reference}" if self.uses_reference else ""
         return StageData(mixture, sampler, self.collate, sampler(0).batches_per_epoch, num_workers=d.num_workers,
                          pin_memory=d.pin_memory, description=f"pairs={desc}{ref}")
+
+    def build_stream(self) -> StageData:
+        """``format: wds``: preference pairs streamed from shards (each sample's JSON a preference record,
+        :func:`medmm.data.preferences.preference_records`). ``trainer.dpo.eval_path`` stays a JSONL file."""
+        from ...data.preferences import PreferenceDataset, StreamPairLoader, collate_pairs, preference_records
+        from ...data.streaming import SourceRecords, StreamBatches, source_splits, wds_sources
+
+        d, t, s = self.cfg.data, self.cfg.trainer, self.settings
+        if self.uses_reference and s.reference == "precomputed":
+            raise ConfigError("trainer.dpo.reference=precomputed reads log-probs keyed by JSONL file and line; with "
+                              "streamed (wds) pairs use reference adapter or copy")
+        sources, batches, desc = wds_sources(d.datasets, self.ctx.world_size, t.micro_batch_size, d.epoch_size)
+        proc = self.medmm.processor(d.max_length, d.system_prompt)
+        self.datasets = []
+        self.eval_set = PreferenceDataset(s.eval_path, proc, "eval") if s.eval_path else None
+        self.collate = partial(collate_pairs, proc, pad_missing_modalities=self.pad_missing_modalities)
+        self.history = []
+        to_records = SourceRecords(source_splits(d.datasets, sources), preference_records)
+
+        def stream(start: int) -> StreamBatches:
+            return StreamBatches(sources, t.micro_batch_size, to_records, StreamPairLoader(proc), self.collate,
+                                 self.ctx.rank, self.ctx.world_size, t.seed, d.shuffle_buffer, start=start)
+
+        ref = f" reference={s.reference}" if self.uses_reference else ""
+        return StageData(None, None, self.collate, batches, num_workers=d.num_workers, pin_memory=d.pin_memory,
+                         description=f"pairs {desc}{ref}", stream=stream)
 
     # ------------------------------------------------------------------ loss
     def pair_losses(self, logps: torch.Tensor, lengths: torch.Tensor, ref: torch.Tensor | None):

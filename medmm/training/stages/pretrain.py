@@ -127,6 +127,8 @@ class PretrainStage(SFTStage):
             raise ConfigError("data.datasets: at least one dataset is required")
         self._failed: dict[str, dict] = {}
         proc = self.medmm.processor(d.max_length, d.system_prompt)
+        if any(x.format == "wds" for x in d.datasets):
+            return self.build_stream(proc)
         self.datasets, eval_docs = [], []
         for x in d.datasets:
             docs, texts = self._documents(x, proc)
@@ -155,6 +157,32 @@ class PretrainStage(SFTStage):
             desc.append(("held_out", len(self.eval_set.docs), f"{len(self.eval_set)} blocks"))
         return StageData(mixture, sampler, self.collate, sampler(0).batches_per_epoch, num_workers=d.num_workers,
                          pin_memory=d.pin_memory, description=f"packing={d.packing} datasets={desc}")
+
+    def build_stream(self, proc) -> StageData:
+        """``format: wds`` corpora streamed and packed on the fly: documents (a ``txt`` member, the JSON's
+        ``text_field``, or a conversation sample as a captioning document) packed in windows of
+        ``STREAM_PACK_WINDOW`` documents, so only a window's last block may be part-filled. Documents held out by
+        ``trainer.eval_fraction`` are left out of training; no held-out evaluation is built from a stream."""
+        from ...data.streaming import SourceRecords, StreamBatches, source_splits, text_record, wds_sources
+
+        d, t = self.cfg.data, self.cfg.trainer
+        sources, batches, desc = wds_sources(d.datasets, self.ctx.world_size, t.micro_batch_size, d.epoch_size)
+        text_fields = {x.text_field for x in d.datasets}
+        if len(text_fields) > 1:
+            raise ConfigError(f"data.datasets[].text_field: streamed corpora must share one field, got {text_fields}")
+        self.collate = partial(proc.collate, pad_missing_modalities=self.pad_missing_modalities)
+        self.eval_set, self.history = None, []
+        to_records = SourceRecords(source_splits(d.datasets, sources),
+                                   _HeldOutFilter(partial(text_record, text_field=text_fields.pop()), t.eval_fraction,
+                                                  t.seed))
+        load, pack = _StreamDocument(proc), _StreamPacker(proc, d.max_length, d.packing)
+
+        def stream(start: int) -> StreamBatches:
+            return StreamBatches(sources, t.micro_batch_size, to_records, load, self.collate, self.ctx.rank,
+                                 self.ctx.world_size, t.seed, d.shuffle_buffer, start=start, pack=pack)
+
+        return StageData(None, None, self.collate, batches, num_workers=d.num_workers, pin_memory=d.pin_memory,
+                         description=f"packing={d.packing} window={STREAM_PACK_WINDOW} {desc}", stream=stream)
 
     def loss(self, engine, batch):
         out = engine(**batch)
@@ -186,3 +214,75 @@ class PretrainStage(SFTStage):
         for ds in getattr(self, "datasets", []) + ([self.eval_set] if getattr(self, "eval_set", None) else []):
             out.extend(ds.failed.values())
         return out
+
+
+STREAM_PACK_WINDOW = 64
+"""Documents a streamed corpus packs together (stage pretrain, ``format: wds``)."""
+
+
+class _HeldOutFilter:
+    """A stream's records less the documents ``trainer.eval_fraction`` holds out (the same rule as in memory)."""
+
+    def __init__(self, fn, fraction: float, seed: int):
+        self.fn, self.fraction, self.seed = fn, fraction, seed
+
+    def __call__(self, sample: dict, split: str | None) -> list[dict]:
+        from ...data.text import held_out
+
+        out = []
+        for r in self.fn(sample, split):
+            text = r["text"] if "text" in r else str((r.get("conversations") or [{}])[-1].get("value", ""))
+            if not (self.fraction and held_out(text, self.fraction, self.seed, purpose="train-eval")):
+                out.append(r)
+        return out
+
+
+class _StreamDocument:
+    """A streamed record -> a :class:`~medmm.data.packing.Document` (a text document, or a captioning one)."""
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    def __call__(self, rec: dict):
+        from ...data.packing import Document, caption_document
+
+        if "text" in rec:
+            tok = self.proc.encoder.tok
+            ids = tok(rec["text"], add_special_tokens=True)["input_ids"]
+            return Document(ids + [tok.eos_token_id], rec["source"])
+        return caption_document(rec, rec["source"], self.proc)
+
+
+class _DecodingProcessor:
+    """The processor as :class:`~medmm.data.packing.DocumentBlockDataset` uses it, decoding shard members first."""
+
+    def __init__(self, proc):
+        self.proc, self.pad_token_id = proc, proc.pad_token_id
+
+    def _modality_items(self, record: dict, source: str, base_dir):
+        from ...data.streaming import decoded
+
+        return self.proc._modality_items(decoded(record), source, base_dir)
+
+
+class _StreamPacker:
+    """Documents -> packed blocks, ``STREAM_PACK_WINDOW`` documents at a time; yields zero-argument callables that
+    build each block (so a resume skips blocks without reading their inputs), and passes load failures on."""
+
+    def __init__(self, proc, block_size: int, packing: str):
+        self.proc, self.block_size, self.packing = _DecodingProcessor(proc), block_size, packing
+
+    def __call__(self, docs):
+        from ...data.packing import DocumentBlockDataset
+
+        window = []
+        for doc in docs:
+            if isinstance(doc, dict):  # a record that failed to become a document: its error goes on
+                yield doc
+                continue
+            if doc.ids:
+                window.append(doc)
+            if len(window) == STREAM_PACK_WINDOW:
+                ds = DocumentBlockDataset(window, self.block_size, self.packing, self.proc, "stream")
+                yield from (partial(ds.__getitem__, i) for i in range(len(ds)))
+                window = []

@@ -1,6 +1,7 @@
 """``trainer.stage: sft``: instruction tuning, the next-token loss on the answers of conversations.
 
-Records are conversation JSONL (``data.datasets``, a weighted mixture); a record may carry any of the
+Records are conversation JSONL or streamed webdataset shards (``data.datasets``, ``format: jsonl | wds``, a weighted
+mixture; :mod:`medmm.data.streaming`); a record may carry any of the
 model's modalities, or none at all (text-only instruction data is a first-class input, alone or
 mixed with multimodal records in one run). Every batch carries an input for every modality of the
 model, a zero-weighted dummy where its records have none, so every rank runs every encoder at every
@@ -47,6 +48,8 @@ class SFTStage(Stage):
         d, t = self.cfg.data, self.cfg.trainer
         if not d.datasets:
             raise ConfigError("data.datasets: at least one dataset is required")
+        if any(x.format == "wds" for x in d.datasets):
+            return self.build_stream()
         if d.packing != "none" and (self.dataset_mode != "sft" or d.packing == "concat"):
             raise ConfigError(f"data.packing={d.packing}: stage {self.name} packs only whole conversations "
                               "(neat, stage sft); concat is for stage pretrain")
@@ -74,6 +77,26 @@ class SFTStage(Stage):
                          + (f" packing=neat blocks={[(x.name, len(x), f'fill {x.fill():.0%}') for x in parts]}"
                             if parts is not self.datasets else ""))
 
+    def build_stream(self) -> StageData:
+        """``format: wds`` datasets: conversations streamed from shards (:mod:`medmm.data.streaming`)."""
+        from ...data.streaming import LoadRecord, SourceRecords, StreamBatches, source_splits, wds_sources
+
+        d, t = self.cfg.data, self.cfg.trainer
+        if d.packing != "none":
+            raise ConfigError(f"data.packing={d.packing}: streamed (wds) conversations are not packed; use none")
+        sources, batches, desc = wds_sources(d.datasets, self.ctx.world_size, t.micro_batch_size, d.epoch_size)
+        proc = self.medmm.processor(d.max_length, d.system_prompt)
+        fn = proc.process if self.dataset_mode == "sft" else proc.process_pair
+        collate = partial(proc.collate, pad_missing_modalities=self.pad_missing_modalities)
+
+        def stream(start: int) -> StreamBatches:
+            return StreamBatches(sources, t.micro_batch_size, SourceRecords(source_splits(d.datasets, sources)),
+                                 LoadRecord(fn), collate, self.ctx.rank, self.ctx.world_size, t.seed,
+                                 d.shuffle_buffer, start=start)
+
+        return StageData(None, None, collate, batches, num_workers=d.num_workers, pin_memory=d.pin_memory,
+                         description=desc, stream=stream)
+
     def describe(self, model) -> str:
         counts = self.medmm.parameter_counts()
         return f"params={counts['total']:,} trainable={counts['trainable']:,}"
@@ -83,7 +106,7 @@ class SFTStage(Stage):
 
         training = {"steps": summary["step"], "final_loss": summary["loss"], "world_size": summary["world_size"],
                     "stage": self.name, "zero_stage": zero_stage,
-                    "datasets": [x.path for x in self.cfg.data.datasets]}
+                    "datasets": [x.path or x.shards for x in self.cfg.data.datasets]}
         return save_final_model(engine, self.medmm, out_dir, zero_stage, extra={"training": training})
 
     def load_errors(self) -> list[dict]:
