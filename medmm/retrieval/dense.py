@@ -41,29 +41,59 @@ class HashedFeaturiser:
         self.n_features = int(n_features)
         self.ngram_range = tuple(ngram_range)
         self.idf = idf
+        self._fitted = None  # (texts, counts) of the last fit(), for one transform() of that same list
+
+    def _char_counts(self, texts: list[str]):
+        """(N, F) hashed ``char_wb`` n-gram counts, equal to sklearn's ``HashingVectorizer(analyzer="char_wb")``.
+
+        ``char_wb`` n-grams never cross a space, so a text's counts are the sum of its words' counts: each distinct
+        word is hashed once and texts are (N, V) word counts times (V, F) word n-grams. Medical names repeat their
+        words ("fracture", "encounter"), so this is ~5x faster than n-gramming 97k names one by one.
+        """
+        fe = optional_import("sklearn.feature_extraction.text", "retrieval")
+        sp = optional_import("scipy.sparse", "retrieval")
+        chars = fe.HashingVectorizer(analyzer="char_wb", ngram_range=self.ngram_range, n_features=self.n_features,
+                                     alternate_sign=False, norm=None, lowercase=True)
+        vocab: dict[str, int] = {}
+        rows, cols = [], []
+        for i, t in enumerate(texts):
+            for w in t.lower().split():  # sklearn: lowercase, then whitespace-split words padded with one space
+                rows.append(i)
+                cols.append(vocab.setdefault(w, len(vocab)))
+        if not vocab:
+            return sp.csr_matrix((len(texts), self.n_features), dtype=np.float64)
+        words = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(texts), len(vocab)))  # (N, V)
+        return (words @ chars.transform(list(vocab))).tocsr()  # (N, V) @ (V, F)
 
     def _counts(self, texts: list[str]):
         fe = optional_import("sklearn.feature_extraction.text", "retrieval")
-        chars = fe.HashingVectorizer(analyzer="char_wb", ngram_range=self.ngram_range, n_features=self.n_features,
-                                     alternate_sign=False, norm=None, lowercase=True)
         words = fe.HashingVectorizer(analyzer="word", n_features=self.n_features, alternate_sign=False, norm=None,
                                      lowercase=True)
-        x = chars.transform(texts) + words.transform(texts)  # (N, F) counts
+        x = self._char_counts(texts) + words.transform(texts)  # (N, F) counts
         x.data = 1.0 + np.log(x.data)  # sublinear tf
         return x.tocsr().astype(np.float32)
 
     def fit(self, texts: list[str]) -> HashedFeaturiser:
-        """Learn the idf of each bucket from ``texts``."""
+        """Learn the idf of each bucket from ``texts``.
+
+        The counts of ``texts`` are kept for one later :meth:`transform` of the same list object: building an index
+        fits on the corpus and then encodes that same corpus, and counting 97k ICD-10-CM names is most of the cost.
+        """
         x = self._counts(texts)
         df = np.bincount(x.indices, minlength=self.n_features)
         self.idf = (np.log((1 + x.shape[0]) / (1 + df)) + 1).astype(np.float32)
+        self._fitted = (texts, x)
         return self
 
     def transform(self, texts: list[str]):
         """(N, F) CSR rows, tf-idf weighted and l2-normalised."""
         if self.idf is None:
             raise RuntimeError("HashedFeaturiser: fit() first")
-        x = self._counts(texts)
+        fitted = self._fitted
+        if fitted is not None and fitted[0] is texts:  # the corpus fit() just counted: reuse (once) its counts
+            x, self._fitted = fitted[1], None
+        else:
+            x = self._counts(texts)
         x.data *= self.idf[x.indices]
         norms = np.sqrt(np.asarray(x.multiply(x).sum(1)).ravel())
         norms[norms == 0] = 1
@@ -96,8 +126,13 @@ class HashedEncoder:
 
     def encode(self, texts: list[str], batch_size: int = 8192) -> np.ndarray:
         """(N, D) float32 unit vectors."""
-        out = [np.asarray(self.featuriser.transform(texts[i:i + batch_size]) @ self.weight)
-               for i in range(0, len(texts), batch_size)]
+        fitted = self.featuriser._fitted
+        if fitted is not None and fitted[0] is texts:  # the corpus just fitted: its counts are already there
+            x = self.featuriser.transform(texts)  # (N, F)
+            out = [np.asarray(x[i:i + batch_size] @ self.weight) for i in range(0, len(texts), batch_size)]
+        else:
+            out = [np.asarray(self.featuriser.transform(texts[i:i + batch_size]) @ self.weight)
+                   for i in range(0, len(texts), batch_size)]
         return _unit(np.concatenate(out) if out else np.zeros((0, self.dim), np.float32))
 
     def save(self, folder: Path) -> dict:
@@ -167,7 +202,8 @@ def _lsa(texts: list[str], model_path: str | None, dim: int, seed: int) -> Hashe
     dec = optional_import("sklearn.decomposition", "retrieval")
     feat = HashedFeaturiser().fit(texts)
     # the SVD basis from a fixed sample of at most 20k documents: minutes faster on 95k ICD-10-CM names, and the
-    # idf (fitted on every document) still weights the buckets
+    # idf (fitted on every document) still weights the buckets. The sample is a fresh list, so the counts fit()
+    # kept for ``texts`` stay for encoding the corpus right after.
     rng = np.random.default_rng(seed)
     sample = [texts[i] for i in sorted(rng.choice(len(texts), size=min(len(texts), 20000), replace=False))]
     x = feat.transform(sample)

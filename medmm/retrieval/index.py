@@ -32,7 +32,7 @@ from .fusion import reciprocal_rank_fusion, tune_rrf
 from .sources import Document, chunk_documents, get_source, read_documents
 
 __all__ = ["FORMAT_VERSION", "RetrievalIndex", "attach_citations", "augment_question", "build_index", "cited_numbers",
-           "load_index", "rag_requests"]
+           "load_index", "rag_requests", "unindexed_citations"]
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "index.json"
@@ -73,15 +73,21 @@ class RetrievalIndex:
             idx, sc = self.dense.search(queries, k)
             return [[(int(i), float(s)) for i, s in zip(r, srow) if i >= 0] for r, srow in zip(idx, sc)]
         depth = max(k, self.cfg.depth)
-        bi, _ = self.bm25.search(queries, depth)
-        di, _ = self.dense.search(queries, depth)
-        w = self.cfg.rrf_weights
-        return [reciprocal_rank_fusion([b, d], k=self.cfg.rrf_k, weights=w, top_k=k) for b, d in zip(bi, di)]
+        # a retriever with weight 0 cannot change the fused order within the other's top `depth` (its documents
+        # score 0 and come after every one of the other's), so it is not run: tuning may fall back to one retriever
+        lists, weights = [], []
+        for part, w in zip((self.bm25, self.dense), self.cfg.rrf_weights):
+            if w > 0:
+                lists.append(part.search(queries, depth)[0])
+                weights.append(w)
+        return [reciprocal_rank_fusion(ls, k=self.cfg.rrf_k, weights=weights, top_k=k) for ls in zip(*lists)]
 
     def tune_fusion(self, queries: list[str], gold_ids: list[str], at: int = 5) -> dict:
         """Choose ``rrf_k`` and ``rrf_weights`` by recall@``at`` on (query, gold document id) pairs and save them.
 
-        Use queries disjoint from any benchmark (for ICD-10-CM: :func:`~.sources.icd10cm_pairs` ``"train"``).
+        :func:`~.fusion.tune_rrf` picks the fusion on half of the queries and keeps it only if the other half
+        confirms that it beats the better single retriever; otherwise the fused mode is that retriever alone. Use
+        queries disjoint from any benchmark (for ICD-10-CM: :func:`~.sources.icd10cm_pairs` ``"train"``).
         """
         if self.dense is None:
             raise ConfigError("tuning the fusion needs a dense part (index.dense_encoder is none)")
@@ -152,9 +158,9 @@ def build_index(out: str | Path, *, sources: list[str] = (), files: list[str | P
 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    line = json.JSONEncoder(ensure_ascii=False).encode  # one encoder for 97k lines, not one per json.dumps call
     with open(tmp / "docs.jsonl", "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps(d.to_json(), ensure_ascii=False) + "\n")
+        f.writelines(line(d.to_json()) + "\n" for d in docs)
     bm25.save(tmp / "bm25")
     if dense is not None:
         dense.save(tmp / "dense")
@@ -257,8 +263,26 @@ def rag_requests(requests: list[dict], index: RetrievalIndex, k: int = 3, mode: 
 
 
 def attach_citations(output: dict, citations: list[dict]) -> dict:
-    """``output["citations"]`` = the passages given to the model, each marked ``cited`` when the answer names it."""
+    """``output["citations"]`` = the passages given to the model, each marked ``cited`` when the answer names it.
+
+    Numbers the answer cites that no passage has (``[7]`` when three were given) are listed in
+    ``output["citations_unresolved"]`` instead of being dropped silently (the key is absent when there are none).
+    """
     answers = [output.get("answer", "")] + [a.get("answer", "") for a in output.get("answers") or []]
     named = set().union(*(cited_numbers(str(a)) for a in answers))
     output["citations"] = [{**c, "cited": c["n"] in named} for c in citations]
+    unresolved = sorted(named - {c["n"] for c in citations})
+    if unresolved:
+        output["citations_unresolved"] = unresolved
     return output
+
+
+def unindexed_citations(citations: list[dict], index: RetrievalIndex) -> list[dict]:
+    """The citations that do not point to an indexed document: an unknown id, or a source or text that differs from
+    the document indexed under that id. An empty list means every citation is grounded in ``index``."""
+    bad = []
+    for c in citations:
+        doc = index.get(str(c.get("id")))
+        if doc is None or doc.text != c.get("text") or doc.source != c.get("source"):
+            bad.append(c)
+    return bad

