@@ -11,6 +11,7 @@ A saved folder holds everything needed to rebuild the model::
     llm/                   the (base) language model, safetensors
     llm_adapter/           the peft LoRA adapter, when the LLM was trained with LoRA
     modules.safetensors    encoders + projectors (LoRA weights included where used)
+    value_head.safetensors the value head (``trainer.stage: value``), when one was trained
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class MedMMForCausalLM(nn.Module):
         self.tokenizer = tokenizer
         self.encoders = nn.ModuleDict(encoders)
         self.projectors = nn.ModuleDict(projectors)
+        self.value_head: nn.Module | None = None  # trainer.stage: value (medmm.model.value_head), read by search
         self.modality_tokens: dict[str, ModalityToken] = {}
         for name in config.modalities:
             text = f"<{name}>"
@@ -290,6 +292,10 @@ class MedMMForCausalLM(nn.Module):
                 self.llm.save_pretrained(str(tmp / "llm_adapter"), save_embedding_layers=not include_base_llm)
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             save_file(self.modules_state_dict(), str(tmp / MODULES_NAME), metadata={"format": "pt"})
+            if self.value_head is not None:
+                from .value_head import save_value_head
+
+                save_value_head(self.value_head, tmp, self.value_head.info)
             meta = {
                 "format_version": FORMAT_VERSION,
                 "medmm_version": __version__,
@@ -339,6 +345,11 @@ class MedMMForCausalLM(nn.Module):
             saved = meta["modality_tokens"].get(name, {})
             if saved.get("token_id") != mt.token_id or saved.get("slots") != mt.slots:
                 raise ValueError(f"{path}: modality token '{name}' does not match the saved tokenizer")
+        from .value_head import load_value_head
+
+        model.value_head = load_value_head(path)  # None when the folder has no value_head.safetensors
+        if model.value_head is not None:
+            model.value_head.requires_grad_(trainable)
         if merge_lora:
             model.merge_llm_lora()
         if dtype is not None:

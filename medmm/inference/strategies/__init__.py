@@ -72,7 +72,7 @@ class Strategy:
 
 
 _REGISTRY: dict[str, Strategy] = {}
-_MODULES = ("hf", "speculative", "contrastive")
+_MODULES = ("hf", "speculative", "contrastive", "best_of_n", "value_beam", "mcts")
 _loaded = False
 
 
