@@ -231,6 +231,110 @@ def run_direct(pipeline, studies, args) -> dict:
             "per_study_s_median": round(statistics.median(per), 4)}
 
 
+# ----------------------------------------------------------------------------- HTTP API, concurrent /v1/ask clients
+HTTP_TOKEN = "bench-token-0123456789abcdef"
+
+
+def http_questions(n: int) -> list[str]:
+    """``n`` distinct text questions from the bundled VQA-RAD sample (text-only /v1/ask requests)."""
+    qa = json.loads((ROOT / "data" / "sample" / "vqa_rad" / "testset.json").read_text())
+    qs = list(dict.fromkeys(q["question"] for q in qa))
+    return [qs[i % len(qs)] for i in range(n)]
+
+
+def run_http(pipeline, questions: list[str], clients: int, max_batch: int, args) -> dict:
+    """One uvicorn server on loopback (``create_app(..., max_batch)``), ``clients`` threads each POSTing its share of
+    ``questions`` to ``/v1/ask`` one after another; returns throughput, latency, batch sizes and the answers."""
+    import socket
+    import urllib.request
+
+    import uvicorn
+
+    from medmm.export.http import create_app
+
+    app = create_app(pipeline, HTTP_TOKEN, max_batch=max_batch, batch_window_s=args.batch_window)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def ask(q: str) -> tuple[str, float]:
+        body = json.dumps({"question": q, "max_new_tokens": args.new_tokens}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/ask", data=body, method="POST", headers={
+            "Authorization": f"Bearer {HTTP_TOKEN}", "Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=600) as r:
+            answer = json.load(r)["answer"]
+        return answer, time.perf_counter() - t0
+
+    try:
+        for q in questions[:2]:  # warm-up: imports, first calls
+            ask(q)
+        batcher = app.state.batcher
+        before = len(batcher.batches)
+        answers: dict[int, str] = {}
+        latency: list[float] = []
+
+        def client(c: int) -> None:
+            for i in range(c, len(questions), clients):
+                answers[i], dt = ask(questions[i])
+                latency.append(dt)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        sizes = batcher.batches[before:]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    latency.sort()
+    return {"clients": clients, "max_batch": max_batch, "requests": len(questions), "ok": len(answers),
+            "elapsed_s": round(elapsed, 3), "requests_per_s": round(len(answers) / elapsed, 3),
+            "latency_s": {"p50": round(statistics.median(latency), 3),
+                          "p95": round(latency[min(len(latency) - 1, int(0.95 * len(latency)))], 3)},
+            "generate_calls": len(sizes), "mean_batch": round(statistics.mean(sizes), 2) if sizes else 0,
+            "answers": [answers[i] for i in sorted(answers)]}
+
+
+def http_section(args) -> dict:
+    """Concurrent ``/v1/ask`` clients against the API with batching off (``max_batch`` 1) and on, same questions."""
+    from medmm.config import DecodingConfig
+    from medmm.export.study import ReportConfig, ReportPipeline
+
+    questions = http_questions(args.http_requests)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="medmm-bench-http-") as d:
+        ckpt = build_checkpoint(Path(d), args.hidden, args.layers)
+        pipeline = ReportPipeline(ckpt, ReportConfig(decoding=DecodingConfig(max_new_tokens=args.new_tokens)),
+                                  device=args.device)
+        for clients in [int(x) for x in args.http_clients.split(",")]:
+            for max_batch in (1, args.max_batch):
+                r = run_http(pipeline, questions, clients, max_batch, args)
+                runs.append(r)
+                print(f"  http: {clients} client(s), max_batch {max_batch}: {r['requests_per_s']:.2f} req/s, p50 "
+                      f"{r['latency_s']['p50']} s, mean batch {r['mean_batch']}", file=sys.stderr, flush=True)
+    ref = runs[0]["answers"]
+    for r in runs:
+        r["same_answers_as_first_run"] = r.pop("answers") == ref
+    by = {(r["clients"], r["max_batch"]): r for r in runs}
+    speedup = {str(c): round(by[(c, args.max_batch)]["requests_per_s"] / by[(c, 1)]["requests_per_s"], 3)
+               for c, _ in by if (c, 1) in by and (c, args.max_batch) in by}
+    return {"what": f"{len(questions)} text-only POST /v1/ask (greedy, up to {args.new_tokens} new tokens, EOS allowed) "
+                    "from N client threads on loopback (urllib, one request at a time per client) to one uvicorn "
+                    "server; batching off (max_batch 1) vs on (AskBatcher: requests within batch_window_s share one "
+                    "HF generate call; static batches, no admission into a running batch)",
+            "model": f"random Llama {args.layers}x{args.hidden} + vit2d_tiny (unused: text-only requests)",
+            "batch_window_s": args.batch_window, "runs": runs, "batched_vs_unbatched_throughput": speedup}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--senders", default="1,4", help="comma-separated numbers of concurrent senders")
@@ -247,7 +351,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=2, help="LLM layers")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    ap.add_argument("--only", choices=["http"], help="run one section and merge its figures into --out")
+    ap.add_argument("--http-clients", default="1,8", help="http: comma-separated numbers of concurrent clients")
+    ap.add_argument("--http-requests", type=int, default=32, help="http: /v1/ask requests per configuration")
+    ap.add_argument("--max-batch", type=int, default=8, help="http: the batched server's max_batch")
+    ap.add_argument("--batch-window", type=float, default=0.01, help="http: AskBatcher window in seconds")
     args = ap.parse_args(argv)
+    if args.only == "http":
+        sec = http_section(args)
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {"benchmark": "serve"}
+        result["http_ask"] = {**sec, "device": args.device, "cpu_threads": torch.get_num_threads(),
+                              "args": {k: v for k, v in vars(args).items() if k != "out"}}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        for r in sec["runs"]:
+            print(f"http /v1/ask, {r['clients']} client(s), max_batch {r['max_batch']}: {r['requests_per_s']:.2f} req/s, "
+                  f"latency p50 {r['latency_s']['p50']} s p95 {r['latency_s']['p95']} s, {r['generate_calls']} "
+                  f"generate calls (mean batch {r['mean_batch']}), same answers {r['same_answers_as_first_run']}")
+        print(f"serve http: batched vs unbatched throughput {sec['batched_vs_unbatched_throughput']} (by clients; "
+              f"{args.device}, Llama {args.layers}x{args.hidden})")
+        return result
     import logging
 
     logging.getLogger("medmm.pacs").setLevel(logging.WARNING)

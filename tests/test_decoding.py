@@ -142,30 +142,30 @@ def test_speculative_with_a_partly_agreeing_draft_equals_greedy(model, session):
     head = draft.get_output_embeddings().weight
     with torch.no_grad():
         head.add_(torch.randn(head.shape, generator=g) * head.std() * 0.5)
-    spec = DecodingConfig("speculative", 16, params={"draft": "x", "backend": "medmm", "num_draft_tokens": 3})
+    spec = DecodingConfig("speculative", 12, params={"draft": "x", "backend": "medmm", "num_draft_tokens": 3})
     text_only = Session(model, session.processor, {})
-    eos = model.tokenizer.eos_token_id
-    suppress = [mt.token_id for mt in model.modality_tokens.values()]
     proposed = accepted = 0
-    for sess in (session, text_only):
+    greedy = {}
+    for name, sess in (("mol", session), ("text", text_only)):
         for q in QUESTIONS:
-            greedy = sess.decode(q, DecodingConfig("greedy", 16)).tokens
+            greedy[name, q] = sess.decode(q, DecodingConfig("greedy", 12)).tokens
             got = sess.decode(q, spec, aux={"draft": draft})
-            assert got.tokens == greedy
+            assert got.tokens == greedy[name, q]
             proposed, accepted = proposed + got.proposed, accepted + got.accepted
+            adaptive = DecodingConfig("speculative", 12, params={**spec.params, "draft_schedule": "heuristic"})
+            assert sess.decode(q, adaptive, aux={"draft": draft}).tokens == greedy[name, q]
     assert 0 < accepted < proposed  # some guesses kept, some corrected
-    for q in QUESTIONS:
-        ids = torch.tensor([text_only.prompt_ids(q)])
-        kw = {"max_new_tokens": 16, "do_sample": False, "eos_token_id": eos, "pad_token_id": eos,
-              "suppress_tokens": suppress}
-        ref = model.llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-        hf = model.llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=draft,
-                                num_assistant_tokens=3, num_assistant_tokens_schedule="constant", **kw)
-        assert hf.tolist() == ref.tolist()
-        greedy = text_only.decode(q, DecodingConfig("greedy", 16)).tokens
-        new = ref[0, ids.shape[1]:].tolist()
-        assert (new[: new.index(eos)] if eos in new else new) == greedy
-
+    eos = model.tokenizer.eos_token_id
+    q = QUESTIONS[0]
+    ids = torch.tensor([text_only.prompt_ids(q)])
+    kw = {"max_new_tokens": 12, "do_sample": False, "eos_token_id": eos, "pad_token_id": eos,
+          "suppress_tokens": [mt.token_id for mt in model.modality_tokens.values()]}
+    ref = model.llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    hf = model.llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=draft,
+                            num_assistant_tokens=3, num_assistant_tokens_schedule="constant", **kw)
+    assert hf.tolist() == ref.tolist()
+    new = ref[0, ids.shape[1]:].tolist()
+    assert (new[: new.index(eos)] if eos in new else new) == greedy["text", q]
 
 def test_contrastive_decoding_beta_zero_is_greedy(model, session, tiny_llm):
     from transformers import AutoModelForCausalLM

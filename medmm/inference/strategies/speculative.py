@@ -31,18 +31,25 @@ def _yes_no_auto(v) -> str | None:
 K = Param("num_draft_tokens", int, 4, "speculative / prompt_lookup: tokens guessed per verification", at_least_one)
 BACKEND = Param("backend", str, "auto", "auto (HF generate for text-only requests, else medmm's loop) | hf | medmm",
                 _backend)
+SCHEDULE = Param("draft_schedule", str, "constant", "speculative: constant num_draft_tokens, or heuristic (+2 after "
+                 "a guess accepted whole, -1 otherwise; HF's schedule)",
+                 lambda v: None if v in ("constant", "heuristic") else "must be constant or heuristic")
 DRAFT = Param("draft", str, None, "speculative: local folder of a draft causal LM sharing the tokenizer", required=True)
 
 
-def verify_step(propose, context: list[int], k: int):
-    """Greedy speculative step: ``propose(sequence, k)`` guesses; one target forward checks them all."""
+def verify_step(propose, context: list[int], k: int, schedule: str = "constant"):
+    """Greedy speculative step: ``propose(sequence, k)`` guesses; one target forward checks them all.
+
+    ``schedule="heuristic"`` adapts k as HF's assistant path does: +2 after a guess accepted whole, -1 (down to
+    1) otherwise, so a draft that agrees for long runs guesses more per target forward."""
+    state = {"k": k}
 
     def step(ctx: LoopContext) -> list[int]:
         if not ctx.out and not ctx.pending:  # the first token comes straight from the prompt's logits
             tok = greedy_token(ctx.logits())
             ctx.pending = [tok]
             return [tok]
-        guess = propose(context + ctx.out, k)[: max(0, ctx.remaining)]
+        guess = propose(context + ctx.out, max(1, min(state["k"], ctx.remaining)))[: max(0, ctx.remaining)]
         past = ctx.cache.get_seq_length()
         fed = ctx.pending
         ctx.pending = []
@@ -54,6 +61,8 @@ def verify_step(propose, context: list[int], k: int):
         crop_cache(ctx.cache, past + 1 + n)  # keep the pending token and the accepted guesses
         ctx.proposed += len(guess)
         ctx.accepted += n
+        if schedule == "heuristic":
+            state["k"] = state["k"] + 2 if guess and n == len(guess) else max(1, state["k"] - 1)
         ctx.pending = [correction]
         return guess[:n] + [correction]
 
@@ -76,12 +85,12 @@ def _speculative_start(ctx: LoopContext, p: dict):
     context = ctx.prompt if sees else [t for t in ctx.prompt if t not in placeholders]
     propose = DraftProposer(draft, sess.embed(ctx.prompt) if sees else None,
                             suppress=sorted(placeholders) if sees else None)
-    return verify_step(propose, context, p["num_draft_tokens"])
+    return verify_step(propose, context, p["num_draft_tokens"], p["draft_schedule"])
 
 
 def _assistant_kwargs(p: dict, aux: dict) -> dict:
     return {"assistant_model": aux["draft"], "num_assistant_tokens": p["num_draft_tokens"],
-            "num_assistant_tokens_schedule": "constant"}
+            "num_assistant_tokens_schedule": p.get("draft_schedule", "constant")}
 
 
 register_strategy(Strategy(
@@ -95,7 +104,7 @@ register_strategy(Strategy(
     "speculative", "greedy, guessed by a draft model and verified by the target (exact)",
     params=(DRAFT, K, BACKEND,
             Param("draft_sees_modalities", str, "auto", "speculative (medmm loop): feed the draft the spliced "
-                  "prompt (auto = when it has the target's width)", _yes_no_auto)),
+                  "prompt (auto = when it has the target's width)", _yes_no_auto), SCHEDULE),
     hf=lambda p, aux: {"do_sample": False, "num_beams": 1, **_assistant_kwargs(p, aux)},
     hf_batch=False, hf_text_only=True, start=_speculative_start, exact=True, aux_models=("draft",)))
 
