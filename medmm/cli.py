@@ -564,8 +564,18 @@ COMMANDS["index"] = _index
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one ``medmm`` command. From the shell (``argv`` None) a medmm error (bad config, bad input) ends the
+    command with one line naming it and exit status 1; called with ``argv`` (tests, scripts), it is raised."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        from .errors import MedmmError
+
+        try:
+            return main(sys.argv[1:])
+        except MedmmError as e:
+            print(f"medmm {sys.argv[1] if len(sys.argv) > 1 else ''}: {type(e).__name__}: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+    argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return

@@ -129,6 +129,7 @@ def test_speculative_and_prompt_lookup_equal_greedy(model, session, tiny_llm):
         assert full.tokens == greedy and full.acceptance_rate == 1.0  # all layers: the draft is the target
 
 
+@pytest.mark.slow  # ~50 s on a loaded 2-core machine (HF assistant path + 2 schedules x 2 input kinds)
 def test_speculative_with_a_partly_agreeing_draft_equals_greedy(model, session):
     """A draft that agrees with the target on some tokens and not others (the target with a perturbed lm_head)
     exercises accepted runs cut by a correction: medmm's loop (with modality inputs and text-only) and HF's
