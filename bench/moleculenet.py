@@ -13,6 +13,7 @@ Run::
 
     python bench/moleculenet.py                                    # 5 seeds (3 for HIV), no pre-training
     python bench/moleculenet.py --datasets bbbp,bace --seeds 5 --epochs 4 --jobs 3
+    python train.py --config configs/tasks/mol_pretrain.yaml        # the encoder (test molecules excluded)
     python bench/moleculenet.py --pretrained runs/mol_pretrain/checkpoint/encoder.safetensors
 """
 

@@ -76,13 +76,21 @@ def unpack_graphs(x: torch.Tensor, atom_dim: int) -> tuple[torch.Tensor, torch.T
     return x[..., :atom_dim], x[..., atom_dim:].round().long()
 
 
+def bond_list(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bonds of a dense ``(B, N, N)`` code matrix as flat ``(dst, src, code)`` over the (B * N) padded atoms."""
+    bi, i, j = adj.nonzero(as_tuple=True)
+    n = adj.shape[1]
+    return bi * n + i, bi * n + j, adj[bi, i, j]
+
+
 class GINLayer(nn.Module):
     """GINE message passing (Hu et al. 2020) on a dense bond-code matrix.
 
     h_i' = h_i + MLP(LN((1 + eps) h_i + sum_j ReLU(h_j + e_{code(i,j)})))
 
-    Bond embeddings depend only on the code, so the neighbour sum is one batched matmul per code present:
-    sum_t A_t @ ReLU(h + e_t), with A_t = (adjacency == t).
+    The neighbour sum runs over the bonds only (a gather and an ``index_add`` over the (B * N) padded atoms, with
+    the bond list read once per forward from the dense codes by :func:`bond_list`): the same sum as
+    sum_t A_t @ ReLU(h + e_t) with A_t = (adjacency == t), at O(bonds * D) instead of O(codes * B * N^2 * D).
     """
 
     def __init__(self, dim: int, num_bond_codes: int, dropout: float = 0.0):
@@ -93,13 +101,13 @@ class GINLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: torch.Tensor, adj: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        msg = torch.zeros_like(h)  # (B, N, D)
-        for t in adj.unique().tolist():
-            if t == 0:
-                continue
-            a_t = (adj == t).to(h.dtype)  # (B, N, N)
-            msg = msg + a_t @ torch.relu(h + self.bond.weight[t])
+    def forward(self, h: torch.Tensor, adj: torch.Tensor, mask: torch.Tensor,
+                bonds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, n, d = h.shape
+        dst, src, code = bonds if bonds is not None else bond_list(adj)  # (E,) each: atom i <- atom j, code
+        flat = h.reshape(b * n, d)
+        m = torch.relu(flat[src] + self.bond.weight[code])  # (E, D)
+        msg = torch.zeros_like(flat).index_add_(0, dst, m).view(b, n, d)  # (B, N, D)
         out = h + self.drop(self.mlp(self.norm((1 + self.eps) * h + msg)))
         return out * mask.unsqueeze(-1).to(h.dtype)
 
@@ -134,8 +142,9 @@ class MolGIN(nn.Module):
         m = mask.unsqueeze(-1).to(feats.dtype)  # (B, N, 1)
         h = self.embed(feats) * m  # (B, N, D)
         states = [h]
+        bonds = bond_list(adj)  # read once, shared by every layer
         for layer in self.layers:
-            h = layer(h, adj, mask)
+            h = layer(h, adj, mask, bonds)
             states.append(h)
         if self.readout == "nodes":
             return EncoderOutput(self.norm(h), mask)

@@ -38,6 +38,18 @@ def test_config_loads_and_builds(path, tiny_llm):
         assert logits.shape == ((2,) if h.objective == "binary" else (2, len(h.classes)))
         assert torch.isfinite(logits).all()
         return
+    if cfg.trainer.stage == "mol_pretrain":  # GNN + masking head + projection on two molecules' views, no LLM
+        from encoders import build_encoder
+        from medmm.io.molecules import mol_graph, parse_smiles
+        from medmm.training.stages.mol_pretrain import MolPretrainModel, PretrainDataset, collate_views
+
+        s = cfg.mol_pretrain
+        model = MolPretrainModel(build_encoder(s.encoder.name, **s.encoder.kwargs), s, s.encoder.name,
+                                 s.encoder.kwargs)
+        ds = PretrainDataset([mol_graph(parse_smiles(x)) for x in ("CCO", "c1ccccc1O")], s, 0)
+        out = model(**collate_views([ds[0], ds[1]]))
+        assert torch.isfinite(out["loss"]) and set(s.objectives) <= {"attr_mask", "contrastive"}
+        return
     from medmm.model.multimodal import MedMMForCausalLM
 
     cfg = load_config(TrainConfig, path, [f"model.llm={tiny_llm}"])

@@ -215,3 +215,85 @@ def test_moleculenet_benchmark_registered_and_table_layout(tmp_path):
     assert doc["published"] == PUBLISHED and PUBLISHED["gin_no_pretrain"]["bbbp"][0] == 65.8
     assert set(doc["protocol"]) == {"no_pretrain", "pretrained"}
     assert json.loads(out.read_text()) == doc
+
+
+# ----------------------------------------------------------------------------- pre-training (stage mol_pretrain)
+def test_pretraining_views_and_nt_xent():
+    """Masked view hides exactly the chosen atoms' elements; the dropped view is a symmetric subgraph; NT-Xent
+    prefers matching partners."""
+    from medmm.io.molecules import mol_graph, parse_smiles
+    from medmm.training.stages.mol_pretrain import ELEMENT_CLASSES, dropped_view, masked_view, nt_xent
+
+    g = mol_graph(parse_smiles("CC(=O)Oc1ccccc1C(=O)O"))  # aspirin, 13 heavy atoms
+    x, adj = torch.from_numpy(g.node_features), torch.from_numpy(g.adjacency())
+    xm, atoms, targets = masked_view(x, 0.15, np.random.default_rng(0))
+    assert len(atoms) == 2 and (xm[atoms, :ELEMENT_CLASSES] == 0).all() and (xm[atoms, ELEMENT_CLASSES:] ==
+                                                                            x[atoms, ELEMENT_CLASSES:]).all()
+    others = torch.ones(len(x), dtype=torch.bool)
+    others[atoms] = False
+    assert torch.equal(xm[others], x[others]) and set(targets.tolist()) <= {0, 1, 2}  # C, N or O
+    assert torch.equal(targets, x[atoms, :ELEMENT_CLASSES].argmax(-1))
+    xd, ad = dropped_view(x, adj, 0.2, 0.5, np.random.default_rng(1))
+    assert xd.shape[0] == 10 and ad.shape == (10, 10) and torch.equal(ad, ad.T)
+    assert 0 < int((ad > 0).sum()) < int((adj > 0).sum())
+    za = torch.randn(8, 16)
+    assert float(nt_xent(za, za + 0.01 * torch.randn(8, 16), 0.1)) < float(nt_xent(za, torch.randn(8, 16), 0.1))
+
+
+@pytest.mark.slow
+def test_pretraining_corpus_excludes_every_benchmark_test_molecule():
+    """No corpus molecule is (by canonical SMILES) a scaffold_deterministic test molecule of the benchmarks."""
+    from medmm.config import MolPretrainConfig
+    from medmm.data.featurisers.molecules import standardise_options
+    from medmm.io.molecules import process_molecules
+    from medmm.training.stages.mol_pretrain import benchmark_test_smiles, build_corpus
+
+    s = MolPretrainConfig(data_dir=str(MOLECULENET), datasets=["bace", "clintox"], exclude_test_of=["bace", "bbbp"],
+                          limit=400, workers=0)
+    graphs, canonical, report = build_corpus(s)
+    tests = benchmark_test_smiles(MOLECULENET, ["bace", "bbbp"])
+    test_canon = {r.smiles for r in process_molecules(tests["bace"] + tests["bbbp"], options=standardise_options(
+        s.preprocess)) if r.ok}
+    assert len(graphs) == len(canonical) == report["kept"] > 100 and len(set(canonical)) == len(canonical)
+    assert not set(canonical) & test_canon
+    assert report["datasets"]["bace"]["test_removed"] > 0  # BACE's first rows hold test molecules: the check bites
+    assert report["test_rows"] == {"bace": len(tests["bace"]), "bbbp": len(tests["bbbp"])}
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_pretraining_writes_encoder_and_finetuning_starts_from_it(tmp_path):
+    """``trainer.stage: mol_pretrain`` runs through train.py and writes encoder.safetensors; a head run with
+    ``head.encoder.checkpoint`` starts from exactly those weights."""
+    from safetensors.torch import load_file
+
+    from medmm.config import TrainConfig, load_config
+    from medmm.model.heads import build_head_model
+    from train import main
+
+    run = tmp_path / "pre"
+    main(["--config", "configs/tasks/mol_pretrain.yaml", f"mol_pretrain.data_dir={MOLECULENET}",
+          "mol_pretrain.datasets=[bace]", "mol_pretrain.exclude_test_of=[bace]", "mol_pretrain.limit=200",
+          "mol_pretrain.workers=0", "mol_pretrain.encoder.kwargs={hidden: 16, layers: 2, dropout: 0.0}",
+          f"trainer.output_dir={run}", "trainer.epochs=1", "trainer.micro_batch_size=32", "trainer.save_every=100000"])
+    ckpt = run / "checkpoint"
+    enc = load_file(str(ckpt / "encoder.safetensors"))
+    meta = json.loads((ckpt / "mol_pretrain.json").read_text())
+    corpus = json.loads((ckpt / "corpus.json").read_text())
+    assert meta["encoder"] == {"name": "mol_gin", "kwargs": {"hidden": 16, "layers": 2, "dropout": 0.0}}
+    assert corpus["datasets"]["bace"]["test_removed"] > 0 and corpus["kept"] == 200 - sum(
+        corpus["datasets"]["bace"][k] for k in ("rejected", "test_removed", "duplicates"))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert any("attr_loss" in r and "nce_loss" in r for r in lines)
+    # fine-tuning: the head's encoder starts from the pre-trained weights (and a fresh one would not)
+    data = _write_rows(MOLECULENET / "bace.csv", tmp_path / "bace200.csv", 200)
+    ov = _tiny_overrides(tmp_path / "head", data, ["head.data.split=scaffold_deterministic", "head.data.input_col=mol",
+                                                   "head.data.label_col=Class",
+                                                   "head.encoder.kwargs={hidden: 16, layers: 2, dropout: 0.0}",
+                                                   f"head.encoder.checkpoint={ckpt / 'encoder.safetensors'}"])
+    cfg = load_config(TrainConfig, ov[1], ov[2:])
+    state = build_head_model(cfg.head).encoder.state_dict()
+    assert set(state) == set(enc) and all(torch.equal(state[k], enc[k]) for k in enc)
+    main(ov)  # and the fine-tuning run itself trains from them
+    metrics = json.loads((tmp_path / "head" / "checkpoint" / "metrics.json").read_text())
+    assert metrics["steps"] > 0 and metrics["val"]["raw"]["n"] > 0

@@ -488,3 +488,50 @@ def test_molecule_featuriser_and_head_model_round_trip(tmp_path):
     back = HeadModel.from_pretrained(tmp_path / "m")
     assert back.temperature == 2.0 and back.config.encoder.name == "mol_gin_tiny"
     np.testing.assert_allclose(predict_logits(back, f, feats.items), z, atol=1e-6)
+
+
+def test_gin_bond_list_sum_equals_the_dense_per_code_sum():
+    """The GIN layer's sparse neighbour sum is exactly sum_t A_t @ ReLU(h + e_t) over the dense bond codes."""
+    from encoders.molecule import GINLayer, pack_graphs
+
+    graphs = [mol_graph(parse_smiles(s)) for s in ("CC(=O)Oc1ccccc1C(=O)O", "C#CC=CN", "c1ccc2[nH]ccc2c1")]
+    x, mask = pack_graphs([torch.from_numpy(g.node_features) for g in graphs],
+                          [torch.from_numpy(g.adjacency()) for g in graphs])
+    adj = x[..., ATOM_FEATURE_DIM:].round().long()  # (B, N, N)
+    torch.manual_seed(0)
+    layer = GINLayer(16, NUM_BOND_CODES).eval()
+    h = torch.randn(*mask.shape, 16) * mask.unsqueeze(-1)
+    msg = sum(((adj == t).float() @ torch.relu(h + layer.bond.weight[t]) for t in range(1, NUM_BOND_CODES + 1)),
+              torch.zeros_like(h))
+    dense = (h + layer.mlp(layer.norm((1 + layer.eps) * h + msg))) * mask.unsqueeze(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(h, adj, mask), dense, atol=1e-5, rtol=1e-5)
+    assert len(set(adj[adj > 0].tolist())) > 2  # several bond codes present: the check bites
+
+
+def test_smiles_as_written_keeps_fragments_and_charges():
+    """mol_largest_fragment / mol_neutralise off = the reference's MolFromSmiles featurisation (ClinTox protocol)."""
+    from medmm.config import PreprocessConfig
+    from medmm.data.featurisers.molecules import standardise_options
+
+    raw = standardise_options(PreprocessConfig(mol_largest_fragment=False, mol_neutralise=False,
+                                               mol_canonical_tautomer=False))
+    assert canonical_smiles(parse_smiles("[Cl-].C[NH+](C)CCc1ccccc1", options=raw)) == "C[NH+](C)CCc1ccccc1.[Cl-]"
+    assert mol_graph(parse_smiles("CC(=O)[O-].[Na+]", options=raw)).num_nodes == 5
+    assert canonical_smiles(parse_smiles("[Cl-].C[NH+](C)CCc1ccccc1", options=standardise_options(
+        PreprocessConfig()))) == "CN(C)CCc1ccccc1"
+
+
+def test_featurisation_cache_returns_the_same_records_without_recomputing(tmp_path, monkeypatch):
+    import medmm.io.molecules as io_mol
+    from medmm.data.featurisers.molecules import CACHE_ENV, cached_process_molecules
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    smiles, sources = ["CCO", "c1ccccc1O", "C1CC"], ["a:2", "a:3", "a:4"]
+    first = cached_process_molecules(smiles, sources, StandardiseOptions(), features=("graph",), workers=0)
+    assert len(list(tmp_path.glob("*.pkl"))) == 1 and [r.ok for r in first] == [True, True, False]
+    monkeypatch.setattr(io_mol, "process_molecules", lambda *a, **k: pytest.fail("recomputed"))
+    again = cached_process_molecules(smiles, sources, StandardiseOptions(), features=("graph",), workers=2)
+    assert [r.smiles for r in again] == [r.smiles for r in first] and again[1].graph.num_nodes == 7
+    with pytest.raises(pytest.fail.Exception):  # other options are another key
+        cached_process_molecules(smiles, sources, StandardiseOptions(canonical_tautomer=False), features=("graph",))

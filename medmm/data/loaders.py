@@ -214,7 +214,8 @@ class MolGraphLoader(ModalityLoader):
     def options(self):
         from ..io.molecules import StandardiseOptions
 
-        return StandardiseOptions(canonical_tautomer=self.pre.mol_canonical_tautomer,
+        return StandardiseOptions(largest_fragment=self.pre.mol_largest_fragment, neutralise=self.pre.mol_neutralise,
+                                  canonical_tautomer=self.pre.mol_canonical_tautomer,
                                   remove_stereo=self.pre.mol_remove_stereo,
                                   max_heavy_atoms=self.pre.mol_max_heavy_atoms)
 

@@ -2,6 +2,10 @@
 
 Each molecule also gets its Bemis-Murcko scaffold (for ``head.data.split: scaffold``) and, in
 prediction files, the drug-likeness rule report (QED, Lipinski, Veber, PAINS).
+
+Featurised records can be cached on disk: with ``MEDMM_MOLECULE_CACHE=<folder>`` in the environment (the
+MoleculeNet benchmark sets it for its runs), the records of a list of SMILES are stored under a key made of
+the SMILES, the standardisation options and the features, so the seeds of a benchmark featurise a file once.
 """
 
 from __future__ import annotations
@@ -21,8 +25,59 @@ def standardise_options(pre):
     """The :class:`medmm.io.molecules.StandardiseOptions` of a PreprocessConfig."""
     from ...io.molecules import StandardiseOptions
 
-    return StandardiseOptions(canonical_tautomer=pre.mol_canonical_tautomer, remove_stereo=pre.mol_remove_stereo,
+    return StandardiseOptions(largest_fragment=pre.mol_largest_fragment, neutralise=pre.mol_neutralise,
+                              canonical_tautomer=pre.mol_canonical_tautomer, remove_stereo=pre.mol_remove_stereo,
                               max_heavy_atoms=pre.mol_max_heavy_atoms)
+
+
+MOLECULENET: dict[str, dict] = {
+    "bbbp": {"file": "bbbp.csv", "smiles": "smiles", "labels": ["p_np"]},
+    "bace": {"file": "bace.csv", "smiles": "mol", "labels": ["Class"]},
+    "clintox": {"file": "clintox.csv", "smiles": "smiles", "labels": ["FDA_APPROVED", "CT_TOX"]},
+    "tox21": {"file": "tox21.csv", "smiles": "smiles",
+              "labels": ["NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD", "NR-PPAR-gamma",
+                         "SR-ARE", "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53"]},
+    "hiv": {"file": "hiv.csv.gz", "smiles": "smiles", "labels": ["HIV_active"]},
+}
+"""File, SMILES column and label columns of each MoleculeNet classification set (chemprop's copies in
+``../shared/data/molecules/moleculenet``): the benchmark's datasets and the pre-training corpus."""
+
+CACHE_ENV = "MEDMM_MOLECULE_CACHE"
+
+
+def cached_process_molecules(values: list[str], sources: list[str], options, features: tuple[str, ...],
+                             **kwargs) -> list:
+    """:func:`medmm.io.molecules.process_molecules`, through the on-disk cache named by ``$MEDMM_MOLECULE_CACHE``
+    (no cache when unset). The key covers the SMILES, their sources, the options, the features and ``kwargs``
+    other than ``workers``; a cache file that cannot be read is recomputed."""
+    import hashlib
+    import os
+    import pickle
+
+    from ...io.molecules import process_molecules
+
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        return process_molecules(values, sources, options, features=features, **kwargs)
+    h = hashlib.sha256()
+    for part in (repr(options), repr(tuple(features)), repr(sorted((k, v) for k, v in kwargs.items() if k != "workers"))):
+        h.update(part.encode() + b"\0")
+    for v, src in zip(values, sources):
+        h.update(f"{v}\t{src}\n".encode())
+    path = Path(folder) / f"molecules-{h.hexdigest()[:32]}.pkl"
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f)
+        except Exception:  # noqa: BLE001 - a torn or stale cache file is recomputed
+            pass
+    recs = process_molecules(values, sources, options, features=features, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        pickle.dump(recs, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return recs
 
 
 def report_of(rec) -> dict:
@@ -56,13 +111,12 @@ class MoleculeFeaturiser(Featuriser):
             raise ConfigError(f"head.loader: molecules take mol_graph or smiles_fingerprint, not '{cfg.loader}'")
 
     def featurise(self, values: list[str], sources: list[str]) -> Featurised:
-        from ...io.molecules import process_molecules
         from ..loaders import MolGraphLoader
 
         pre = self.cfg.preprocess
-        recs = process_molecules(values, sources, standardise_options(pre), features=(self.kind, "scaffold"),
-                                 workers=self.cfg.data.workers, fingerprint_bits=pre.fingerprint_bits,
-                                 fingerprint_radius=pre.fingerprint_radius)
+        recs = cached_process_molecules(values, sources, standardise_options(pre), features=(self.kind, "scaffold"),
+                                        workers=self.cfg.data.workers, fingerprint_bits=pre.fingerprint_bits,
+                                        fingerprint_radius=pre.fingerprint_radius)
         out = Featurised(groups=[])
         for r in recs:
             if not r.ok:

@@ -9,7 +9,12 @@ Unlike the other benchmarks this one trains: every (dataset, seed) is one ``trai
 :func:`run_overrides`) in its own process, ``--jobs`` at a time, one torch thread each. The split is the
 deterministic scaffold split of Hu et al. 2020 (the seed changes the initialisation and the batches, never
 the split); labels are masked where missing; the score is the test ROC-AUC averaged over the tasks with both
-classes, of the epoch with the best validation ROC-AUC. The results file holds, per variant::
+classes, of the epoch with the best validation ROC-AUC. Molecules are featurised as the reference does, from
+the SMILES as written (every fragment, charges kept, no tautomer pass; ``--standardise`` for medmm's
+standardisation, which on ClinTox erases the salts and charged forms the labels follow). ``--pretrained``
+starts every run's GNN from a ``trainer.stage: mol_pretrain`` encoder (its width and depth are adopted).
+The featurised records are cached under ``<work>/.molecule-cache``, so the seeds of a file featurise it once.
+The results file holds, per variant::
 
     {"no_pretrain": {"bbbp": {"mean": 68.1, "std": 1.2, "seeds": [..], "n_seeds": 5}, ...},
      "pretrained":  {...},                     # runs given --pretrained (the encoder's starting weights)
@@ -23,6 +28,7 @@ published figures goes next to the JSON (``.png``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -34,19 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ...data.featurisers.molecules import CACHE_ENV, MOLECULENET
 from .registry import Benchmark, register_benchmark
 
 REPO = Path(__file__).resolve().parents[3]
 
-DATASETS: dict[str, dict] = {
-    "bbbp": {"file": "bbbp.csv", "smiles": "smiles", "labels": ["p_np"]},
-    "bace": {"file": "bace.csv", "smiles": "mol", "labels": ["Class"]},
-    "clintox": {"file": "clintox.csv", "smiles": "smiles", "labels": ["FDA_APPROVED", "CT_TOX"]},
-    "tox21": {"file": "tox21.csv", "smiles": "smiles",
-              "labels": ["NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD", "NR-PPAR-gamma",
-                         "SR-ARE", "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53"]},
-    "hiv": {"file": "hiv.csv.gz", "smiles": "smiles", "labels": ["HIV_active"]},
-}
+DATASETS: dict[str, dict] = MOLECULENET
 """File, SMILES column and label columns of each dataset in the shared MoleculeNet folder (chemprop's copies)."""
 
 PUBLISHED = {
@@ -75,6 +74,9 @@ class Protocol:
     dropout: float = 0.1
     canonical_tautomer: bool = False
     """The RDKit canonical-tautomer pass (off: the published protocols featurise the SMILES as written)."""
+    as_written: bool = True
+    """Featurise every fragment with its charges as written (the reference: ``MolFromSmiles`` only); off = medmm's
+    standardisation (largest fragment, neutralised), which erases e.g. the salts and charged forms of ClinTox."""
 
 
 def run_overrides(dataset: str, seed: int, data_dir: Path, out: Path, split: str, proto: Protocol,
@@ -87,6 +89,8 @@ def run_overrides(dataset: str, seed: int, data_dir: Path, out: Path, split: str
           f"head.encoder.kwargs={{hidden: {proto.hidden}, layers: {proto.layers}, dropout: 0.0}}",
           f"head.hidden={proto.hidden}", f"head.dropout={proto.dropout}",
           f"head.preprocess.mol_canonical_tautomer={str(proto.canonical_tautomer).lower()}",
+          f"head.preprocess.mol_largest_fragment={str(not proto.as_written).lower()}",
+          f"head.preprocess.mol_neutralise={str(not proto.as_written).lower()}",
           "head.preprocess.mol_max_heavy_atoms=1000",
           f"trainer.output_dir={out}", f"trainer.seed={seed}", f"trainer.epochs={proto.epochs}",
           f"trainer.micro_batch_size={proto.batch_size}", f"trainer.lr={proto.lr}",
@@ -114,11 +118,13 @@ def summarise(scores: list[float]) -> dict:
 
 def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path, split: str = "scaffold_deterministic",
                     proto: Protocol | None = None, pretrained: str | None = None, jobs: int = 1,
-                    seed_counts: dict[str, int] | None = None, train: bool = True) -> dict[str, dict]:
+                    seed_counts: dict[str, int] | None = None, train: bool = True,
+                    epochs_of: dict[str, int] | None = None) -> dict[str, dict]:
     """Train + test every (dataset, seed) in subprocesses; ``{dataset: summary}`` over the runs that finished
-    (``train=False``: only collect the runs already finished under ``work``)."""
+    (``train=False``: only collect the runs already finished under ``work``; ``epochs_of``: per-dataset epochs)."""
     proto = proto or Protocol()
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # more threads than cores: 10x slower
+    env.setdefault(CACHE_ENV, str(work.parent / ".molecule-cache"))  # the seeds of a dataset featurise it once
     tasks = [(ds, s) for ds in datasets for s in range((seed_counts or {}).get(ds, seeds))]
 
     def one(task) -> tuple[str, int, float | None, float]:
@@ -129,7 +135,9 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "medmm.training", "--config",
                    str(REPO / "configs/tasks/druggability_head.yaml"),
-                   *run_overrides(ds, seed, data_dir, out, split, proto, pretrained)]
+                   *run_overrides(ds, seed, data_dir, out, split,
+                                  dataclasses.replace(proto, epochs=(epochs_of or {}).get(ds, proto.epochs)),
+                                  pretrained)]
             with open(out / "train.log", "w") as log:
                 subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
         auc = test_auroc(out)
@@ -146,14 +154,37 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
     return out
 
 
-def protocol_record(proto: Protocol, split: str, pretrained: str | None) -> dict:
-    return {"encoder": "mol_gin (GINE, dense bond codes)", "layers": proto.layers, "width": proto.hidden,
-            "epochs": proto.epochs, "batch_size": proto.batch_size, "lr": proto.lr, "dropout_head": proto.dropout,
+def protocol_record(proto: Protocol, split: str, pretrained: str | None, epochs_of: dict | None = None) -> dict:
+    return {"encoder": "mol_gin (GINE over bond codes, masked mean + max readout, MLP head)",
+            "layers": proto.layers, "width": proto.hidden,
+            "epochs": proto.epochs, **({"epochs_per_dataset": epochs_of} if epochs_of else {}), "batch_size": proto.batch_size, "lr": proto.lr, "dropout_head": proto.dropout,
             "split": f"{split} 0.8/0.1/0.1 (Hu et al. 2020 procedure)", "canonical_tautomer": proto.canonical_tautomer,
+            "featurised": "SMILES as written (every fragment, charges kept)" if proto.as_written else
+                          "standardised (largest fragment, neutralised)",
             "model_selection": "epoch with the best validation ROC-AUC (restore_best)",
             "metric": "test ROC-AUC x100, mean over tasks with both classes; missing labels masked",
             "seeds": "trainer.seed = 0..N-1 (initialisation and batch order; the split is fixed)",
-            "init": pretrained or "random"}
+            "init": _shown(pretrained) if pretrained else "random", **({"pretraining": pretraining_record(pretrained)} if pretrained else {})}
+
+
+def _shown(path: str) -> str:
+    """A path relative to the repository when it lies inside it (results files name no home folders)."""
+    p = Path(path)
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def pretraining_record(encoder_path: str) -> dict:
+    """What the pre-trained encoder saw (from the ``mol_pretrain.json`` beside it): objectives, corpus, steps."""
+    meta = Path(encoder_path).parent / "mol_pretrain.json"
+    if not meta.is_file():
+        return {"source": _shown(encoder_path)}
+    m = json.loads(meta.read_text())
+    s = m.get("mol_pretrain", {})
+    corpus = m.get("corpus", {})
+    return {"stage": "mol_pretrain", "objectives": s.get("objectives"), "mask_rate": s.get("mask_rate"),
+            "contrastive": {k: s.get(k) for k in ("drop_node_rate", "drop_edge_rate", "temperature")},
+            "corpus_datasets": list(corpus.get("datasets", {})), "corpus_molecules": corpus.get("kept"),
+            "test_molecules_removed": corpus.get("test_molecules"), "steps": m.get("training", {}).get("steps")}
 
 
 def write_results(path: Path, variant: str, results: dict[str, dict], protocol: dict) -> dict:
@@ -229,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=5, help="seeds per dataset")
     ap.add_argument("--seeds-per-dataset", type=json.loads, default=None,
                     help='JSON {"hiv": 3} overriding --seeds for some datasets')
+    ap.add_argument("--epochs-per-dataset", type=json.loads, default=None,
+                    help='JSON {"tox21": 4} overriding --epochs for some datasets')
     ap.add_argument("--split", default="scaffold_deterministic", choices=["scaffold_deterministic", "scaffold",
                                                                           "random"])
     ap.add_argument("--data-dir", default="../shared/data/molecules/moleculenet")
@@ -238,7 +271,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (one torch thread each)")
     ap.add_argument("--collect-only", action="store_true", help="train nothing: tabulate the finished runs")
     for f in ("hidden", "layers", "epochs", "batch_size"):
-        ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(Protocol, f))
+        ap.add_argument("--" + f.replace("_", "-"), type=int, default=None,
+                        help=f"default {getattr(Protocol, f)}" + (" (or the pre-trained encoder's)" if f in
+                                                                 ("hidden", "layers") else ""))
+    ap.add_argument("--standardise", action="store_true",
+                    help="medmm's standardisation (largest fragment, neutralised) instead of the SMILES as written")
     a = ap.parse_args(argv)
     names = [n.strip() for n in a.datasets.split(",") if n.strip()]
     unknown = [n for n in names if n not in DATASETS]
@@ -248,16 +285,31 @@ def main(argv: list[str] | None = None) -> dict:
     if not data_dir.is_absolute() and not data_dir.exists():
         data_dir = REPO / data_dir  # the default is relative to the repository root
     data_dir = data_dir.resolve()
-    proto = Protocol(hidden=a.hidden, layers=a.layers, epochs=a.epochs, batch_size=a.batch_size)
+    sizes = {f: getattr(a, f) for f in ("hidden", "layers", "epochs", "batch_size") if getattr(a, f) is not None}
+    pretrained = None
+    if a.pretrained:
+        path = Path(a.pretrained).resolve()
+        path = path / "encoder.safetensors" if path.is_dir() else path
+        if not path.is_file():
+            ap.error(f"--pretrained {a.pretrained}: no encoder weights there (a mol_pretrain checkpoint folder or its "
+                     "encoder.safetensors)")
+        meta = path.parent / "mol_pretrain.json"
+        if meta.is_file():  # the pre-trained GNN's width and depth fix the fine-tuned one's
+            kw = json.loads(meta.read_text())["encoder"]["kwargs"]
+            for f in ("hidden", "layers"):
+                if f in kw and sizes.setdefault(f, kw[f]) != kw[f]:
+                    ap.error(f"--{f} {sizes[f]} differs from the pre-trained encoder's {kw[f]} ({meta})")
+        pretrained = str(path)
+    proto = Protocol(**sizes, as_written=not a.standardise)
     variant = "pretrained" if a.pretrained else "no_pretrain"
-    pretrained = str(Path(a.pretrained).resolve()) if a.pretrained else None
     work = Path(a.work).resolve() / variant
     results = run_moleculenet(names, a.seeds, data_dir, work, a.split, proto, pretrained, a.jobs,
-                              a.seeds_per_dataset, train=not a.collect_only)
-    doc = write_results(Path(a.out), variant, results, protocol_record(proto, a.split, pretrained))
+                              a.seeds_per_dataset, train=not a.collect_only, epochs_of=a.epochs_per_dataset)
+    doc = write_results(Path(a.out), variant, results, protocol_record(proto, a.split, pretrained,
+                                                                      a.epochs_per_dataset))
     for n in names:
         r = doc[variant].get(n)
-        pub = PUBLISHED["gin_no_pretrain"].get(n)
+        pubs = [(k, PUBLISHED[f"gin_{k}"].get(n)) for k in ("no_pretrain", "pretrained")]
         print(f"{n:8s} {variant}: " + (f"{r['mean']:.1f} ± {r['std']:.1f} ({r['n_seeds']} seeds)" if r else "no run")
-              + (f"   published GIN {pub[0]} ± {pub[1]}" if pub else ""))
+              + "".join(f"   published GIN {k} {p[0]} ± {p[1]}" for k, p in pubs if p))
     return doc
