@@ -255,14 +255,7 @@ def _image_shards(folder, n=12):
 def test_streamed_kill_and_resume_matches_uninterrupted(tmp_path, tiny_llm):
     """2 ranks x 2 DataLoader workers on streamed shards: killed mid-run and resumed, the losses are the
     uninterrupted run's (checkpoints every 3 steps, so the resumed loader may start at an odd micro-step)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from medmm.training.distributed import free_port
-    from tests.test_training import REPO, env, losses, torchrun
+    from tests.test_training import kill_then_resume, losses, torchrun
 
     shards = _image_shards(tmp_path / "shards")
     kw = dict(max_steps=12, save_every=3)
@@ -276,25 +269,7 @@ def test_streamed_kill_and_resume_matches_uninterrupted(tmp_path, tiny_llm):
     assert len(ref) == 12
 
     cfg = _stream_config(kill_dir, tiny_llm, ds, num_workers=2, **kw)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "medmm.training", "--config", str(cfg)]
-    p = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
-                         start_new_session=True)
-    latest = kill_dir / "run" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if latest.exists() and latest.read_text().strip() >= "step-00000003":
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "the run finished before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    killed_at = latest.read_text().strip()
-    assert killed_at < "step-00000012"
-    r = torchrun(cfg, extra=["--resume"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stdout
-    got = losses(kill_dir / "run")
+    got, killed_at = kill_then_resume(cfg, kill_dir / "run", "step-00000003", 12)
     assert set(got) == set(ref)
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), (step, killed_at)

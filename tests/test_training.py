@@ -69,6 +69,32 @@ def losses(run_dir):
     return out
 
 
+def kill_then_resume(cfg, run_dir, after: str, max_steps: int) -> tuple[dict, str]:
+    """Start 2 ranks on ``cfg``, SIGKILL the whole group once checkpoint ``after`` (e.g. ``step-00000008``) is the
+    latest, resume with ``--resume``; returns the resumed run's losses by step and the checkpoint it was killed at."""
+    from medmm.training.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "medmm.training", "--config", str(cfg)]
+    p = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                         start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= after:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run finished before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)  # every rank dies at once, wherever it is
+    p.wait()
+    killed_at = latest.read_text().strip()
+    assert killed_at < f"step-{max_steps:08d}"
+    r = torchrun(cfg, extra=["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    return losses(run_dir), killed_at
+
+
 def test_single_process_zero0(tmp_path, tiny_llm):
     cfg = make_run(tmp_path, tiny_llm, max_steps=6, deepspeed=str(REPO / "configs/deepspeed/zero0.json"))
     r = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(cfg)], env=env(), capture_output=True,
@@ -116,28 +142,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_llm):
     ref = losses(ref_dir / "run")
 
     cfg = make_run(kill_dir, tiny_llm, **kw)
-    from medmm.training.distributed import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "medmm.training", "--config", str(cfg)]
-    p = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
-                         start_new_session=True)
-    latest = kill_dir / "run" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if latest.exists() and latest.read_text().strip() >= "step-00000008":
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "the run finished before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)  # every rank dies at once, wherever it is
-    p.wait()
-    killed_at = latest.read_text().strip()
-    assert killed_at < "step-00000040"
-
-    r = torchrun(cfg, extra=["--resume"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stdout
-    got = losses(kill_dir / "run")
+    got, killed_at = kill_then_resume(cfg, kill_dir / "run", "step-00000008", 40)
     assert set(got) == set(ref)
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), (step, killed_at)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ...errors import ConfigError
 from ...utils import PackageRegistry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -156,6 +157,31 @@ class Stage:
         return f"params={n:,} trainable={k:,}"
 
 
+def seeded_epoch_batches(n: int, batch_size: int, rank: int, world: int, seed: int, what: str = "samples"):
+    """A resumable sampler over ``n`` in-memory samples: ``(sampler, batches_per_epoch)``.
+
+    ``sampler(start)`` yields this rank's micro-batches (lists of indices) from micro-step ``start`` on, forever;
+    epoch ``e``'s order is a pure function of ``(seed, e)``, so ``--resume`` replays the same batches, and each rank
+    takes its own disjoint slice of every global batch. A ``ConfigError`` says when ``n`` makes no micro-batch.
+    """
+    import numpy as np
+
+    per_epoch = n // (batch_size * world)
+    if per_epoch == 0:
+        raise ConfigError(f"{n} {what} make no micro-batch of {batch_size} on {world} ranks")
+
+    def sampler(start: int):
+        step = start
+        while True:
+            epoch, b = divmod(step, per_epoch)
+            perm = np.random.default_rng([seed, epoch]).permutation(n)
+            lo = (b * world + rank) * batch_size
+            yield perm[lo:lo + batch_size].tolist()
+            step += 1
+
+    return sampler, per_epoch
+
+
 _STAGES = PackageRegistry("stage", __name__, "trainer.stage", base=Stage)
 
 
@@ -174,4 +200,5 @@ def get_stage(name: str) -> type[Stage]:
     return _STAGES.get(name)
 
 
-__all__ = ["Stage", "StageContext", "StageData", "get_stage", "list_stages", "register_stage"]
+__all__ = ["Stage", "StageContext", "StageData", "get_stage", "list_stages", "register_stage",
+           "seeded_epoch_batches"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError, InvalidInputError
-from . import Stage, StageData, register_stage
+from . import Stage, StageData, register_stage, seeded_epoch_batches
 
 
 class HashedBiEncoder(nn.Module):
@@ -121,21 +121,9 @@ class RetrieverStage(Stage):
     def build_data(self) -> StageData:
         self._read()
         t = self.cfg.trainer
-        bs, rank, world, seed = t.micro_batch_size, self.ctx.rank, self.ctx.world_size, t.seed
         n = len(self.pairs)
-        per_epoch = n // (bs * world)
-        if per_epoch == 0:
-            raise ConfigError(f"{n} pairs make no batch of {bs} on {world} ranks")
-
-        def sampler(start: int):
-            # epoch e's order is a pure function of (seed, e): --resume replays the same batches
-            step = start
-            while True:
-                epoch, b = divmod(step, per_epoch)
-                perm = np.random.default_rng([seed, epoch]).permutation(n)
-                lo = (b * world + rank) * bs
-                yield perm[lo:lo + bs].tolist()
-                step += 1
+        sampler, per_epoch = seeded_epoch_batches(n, t.micro_batch_size, self.ctx.rank, self.ctx.world_size, t.seed,
+                                                  "pairs")
 
         def collate(samples: list[tuple[str, str]]) -> dict:
             qi, qo, qw = _bag(self.featuriser.transform([q for q, _ in samples]))

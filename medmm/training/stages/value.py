@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError, InvalidInputError
-from . import Stage, StageData, register_stage
+from . import Stage, StageData, register_stage, seeded_epoch_batches
 
 
 def _label(rec: dict, where: str) -> float:
@@ -152,20 +152,9 @@ class ValueStage(Stage):
                         "samples": s.samples if s.source == "samples" else 1, "steps": s.steps,
                         "train_records": len(train), "val_records": len(val), "train_prefixes": len(self.rows),
                         "mean_return": float(np.mean(returns)) if returns else None}
-        bs, rank, world, seed = t.micro_batch_size, self.ctx.rank, self.ctx.world_size, t.seed
         n = len(self.rows)
-        per_epoch = n // (bs * world)
-        if per_epoch == 0:
-            raise ConfigError(f"value: {n} training prefixes make no micro-batch of {bs} on {world} ranks")
-
-        def sampler(start: int):
-            step = start  # epoch e's order is a pure function of (seed, e): --resume replays the same batches
-            while True:
-                epoch, b = divmod(step, per_epoch)
-                perm = np.random.default_rng([seed, epoch]).permutation(n)
-                lo = (b * world + rank) * bs
-                yield perm[lo:lo + bs].tolist()
-                step += 1
+        sampler, per_epoch = seeded_epoch_batches(n, t.micro_batch_size, self.ctx.rank, self.ctx.world_size, t.seed,
+                                                  "value: training prefixes")
 
         def collate(samples: list[tuple[torch.Tensor, float]]) -> dict:
             return {"hidden": torch.stack([h for h, _ in samples]),
