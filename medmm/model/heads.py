@@ -36,6 +36,28 @@ from ..errors import ConfigError
 CONFIG_NAME = "head_model.json"
 WEIGHTS_NAME = "model.safetensors"
 ENCODER_NAME = "encoder.safetensors"
+
+
+def save_encoder_folder(path: str | Path, model: nn.Module, encoder: nn.Module, config_name: str, meta: dict) -> Path:
+    """Write ``config_name`` (``meta`` as JSON), ``model.safetensors`` (the whole model) and ``encoder.safetensors``
+    (the encoder alone, what ``encoder.checkpoint`` loads) into ``path`` atomically: a temporary folder moved into
+    place, removed if anything fails."""
+    from safetensors.torch import save_file
+
+    from ..utils import atomic_replace_dir
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        (tmp / config_name).write_text(json.dumps(meta, indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_NAME))
+        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(tmp / ENCODER_NAME))
+        atomic_replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 FORMAT_VERSION = 1
 
 _HEADS: dict[str, Callable[..., nn.Module]] = {}
@@ -152,27 +174,10 @@ class HeadModel(nn.Module):
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write config + weights into ``path`` atomically (a temporary folder moved into place)."""
-        from safetensors.torch import save_file
-
-        from ..utils import atomic_replace_dir
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
-            saved = dataclasses.replace(self.config, encoder=dataclasses.replace(self.config.encoder, checkpoint=None))
-            meta = {"format_version": FORMAT_VERSION, "medmm_version": __version__, "head": to_dict(saved),
-                    "temperature": self.temperature, **(extra or {})}
-            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_NAME))
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()},
-                      str(tmp / ENCODER_NAME))
-            atomic_replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        saved = dataclasses.replace(self.config, encoder=dataclasses.replace(self.config.encoder, checkpoint=None))
+        meta = {"format_version": FORMAT_VERSION, "medmm_version": __version__, "head": to_dict(saved),
+                "temperature": self.temperature, **(extra or {})}
+        return save_encoder_folder(path, self, self.encoder, CONFIG_NAME, meta)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> HeadModel:

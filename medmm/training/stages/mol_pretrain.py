@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -233,28 +231,13 @@ class MolPretrainModel(nn.Module):
 
     def save_pretrained(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write ``encoder.safetensors`` (the GNN alone), ``model.safetensors`` and ``mol_pretrain.json`` atomically."""
-        from safetensors.torch import save_file
-
         from ...config import to_dict
-        from ...utils import atomic_replace_dir
+        from ...model.heads import save_encoder_folder
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
-            settings = dataclasses.replace(self.settings, encoder=dataclasses.replace(self.settings.encoder,
-                                                                                      checkpoint=None))
-            meta = {"encoder": {"name": self.encoder_name, "kwargs": self.encoder_kwargs},
-                    "mol_pretrain": to_dict(settings), **self.extra, **(extra or {})}
-            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp / WEIGHTS_NAME))
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()},
-                      str(tmp / ENCODER_NAME))
-            atomic_replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        settings = dataclasses.replace(self.settings, encoder=dataclasses.replace(self.settings.encoder, checkpoint=None))
+        meta = {"encoder": {"name": self.encoder_name, "kwargs": self.encoder_kwargs},
+                "mol_pretrain": to_dict(settings), **self.extra, **(extra or {})}
+        return save_encoder_folder(path, self, self.encoder, CONFIG_NAME, meta)
 
 
 # ----------------------------------------------------------------------------- the stage
