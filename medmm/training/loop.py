@@ -225,15 +225,13 @@ def _run_training(cfg: TrainConfig, resume: bool = False) -> dict:
             if rank == 0:
                 print(f"resumed from {ckpt_root} at step {start_step}", flush=True)
 
+    workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
+                   pin_memory=torch.cuda.is_available() and data.pin_memory)
     if data.stream is not None:  # shards streamed: the workers build whole micro-batches (medmm.data.streaming)
-        loader = DataLoader(data.stream(start_step * t.grad_accum), batch_size=None, num_workers=data.num_workers,
-                            persistent_workers=data.num_workers > 0,
-                            pin_memory=torch.cuda.is_available() and data.pin_memory)
+        loader = DataLoader(data.stream(start_step * t.grad_accum), batch_size=None, **workers)
     else:
         loader = DataLoader(data.dataset, batch_sampler=data.sampler(start_step * t.grad_accum),
-                            num_workers=data.num_workers, collate_fn=data.collate,
-                            persistent_workers=data.num_workers > 0,
-                            pin_memory=torch.cuda.is_available() and data.pin_memory)
+                            collate_fn=data.collate, **workers)
     load_errors: dict[str, dict] = {}  # source -> error record, from every worker of this rank
     it = iter(loader)
 

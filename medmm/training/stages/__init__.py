@@ -126,6 +126,31 @@ class Stage:
         """The training data."""
         raise NotImplementedError
 
+    def streamed_data(self, load: Callable, collate: Callable, record_fn: Callable | None = None,
+                      pack: Callable | None = None, label: str = "") -> StageData:
+        """The :class:`StageData` of ``format: wds`` datasets (:mod:`medmm.data.streaming`): this rank's micro-batches
+        streamed from the shards, from any micro-step on.
+
+        Args:
+            load: turns one record into a sample (decodes its members).
+            collate: turns samples into a batch.
+            record_fn: a shard sample -> its records (default: the sample's conversation records).
+            pack: packs a window of samples into blocks (pretraining), or None.
+            label: what the description starts with.
+        """
+        from ...data.streaming import SourceRecords, StreamBatches, source_splits, wds_sources
+
+        d, t = self.cfg.data, self.cfg.trainer
+        sources, batches, desc = wds_sources(d.datasets, self.ctx.world_size, t.micro_batch_size, d.epoch_size)
+        to_records = SourceRecords(source_splits(d.datasets, sources), record_fn)
+
+        def stream(start: int) -> StreamBatches:
+            return StreamBatches(sources, t.micro_batch_size, to_records, load, collate, self.ctx.rank,
+                                 self.ctx.world_size, t.seed, d.shuffle_buffer, start=start, pack=pack)
+
+        return StageData(None, None, collate, batches, num_workers=d.num_workers, pin_memory=d.pin_memory,
+                         description=f"{label}{desc}", stream=stream)
+
     def parameters(self, model: nn.Module) -> list:
         """What the optimiser updates (default: every parameter that requires a gradient)."""
         return [p for p in model.parameters() if p.requires_grad]

@@ -210,27 +210,18 @@ class PreferenceStage(SFTStage):
         """``format: wds``: preference pairs streamed from shards (each sample's JSON a preference record,
         :func:`medmm.data.preferences.preference_records`). ``trainer.dpo.eval_path`` stays a JSONL file."""
         from ...data.preferences import PreferenceDataset, StreamPairLoader, collate_pairs, preference_records
-        from ...data.streaming import SourceRecords, StreamBatches, source_splits, wds_sources
 
-        d, t, s = self.cfg.data, self.cfg.trainer, self.settings
+        d, s = self.cfg.data, self.settings
         if self.uses_reference and s.reference == "precomputed":
             raise ConfigError("trainer.dpo.reference=precomputed reads log-probs keyed by JSONL file and line; with "
                               "streamed (wds) pairs use reference adapter or copy")
-        sources, batches, desc = wds_sources(d.datasets, self.ctx.world_size, t.micro_batch_size, d.epoch_size)
         proc = self.medmm.processor(d.max_length, d.system_prompt)
         self.datasets = []
         self.eval_set = PreferenceDataset(s.eval_path, proc, "eval") if s.eval_path else None
         self.collate = partial(collate_pairs, proc, pad_missing_modalities=self.pad_missing_modalities)
         self.history = []
-        to_records = SourceRecords(source_splits(d.datasets, sources), preference_records)
-
-        def stream(start: int) -> StreamBatches:
-            return StreamBatches(sources, t.micro_batch_size, to_records, StreamPairLoader(proc), self.collate,
-                                 self.ctx.rank, self.ctx.world_size, t.seed, d.shuffle_buffer, start=start)
-
-        ref = f" reference={s.reference}" if self.uses_reference else ""
-        return StageData(None, None, self.collate, batches, num_workers=d.num_workers, pin_memory=d.pin_memory,
-                         description=f"pairs {desc}{ref}", stream=stream)
+        ref = f"reference={s.reference} " if self.uses_reference else ""
+        return self.streamed_data(StreamPairLoader(proc), self.collate, preference_records, label=f"pairs {ref}")
 
     # ------------------------------------------------------------------ loss
     def pair_losses(self, logps: torch.Tensor, lengths: torch.Tensor, ref: torch.Tensor | None):

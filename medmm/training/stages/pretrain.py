@@ -163,26 +163,18 @@ class PretrainStage(SFTStage):
         ``text_field``, or a conversation sample as a captioning document) packed in windows of
         ``STREAM_PACK_WINDOW`` documents, so only a window's last block may be part-filled. Documents held out by
         ``trainer.eval_fraction`` are left out of training; no held-out evaluation is built from a stream."""
-        from ...data.streaming import SourceRecords, StreamBatches, source_splits, text_record, wds_sources
+        from ...data.streaming import text_record
 
         d, t = self.cfg.data, self.cfg.trainer
-        sources, batches, desc = wds_sources(d.datasets, self.ctx.world_size, t.micro_batch_size, d.epoch_size)
         text_fields = {x.text_field for x in d.datasets}
         if len(text_fields) > 1:
             raise ConfigError(f"data.datasets[].text_field: streamed corpora must share one field, got {text_fields}")
         self.collate = partial(proc.collate, pad_missing_modalities=self.pad_missing_modalities)
         self.eval_set, self.history = None, []
-        to_records = SourceRecords(source_splits(d.datasets, sources),
-                                   _HeldOutFilter(partial(text_record, text_field=text_fields.pop()), t.eval_fraction,
-                                                  t.seed))
-        load, pack = _StreamDocument(proc), _StreamPacker(proc, d.max_length, d.packing)
-
-        def stream(start: int) -> StreamBatches:
-            return StreamBatches(sources, t.micro_batch_size, to_records, load, self.collate, self.ctx.rank,
-                                 self.ctx.world_size, t.seed, d.shuffle_buffer, start=start, pack=pack)
-
-        return StageData(None, None, self.collate, batches, num_workers=d.num_workers, pin_memory=d.pin_memory,
-                         description=f"packing={d.packing} window={STREAM_PACK_WINDOW} {desc}", stream=stream)
+        records = _HeldOutFilter(partial(text_record, text_field=text_fields.pop()), t.eval_fraction, t.seed)
+        return self.streamed_data(_StreamDocument(proc), self.collate, records,
+                                  pack=_StreamPacker(proc, d.max_length, d.packing),
+                                  label=f"packing={d.packing} window={STREAM_PACK_WINDOW} ")
 
     def loss(self, engine, batch):
         out = engine(**batch)

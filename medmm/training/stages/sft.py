@@ -79,23 +79,14 @@ class SFTStage(Stage):
 
     def build_stream(self) -> StageData:
         """``format: wds`` datasets: conversations streamed from shards (:mod:`medmm.data.streaming`)."""
-        from ...data.streaming import LoadRecord, SourceRecords, StreamBatches, source_splits, wds_sources
+        from ...data.streaming import LoadRecord
 
-        d, t = self.cfg.data, self.cfg.trainer
+        d = self.cfg.data
         if d.packing != "none":
             raise ConfigError(f"data.packing={d.packing}: streamed (wds) conversations are not packed; use none")
-        sources, batches, desc = wds_sources(d.datasets, self.ctx.world_size, t.micro_batch_size, d.epoch_size)
         proc = self.medmm.processor(d.max_length, d.system_prompt)
         fn = proc.process if self.dataset_mode == "sft" else proc.process_pair
-        collate = partial(proc.collate, pad_missing_modalities=self.pad_missing_modalities)
-
-        def stream(start: int) -> StreamBatches:
-            return StreamBatches(sources, t.micro_batch_size, SourceRecords(source_splits(d.datasets, sources)),
-                                 LoadRecord(fn), collate, self.ctx.rank, self.ctx.world_size, t.seed,
-                                 d.shuffle_buffer, start=start)
-
-        return StageData(None, None, collate, batches, num_workers=d.num_workers, pin_memory=d.pin_memory,
-                         description=desc, stream=stream)
+        return self.streamed_data(LoadRecord(fn), partial(proc.collate, pad_missing_modalities=self.pad_missing_modalities))
 
     def describe(self, model) -> str:
         counts = self.medmm.parameter_counts()
