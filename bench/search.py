@@ -3,9 +3,11 @@
 The task: "Paracetamol for a child of 12 kg: what is the dose?"; an answer is checked by arithmetic (its last
 number must equal mg/kg x kg). The 47 drugs and their per-dose mg/kg are real paediatric doses; the questions
 are synthetic. Drug-weight pairs are split three ways, disjoint: instruction tuning, the value stage's records,
-and the test questions. Half the instruction-tuning answers are worked ("15 mg/kg\\n15 x 12 = 180 mg"), half
-terse ("Dose: 180 mg"), as mixed clinical Q&A data is: greedy decoding follows whichever first token is most
-likely, while the value head learns from outcomes which kind of answer (and which answer) tends to be right.
+and the test questions. Half the instruction-tuning answers are worked, as a dose is checked by hand: the mg/kg,
+the weight split into tens and units, each part multiplied, the parts added ("15 mg/kg\\n15 x 32 = 15 x 30 + 15 x
+2\\n= 450 + 30\\n= 480 mg", one line per step); half are terse ("Dose: 480 mg"), as mixed clinical Q&A data is.
+Greedy decoding follows whichever first token is most likely, while the value head learns from outcomes which kind
+of answer (and which answer) tends to be right.
 
 Steps, all on CPU with a tiny model (a 2-layer Llama of hidden size 64 trained here in a minute; it shows the
 mechanics and the effect of search on one model, not clinical quality):
@@ -56,9 +58,19 @@ def question(drug: str, kg: int) -> str:
 
 
 def answer(drug: str, kg: int, worked: bool = True) -> str:
-    """The worked answer (the drug's mg/kg, then the product) or the terse one (the dose alone)."""
+    """The worked answer or the terse one (the dose alone).
+
+    Worked, as a clinician checks a product by hand: the drug's mg/kg, then the weight split into tens and units,
+    each part multiplied, and the parts added ("15 mg/kg\n15 x 32 = 15 x 30 + 15 x 2\n= 450 + 30\n= 480 mg").
+    Each line is one step for ``value_beam`` and ``mcts``."""
     per = DRUGS[drug]
-    return f"{per} mg/kg\n{per} x {kg} = {per * kg} mg" if worked else f"Dose: {per * kg} mg"
+    if not worked:
+        return f"Dose: {per * kg} mg"
+    tens, units = kg - kg % 10, kg % 10
+    if tens and units:
+        return (f"{per} mg/kg\n{per} x {kg} = {per} x {tens} + {per} x {units}\n"
+                f"= {per * tens} + {per * units}\n= {per * kg} mg")
+    return f"{per} mg/kg\n{per} x {kg} = {per * kg} mg"
 
 
 def last_number(text: str) -> int | None:
@@ -143,7 +155,7 @@ def train_value(work: Path, base: Path, value_pairs, args) -> tuple[Path, dict]:
                        "micro_batch_size": 64, "lr": 3e-3, "save_every": 100000, "seed": args.seed,
                        "lr_schedule": "cosine", "eval_every": args.value_steps},
            "value": {"model": str(base), "source": "samples", "reward": "dose_final_number", "samples": args.value_samples,
-                     "temperature": 1.0, "max_new_tokens": 40, "steps": "line", "width": 256,
+                     "temperature": 1.0, "max_new_tokens": args.max_new_tokens, "steps": "line", "width": 256,
                      "eval_fraction": 0.1}}
     path = work / "value.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -172,6 +184,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--value-samples", type=int, default=6)
     ap.add_argument("--value-steps", type=int, default=300)
     ap.add_argument("--test", type=int, default=120)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--num-samples", type=int, default=6)
     ap.add_argument("--search-temperature", type=float, default=0.7, help="sampling temperature of the candidates")
     ap.add_argument("--beam-width", type=int, default=2)
@@ -202,15 +215,15 @@ def main(argv=None) -> dict:
     proc = model.processor(128)
     temp = {"search_temperature": args.search_temperature}
     strategies = {
-        "greedy": DecodingConfig("greedy", 40, args.seed),
-        "best_of_n": DecodingConfig("best_of_n", 40, args.seed, {"num_samples": args.num_samples, **temp}),
-        "value_beam": DecodingConfig("value_beam", 40, args.seed, {"beam_width": args.beam_width,
+        "greedy": DecodingConfig("greedy", args.max_new_tokens, args.seed),
+        "best_of_n": DecodingConfig("best_of_n", args.max_new_tokens, args.seed, {"num_samples": args.num_samples, **temp}),
+        "value_beam": DecodingConfig("value_beam", args.max_new_tokens, args.seed, {"beam_width": args.beam_width,
                                                                    "step_samples": args.step_samples, **temp}),
-        "mcts": DecodingConfig("mcts", 40, args.seed, {"num_simulations": args.simulations,
+        "mcts": DecodingConfig("mcts", args.max_new_tokens, args.seed, {"num_simulations": args.simulations,
                                                        "step_samples": args.step_samples, **temp}),
     }
     if args.oracle:
-        strategies["best_of_n_oracle_reward"] = DecodingConfig("best_of_n", 40, args.seed, {
+        strategies["best_of_n_oracle_reward"] = DecodingConfig("best_of_n", args.max_new_tokens, args.seed, {
             "num_samples": args.num_samples, "scorer": "dose_final_number", **temp})
     hits: dict[str, list[int]] = {k: [] for k in strategies}
     seconds = {k: 0.0 for k in strategies}

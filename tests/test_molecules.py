@@ -170,7 +170,9 @@ def test_graph_tensors_and_loader_packing():
     assert g.node_features.shape == (9, ATOM_FEATURE_DIM) and g.edge_index.shape == (2, 18)
     adj = g.adjacency()
     assert (adj == adj.T).all() and set(np.unique(adj)) == {0, 1, 2, 8}  # none, single, double, aromatic in ring
-    assert (g.node_features[:, 0] == [1] * 7 + [0, 0]).all()  # element one-hot: 7 carbons then 2 oxygens
+    # element one-hot (carbon column), atoms in the order of the canonical SMILES O=C(O)c1ccccc1 (standardised
+    # molecules are read back from their canonical SMILES, so the graph does not depend on how the input was written)
+    assert (g.node_features[:, 0] == [0, 1, 0] + [1] * 6).all()
     loader = build_loader("mol_graph", PreprocessConfig())
     items = [loader.load(s) for s in ("CCO", "c1ccccc1C(=O)O", "[Na+].CC(=O)[O-]")]
     b = loader.collate(items)
@@ -535,3 +537,101 @@ def test_featurisation_cache_returns_the_same_records_without_recomputing(tmp_pa
     assert [r.smiles for r in again] == [r.smiles for r in first] and again[1].graph.num_nodes == 7
     with pytest.raises(pytest.fail.Exception):  # other options are another key
         cached_process_molecules(smiles, sources, StandardiseOptions(canonical_tautomer=False), features=("graph",))
+
+
+# ----------------------------------------------------------------------------- cache and bulk transfer (issue 16)
+def _same_records(a, b):
+    """Every field of two record lists equal, arrays by dtype, shape and value."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x.index, x.source, x.input, x.smiles, x.error, x.warnings, x.descriptors, x.druglikeness,
+                x.scaffold) == (y.index, y.source, y.input, y.smiles, y.error, y.warnings, y.descriptors,
+                                y.druglikeness, y.scaffold), (x.input, y.input)
+        for u, v in ((x.graph, y.graph), (x.fingerprint, y.fingerprint)):
+            assert (u is None) == (v is None)
+        if x.graph is not None:
+            for f in ("node_features", "edge_index", "edge_code"):
+                u, v = getattr(x.graph, f), getattr(y.graph, f)
+                assert u.dtype == v.dtype and u.shape == v.shape and (u == v).all(), (x.input, f)
+        if x.fingerprint is not None:
+            assert x.fingerprint.dtype == y.fingerprint.dtype and (x.fingerprint == y.fingerprint).all()
+
+
+def _clintox_mix(shared_data, n_each=6):
+    """Real ClinTox SMILES: multi-fragment salts, charged species, stereo, plain ones, and duplicates of them."""
+    rows, _ = _table(shared_data.joinpath(*MOLNET, "clintox.csv"), "smiles")
+    smiles = [r["smiles"] for _, r in rows]
+    kinds = [lambda s: "." in s, lambda s: "+" in s or "-]" in s, lambda s: "@" in s, lambda s: "/" in s,
+             lambda s: not any(c in s for c in ".+-@/")]
+    picked = []
+    for k in kinds:
+        picked += [s for s in smiles if k(s) and len(s) < 70 and s not in picked][:n_each]
+    return picked
+
+
+def test_tautomer_cache_gives_the_uncached_records(shared_data):
+    """Real salts, charged species and stereo: records with a shared, warm cache = each molecule alone on an empty
+    cache (warnings included); repeated rows, other writings of a molecule and its salt are cache hits."""
+    from rdkit import Chem
+
+    from medmm.io.molecules import clear_standardise_cache, process_one, standardise_cache_info
+
+    mix = _clintox_mix(shared_data, 4)
+    mix += ["[O-][99Tc](=O)(=O)=O"]  # RDKit warns while standardising it: warnings must survive the cache
+    other = [Chem.MolToSmiles(Chem.MolFromSmiles(s), doRandom=True) for s in mix[:6]]
+    smiles = mix + mix[:8] + other + [f"{mix[-3]}.[Na+].[Cl-]"]
+    feats = ("graph", "fingerprint", "scaffold")
+    alone = []
+    for i, s in enumerate(smiles):
+        clear_standardise_cache()
+        alone.append(process_one(i, s, f"clintox:{i}", features=feats))
+    clear_standardise_cache()
+    srcs = [f"clintox:{i}" for i in range(len(smiles))]
+    cold = process_molecules(smiles, srcs, features=feats, workers=0)
+    info = standardise_cache_info()
+    warm = process_molecules(smiles, srcs, features=feats, workers=0)
+    _same_records(alone, cold)
+    _same_records(alone, warm)
+    assert sum(r.ok for r in cold) >= len(smiles) - 2 and any(r.warnings for r in cold)
+    assert any("." in s for s in mix) and any("@" in s for s in mix) and any("+" in s for s in mix)
+    # the other writings and the extra salt hit the cache; so does every pass of the warm call
+    assert info["hits"] >= len(other) + 1, info
+    after = standardise_cache_info()
+    assert after["misses"] == info["misses"] and after["hits"] > info["hits"]
+    assert [r.smiles for r in cold[len(mix) + 8: len(mix) + 14]] == [r.smiles for r in cold[:6]]
+
+
+def test_repeated_smiles_are_processed_once_with_their_own_rows(monkeypatch):
+    import medmm.io.molecules as io_mol
+
+    calls = []
+    real = io_mol.process_one
+    monkeypatch.setattr(io_mol, "process_one", lambda i, s, *a, **k: calls.append(s) or real(i, s, *a, **k))
+    smiles = ["CCO", "Oc1ccccn1", "CCO", "C1CC", "Oc1ccccn1", "C1CC", None]
+    recs = process_molecules(smiles, [f"f.csv:{i}" for i in range(7)], workers=0)
+    assert [r.index for r in recs] == list(range(7)) and [r.source for r in recs] == [f"f.csv:{i}" for i in range(7)]
+    assert [r.smiles for r in recs] == ["CCO", "O=c1cccc[nH]1", "CCO", None, "O=c1cccc[nH]1", None, None]
+    assert [r.error["path"] for r in recs if not r.ok] == ["f.csv:3", "f.csv:5", "f.csv:6"]  # errors name their row
+    assert sorted(calls, key=str) == sorted(["CCO", "Oc1ccccn1", "C1CC", None, "C1CC"], key=str)  # failed repeat: rerun
+    assert recs[2] is not recs[0] and (recs[2].graph.node_features == recs[0].graph.node_features).all()
+
+
+def test_workers_ship_compact_payloads_rebuilt_into_the_same_records(shared_data):
+    """Two workers (packed graphs and fingerprint bits, tautomer entries sent back) = the in-process records."""
+    import pickle
+
+    from medmm.io.molecules import _pack_chunk, clear_standardise_cache, standardise_cache_info
+
+    smiles = _clintox_mix(shared_data, 4) + ["[Na+].[Cl-]", "C1CC", "", "c1ccccc1"]  # one atom, no bonds; failures
+    feats = ("graph", "fingerprint", "descriptors", "druglikeness", "scaffold")
+    clear_standardise_cache()
+    inproc = process_molecules(smiles, features=feats, workers=0)
+    n = standardise_cache_info()["entries"]
+    clear_standardise_cache()
+    pooled = process_molecules(smiles, features=feats, workers=2, chunksize=5)
+    _same_records(inproc, pooled)
+    assert standardise_cache_info()["entries"] == n > 0  # the workers' tautomer entries reached the parent
+    kwargs = dict(options=None, features=("graph", "fingerprint"), fingerprint_bits=2048, fingerprint_radius=2)
+    payload = _pack_chunk((0, smiles, [f"r{i}" for i in range(len(smiles))], kwargs))
+    records = process_molecules(smiles, features=("graph", "fingerprint"), workers=0)
+    assert len(pickle.dumps(payload)) * 4 < len(pickle.dumps(records))  # bits and bytes, not float32 arrays

@@ -14,12 +14,25 @@ The standardisation pipeline (:func:`parse_smiles`), in order, each step switcha
    bonds is *kept* (RDKit's default would drop it from e.g. every amino acid's alpha carbon), and
    enumeration stops at ``max_tautomers`` (RDKit's default of 1000 costs ~25 ms a molecule; 64
    changes the pick for ~1% of ClinTox at a fifth of the cost). A changed molecule is canonicalised
-   again until its SMILES is stable, so standardising a canonical SMILES returns it unchanged;
+   again until its SMILES is stable, so standardising a canonical SMILES returns it unchanged. Each pass
+   starts from the molecule read back from its canonical SMILES and is cached by that SMILES (per process;
+   workers send their entries back), so a molecule met again -- a duplicate row, another salt or another
+   way of writing it, the same compound in another MoleculeNet file -- is not canonicalised again, with
+   the same result as a fresh run. (The key is the canonical SMILES, not the InChIKey: computing an InChIKey
+   costs ~5x a canonical SMILES, and a standard InChIKey is shared by mobile-H tautomers whose capped
+   enumerations can pick different canonical tautomers, so sharing a result by it would not equal the
+   uncached output.) This step is the costliest of the pipeline (~60% of the time); switch it
+   off (``canonical_tautomer=False``; head configs: ``preprocess.mol_canonical_tautomer: false``) where a
+   benchmark's protocol featurises the SMILES as written: MoleculeNet and OGB (Hu et al. 2020, chemprop)
+   run no tautomer pass, and ``medmm eval moleculenet`` / ``mol_pretrain`` switch it off. medmm's own
+   druggability configs keep it on;
 6. optionally, every stereo tag removed.
 
 RDKit's log output is captured while it works (never printed) and turned into the error message or
 the record's ``warnings``. :func:`process_molecules` runs the pipeline plus featurisation over a list
-of SMILES in worker processes, keeping one record per input, failures included.
+of SMILES in worker processes, keeping one record per input, failures included; a SMILES repeated in the
+list is processed once, and each worker ships a chunk's records back as one compact payload (graphs
+concatenated, fingerprints as packed bits).
 """
 
 from __future__ import annotations
@@ -58,7 +71,9 @@ class StandardiseOptions:
     neutralise: bool = True
     """Neutralise charges where a neutral form exists."""
     canonical_tautomer: bool = True
-    """Replace the molecule by RDKit's canonical tautomer (stereo kept)."""
+    """Replace the molecule by RDKit's canonical tautomer (stereo kept), cached by canonical SMILES. The costliest
+    step: off for protocols that featurise the SMILES as written (MoleculeNet/OGB: ``medmm eval moleculenet`` and
+    ``mol_pretrain`` turn it off); on for medmm's druggability pipeline."""
     remove_stereo: bool = False
     """Drop every stereo tag (chiral centres, E/Z)."""
     max_heavy_atoms: int = MAX_HEAVY_ATOMS
@@ -199,18 +214,24 @@ def parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = True
     if mol is None:
         reason = _parse_reason(log.lines())
         raise smiles_error(source, "syntax", f"RDKit cannot parse '{_short(smiles)}': {reason}")
-    with captured_rdkit_log():
-        mol.UpdatePropertyCache(strict=False)
-    err = _problem_error(mol, source, smiles)
-    if err is not None:
-        raise err
     with captured_rdkit_log() as log:
+        mol.UpdatePropertyCache(strict=False)
         try:
             Chem.SanitizeMol(mol)
+            failed = None
         except Exception as e:  # RDKit raises its own types (MolSanitizeException subclasses)
-            raise smiles_error(source, "standardise", f"RDKit cannot sanitise '{_short(smiles)}': {e}") from e
+            failed = e
+    if failed is not None:  # RDKit's chemistry problems (checked on a fresh parse) name the reason, when it has one
+        with captured_rdkit_log():
+            fresh = Chem.MolFromSmiles(smiles, sanitize=False)
+            fresh.UpdatePropertyCache(strict=False)
+        err = _problem_error(fresh, source, smiles)
+        if err is not None:
+            raise err from failed
+        raise smiles_error(source, "standardise", f"RDKit cannot sanitise '{_short(smiles)}': {failed}") from failed
     frags = Chem.GetMolFrags(mol, asMols=False, sanitizeFrags=False)
-    heavy = [sum(mol.GetAtomWithIdx(i).GetAtomicNum() > 1 for i in f) for f in frags]
+    heavy = ([mol.GetNumHeavyAtoms()] if len(frags) == 1 else  # atomic number > 1, as below
+             [sum(mol.GetAtomWithIdx(i).GetAtomicNum() > 1 for i in f) for f in frags])
     n = max(heavy) if opts.largest_fragment else sum(heavy)
     if n > opts.max_heavy_atoms:
         raise smiles_error(source, "too_large", f"{n} heavy atoms is over the limit of {opts.max_heavy_atoms}")
@@ -223,13 +244,99 @@ def parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = True
     return mol
 
 
-def _canonical_tautomer(mol, max_tautomers: int, passes: int = 3):
+# The tautomer step is cached: one pass is a function of the canonical SMILES it starts from (the molecule is read
+# back from that SMILES, so the atom order of the input cannot change the pick), keyed with ``max_tautomers``; the
+# value is the canonical tautomer's SMILES and RDKit's log lines while computing it. Worker processes send their
+# new entries back with their results, so a later call in the parent (another file, another seed) reuses them.
+TAUTOMER_CACHE_SIZE = 500_000
+"""Entries kept before the cache is emptied (~200 bytes each)."""
+_TAUTOMERS: dict[tuple[int, str], tuple[str, tuple]] = {}
+_NEW_TAUTOMERS: dict[tuple[int, str], tuple[str, tuple]] = {}  # this process's entries not yet sent to the parent
+_CACHE_STATS = {"hits": 0, "misses": 0}
+_IN_WORKER = [False]  # set by the pool initializer: new entries are then also kept for the parent
+
+
+def clear_standardise_cache() -> None:
+    """Empty this process's tautomer cache (and its hit/miss counts)."""
+    _TAUTOMERS.clear()
+    _NEW_TAUTOMERS.clear()
+    _CACHE_STATS.update(hits=0, misses=0)
+
+
+def standardise_cache_info() -> dict:
+    """``{"entries", "hits", "misses"}`` of this process's tautomer cache (misses = tautomer passes computed)."""
+    return {"entries": len(_TAUTOMERS), **_CACHE_STATS}
+
+
+def _remember_tautomers(entries: dict) -> None:
+    if len(_TAUTOMERS) + len(entries) > TAUTOMER_CACHE_SIZE:
+        _TAUTOMERS.clear()
+    _TAUTOMERS.update(entries)
+
+
+def _tautomer_step(smi: str, max_tautomers: int):
+    """One canonical-tautomer pass from a canonical SMILES: ``(SMILES out, log records, the Mol read from smi)``.
+
+    The Mol is None on a cache hit, and the whole result is None when RDKit cannot read ``smi`` back.
+    """
+    from rdkit import Chem
+
+    key = (max_tautomers, smi)
+    hit = _TAUTOMERS.get(key)
+    if hit is not None:
+        _CACHE_STATS["hits"] += 1
+        return hit[0], hit[1], None
+    with captured_rdkit_log():  # re-reading repeats what the earlier steps logged: not kept
+        mol = Chem.MolFromSmiles(smi)
+    if mol is None:
+        return None
+    with captured_rdkit_log() as log:
+        out = Chem.MolToSmiles(_tautomer_enumerator(max_tautomers).Canonicalize(mol))
+    _CACHE_STATS["misses"] += 1
+    value = (out, tuple(log.records))
+    if len(_TAUTOMERS) >= TAUTOMER_CACHE_SIZE:
+        _TAUTOMERS.clear()
+    _TAUTOMERS[key] = value
+    if _IN_WORKER[0]:
+        _NEW_TAUTOMERS[key] = value
+    return out, value[1], mol
+
+
+def _canonical_tautomer(mol, max_tautomers: int, passes: int = 3, log: _Capture | None = None):
     """RDKit's canonical tautomer, repeated until the SMILES stops changing (at most ``passes`` times).
 
     One pass is not always a fixed point (e.g. a tetracycline's imidic acid ``C(=N)O`` becomes the amide
     only on a second pass, as enumeration stops at ``max_tautomers`` transforms), and canonical SMILES
     must be stable for de-duplication and joins. Molecules the first pass leaves unchanged cost one pass.
+
+    Each pass starts from the molecule read back from its canonical SMILES, so the result depends on the
+    molecule only (not on how its SMILES was written) and each pass is cached by that SMILES (see
+    :func:`standardise_cache_info`). RDKit's log lines of each pass go to ``log`` (cached ones too), in order;
+    those of re-reading a SMILES (repeats of what the earlier steps logged) are dropped.
     """
+    from rdkit import Chem
+
+    smi = Chem.MolToSmiles(mol)
+    last = None  # the Mol read from ``smi`` by the last pass computed, when it is still current
+    for _ in range(passes):
+        step = _tautomer_step(smi, max_tautomers)
+        if step is None:  # RDKit cannot read its own SMILES back: canonicalise the Mol itself, uncached
+            return _canonical_tautomer_uncached(mol, max_tautomers, passes)
+        new, records, parsed = step
+        if log is not None:
+            log.records.extend(records)
+        if new == smi:
+            last = parsed
+            break
+        smi = new
+    with captured_rdkit_log():  # as in _tautomer_step, the re-read's log is not kept
+        out = last if last is not None else Chem.MolFromSmiles(smi)
+    if out is None:
+        return _canonical_tautomer_uncached(mol, max_tautomers, passes)
+    return out
+
+
+def _canonical_tautomer_uncached(mol, max_tautomers: int, passes: int = 3):
     from rdkit import Chem
 
     te = _tautomer_enumerator(max_tautomers)
@@ -256,7 +363,7 @@ def _standardise(mol, opts: StandardiseOptions, source: str, smiles: str, warnin
             if opts.neutralise:
                 mol = _uncharger().uncharge(mol)
             if opts.canonical_tautomer:
-                mol = _canonical_tautomer(mol, opts.max_tautomers)
+                mol = _canonical_tautomer(mol, opts.max_tautomers, log=log)
             if opts.remove_stereo:
                 Chem.RemoveStereochemistry(mol)
             Chem.SanitizeMol(mol)
@@ -339,27 +446,41 @@ def atom_features(mol) -> np.ndarray:
     Blocks: element (27 + other), degree (0-5, 6+), formal charge (-2..+2, clipped), total H (0-3, 4+),
     hybridisation (S..SP3D2 + other), aromatic, in ring, chirality tag (none, CW, CCW, other).
     """
-    sym = {s: i for i, s in enumerate(ATOM_SYMBOLS)}
-    hyb = {h: i for i, h in enumerate(_HYBRID)}
-    chi = {c: i for i, c in enumerate(_CHIRAL)}
-    out = np.zeros((mol.GetNumAtoms(), ATOM_FEATURE_DIM), dtype=np.float32)
-    for a in mol.GetAtoms():
-        i, o = a.GetIdx(), 0
-        out[i, o + sym.get(a.GetSymbol(), len(ATOM_SYMBOLS))] = 1
-        o += len(ATOM_SYMBOLS) + 1
-        out[i, o + min(a.GetDegree(), _DEGREES - 1)] = 1
-        o += _DEGREES
-        out[i, o + _CHARGES.index(max(-2, min(2, a.GetFormalCharge())))] = 1
-        o += len(_CHARGES)
-        out[i, o + min(a.GetTotalNumHs(), _HS - 1)] = 1
-        o += _HS
-        out[i, o + hyb.get(str(a.GetHybridization()), len(_HYBRID))] = 1
-        o += len(_HYBRID) + 1
-        out[i, o] = float(a.GetIsAromatic())
-        out[i, o + 1] = float(a.IsInRing())
-        o += 2
-        out[i, o + chi.get(str(a.GetChiralTag()), len(_CHIRAL))] = 1
+    n = mol.GetNumAtoms()
+    out = np.zeros((n, ATOM_FEATURE_DIM), dtype=np.float32)
+    if n == 0:
+        return out
+    sym, hyb, chi = _atom_codes()
+    # one row of column codes per atom, then every one-hot block set at once
+    codes = np.array([(sym.get(a.GetSymbol(), len(ATOM_SYMBOLS)), min(a.GetDegree(), _DEGREES - 1),
+                       max(-2, min(2, a.GetFormalCharge())) + 2, min(a.GetTotalNumHs(), _HS - 1),
+                       hyb.get(int(a.GetHybridization()), len(_HYBRID)), a.GetIsAromatic(), a.IsInRing(),
+                       chi.get(int(a.GetChiralTag()), len(_CHIRAL))) for a in mol.GetAtoms()], dtype=np.int64)
+    rows = np.arange(n)
+    for col, start in enumerate(_ONE_HOT_STARTS):
+        if start is None:
+            continue
+        out[rows, start + codes[:, col]] = 1
+    out[:, _AROMATIC_COL] = codes[:, 5]
+    out[:, _AROMATIC_COL + 1] = codes[:, 6]
     return out
+
+
+_ONE_HOT_STARTS = (0, len(ATOM_SYMBOLS) + 1, len(ATOM_SYMBOLS) + 1 + _DEGREES,
+                   len(ATOM_SYMBOLS) + 1 + _DEGREES + len(_CHARGES),
+                   len(ATOM_SYMBOLS) + 1 + _DEGREES + len(_CHARGES) + _HS, None, None,
+                   ATOM_FEATURE_DIM - (len(_CHIRAL) + 1))
+_AROMATIC_COL = len(ATOM_SYMBOLS) + 1 + _DEGREES + len(_CHARGES) + _HS + len(_HYBRID) + 1
+
+
+@functools.lru_cache(maxsize=1)
+def _atom_codes():
+    """Element symbol -> index, and RDKit's hybridisation and chiral-tag enum values (as int) -> index."""
+    from rdkit import Chem
+
+    hyb = {int(v): _HYBRID.index(str(v)) for v in Chem.HybridizationType.values.values() if str(v) in _HYBRID}
+    chi = {int(v): _CHIRAL.index(str(v)) for v in Chem.ChiralType.values.values() if str(v) in _CHIRAL}
+    return {s: i for i, s in enumerate(ATOM_SYMBOLS)}, hyb, chi
 
 
 @dataclass
@@ -495,23 +616,98 @@ def process_one(index: int, smiles: str, source: str, options: StandardiseOption
     return rec
 
 
+def _init_worker(max_tautomers: int, features: tuple[str, ...], bits: int, radius: int) -> None:
+    """Pool initializer: build RDKit's enumerator, uncharger, generators and catalogs once per worker."""
+    _IN_WORKER[0] = True
+    _NEW_TAUTOMERS.clear()
+    _tautomer_enumerator(max_tautomers)
+    _uncharger()
+    if "fingerprint" in features:
+        _morgan_generator(radius, bits)
+    if "druglikeness" in features:
+        _pains_catalog()
+
+
 def _process_chunk(args) -> list[MoleculeRecord]:
     start, smiles, sources, kwargs = args
     return [process_one(start + i, s, src, **kwargs) for i, (s, src) in enumerate(zip(smiles, sources))]
 
 
+def _pack_chunk(args) -> dict:
+    """Worker side: a chunk's records as one compact payload (see :func:`_unpack_chunk`), plus the tautomer-cache
+    entries this worker computed since its last chunk."""
+    _NEW_TAUTOMERS.clear()
+    recs = _process_chunk(args)
+    ok = [r for r in recs if r.ok]
+    out: dict = {"meta": [(r.smiles, r.error, r.warnings, r.descriptors, r.druglikeness, r.scaffold) for r in recs]}
+    graphs = [r.graph for r in ok if r.graph is not None]
+    if graphs:
+        nodes = np.concatenate([g.node_features for g in graphs])
+        small = nodes.astype(np.uint8)
+        out["nodes"] = small if np.array_equal(small, nodes) else nodes  # one-hot features travel as bytes
+        out["n_nodes"] = np.array([g.node_features.shape[0] for g in graphs], dtype=np.int64)
+        out["edges"] = np.concatenate([g.edge_index for g in graphs], axis=1).astype(np.int32)
+        out["codes"] = np.concatenate([g.edge_code for g in graphs]).astype(np.uint8)
+        out["n_edges"] = np.array([g.edge_code.shape[0] for g in graphs], dtype=np.int64)
+    fps = [r.fingerprint for r in ok if r.fingerprint is not None]
+    if fps:
+        fp = np.stack(fps)
+        bits = fp > 0
+        out["fp"] = np.packbits(bits, axis=1) if np.array_equal(bits, fp) else fp  # 0/1 vectors travel as bits
+        out["fp_bits"] = fp.shape[1]
+    out["tautomers"] = dict(_NEW_TAUTOMERS)
+    _NEW_TAUTOMERS.clear()
+    return out
+
+
+def _unpack_chunk(payload: dict, start: int, inputs: Sequence[str], sources: Sequence[str]) -> list[MoleculeRecord]:
+    """Parent side: the records of :func:`_pack_chunk`'s payload, equal to those :func:`process_one` makes."""
+    _remember_tautomers(payload["tautomers"])
+    graphs = []
+    if "nodes" in payload:
+        nodes = payload["nodes"].astype(np.float32)
+        edges, codes = payload["edges"].astype(np.int64), payload["codes"].astype(np.int64)
+        n0 = np.concatenate([[0], np.cumsum(payload["n_nodes"])])
+        e0 = np.concatenate([[0], np.cumsum(payload["n_edges"])])
+        graphs = [MolGraph(nodes[n0[k]: n0[k + 1]], np.ascontiguousarray(edges[:, e0[k]: e0[k + 1]]),
+                           codes[e0[k]: e0[k + 1]]) for k in range(len(payload["n_nodes"]))]
+    fps = []
+    if "fp" in payload:
+        fp = payload["fp"]
+        fps = list(np.unpackbits(fp, axis=1, count=payload["fp_bits"]).astype(np.float32) if fp.dtype == np.uint8
+                   else fp)
+    out, g, f = [], iter(graphs), iter(fps)
+    for i, (smi, error, warnings, desc, rules, scaffold) in enumerate(payload["meta"]):
+        rec = MoleculeRecord(start + i, sources[i], inputs[i] if isinstance(inputs[i], str) else str(inputs[i]),
+                             smi, error, warnings, descriptors=desc, druglikeness=rules, scaffold=scaffold)
+        if rec.ok:
+            rec.graph = next(g, None) if graphs else None
+            rec.fingerprint = next(f, None) if fps else None
+        out.append(rec)
+    return out
+
+
 def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = None,
                       options: StandardiseOptions | None = None, features: Sequence[str] = ("graph",),
-                      workers: int = 0, chunksize: int = 64, fingerprint_bits: int = 2048,
+                      workers: int = 0, chunksize: int | None = None, fingerprint_bits: int = 2048,
                       fingerprint_radius: int = 2, start_method: str | None = None) -> list[MoleculeRecord]:
     """Run :func:`process_one` over many SMILES: one record per input, in input order, failures kept.
+
+    Repeated work is skipped, with the same records as a fresh run: a SMILES string met again in the list is
+    processed once (its record is copied, with its own index and source; the copies share their arrays), and
+    each canonical-tautomer pass is cached by the canonical SMILES it starts from (see
+    :func:`standardise_cache_info`), so different SMILES of one molecule, salts of it, and later calls in this
+    process reuse it.
 
     Args:
         smiles: the SMILES texts.
         sources: names of the inputs for errors (default ``row <i>``).
         options: standardisation settings.
         features: any of ``graph, fingerprint, descriptors, druglikeness, scaffold``.
-        workers: worker processes (0 = this process). Chunks of ``chunksize`` rows go to each worker.
+        workers: worker processes (0 = this process). The pool starts once per call; each worker returns a
+            chunk's records as one compact payload (graphs concatenated, fingerprints as packed bits, its new
+            tautomer-cache entries), rebuilt into records here.
+        chunksize: rows per chunk sent to a worker (default: the unique SMILES / (4 x workers)).
         start_method: multiprocessing start method; None = the platform's default (``fork`` on Linux, as
             torch's DataLoader workers; the workers run RDKit only, never torch).
     """
@@ -521,15 +717,45 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
     sources = list(sources) if sources is not None else [f"row {i}" for i in range(len(smiles))]
     kwargs = dict(options=options, features=tuple(features), fingerprint_bits=fingerprint_bits,
                   fingerprint_radius=fingerprint_radius)
-    chunks = [(i, list(smiles[i: i + chunksize]), sources[i: i + chunksize], kwargs)
-              for i in range(0, len(smiles), chunksize)]
-    if workers <= 0 or len(chunks) <= 1:
-        return [r for c in chunks for r in _process_chunk(c)]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    first: dict = {}  # SMILES string -> position in ``unique``
+    unique: list[int] = []
+    for i, s in enumerate(smiles):
+        if not isinstance(s, str) or s in first:
+            continue
+        first[s] = len(unique)
+        unique.append(i)
+    todo = unique + [i for i, s in enumerate(smiles) if not isinstance(s, str)]
+    todo_smiles, todo_sources = [smiles[i] for i in todo], [sources[i] for i in todo]
+    if workers > 0 and len(todo) > 1:
+        size = chunksize or max(1, -(-len(todo) // (4 * workers)))
+        starts = list(range(0, len(todo), size))
+        chunks = [(k, todo_smiles[k: k + size], todo_sources[k: k + size], kwargs) for k in starts]
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(start_method)) as pool:
-        return [r for part in pool.map(_process_chunk, chunks) for r in part]
+        opts = options or StandardiseOptions()
+        init = (opts.max_tautomers, tuple(features), fingerprint_bits, fingerprint_radius)
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=mp.get_context(start_method),
+                                 initializer=_init_worker, initargs=init) as pool:
+            done = [r for k, payload in zip(starts, pool.map(_pack_chunk, chunks))
+                    for r in _unpack_chunk(payload, k, todo_smiles[k: k + size], todo_sources[k: k + size])]
+    else:
+        done = _process_chunk((0, todo_smiles, todo_sources, kwargs))
+    by_row = dict(zip(todo, done))
+    out = []
+    for i, s in enumerate(smiles):
+        rec = by_row.get(i)
+        if rec is None:  # a repeat of an earlier SMILES
+            rec = by_row[unique[first[s]]]
+            if rec.ok:
+                rec = dataclasses.replace(rec, source=sources[i], warnings=list(rec.warnings),
+                                          descriptors=rec.descriptors and dict(rec.descriptors),
+                                          druglikeness=rec.druglikeness and dict(rec.druglikeness))
+            else:  # the error names its own source
+                rec = process_one(i, s, sources[i], **kwargs)
+        rec.index = i
+        out.append(rec)
+    return out
 
 
 def molecule_qa(desc: dict, rules: dict) -> list[tuple[str, str]]:
