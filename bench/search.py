@@ -205,7 +205,14 @@ def main(argv=None) -> dict:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="medmm-search-"))
     work.mkdir(parents=True, exist_ok=True)
     sft_pairs, value_pairs, test_pairs = splits(args.seed, args.value_records, args.test, args.sft_records)
-    base, sft_info = build_model(work, sft_pairs, args)
+    settings = {k: getattr(args, k) for k in ("hidden", "layers", "sft_records", "sft_steps", "terse_share", "batch",
+                                              "lr", "seed")}
+    done = work / "sft.json"
+    if (work / "sft_model").is_dir() and done.is_file() and json.loads(done.read_text())["settings"] == settings:
+        base, sft_info = work / "sft_model", json.loads(done.read_text())["sft"]  # --work kept it: same settings
+    else:
+        base, sft_info = build_model(work, sft_pairs, args)
+        done.write_text(json.dumps({"settings": settings, "sft": sft_info}))
     print(f"sft: {sft_info}", flush=True)
     folder, value_info = train_value(work, base, value_pairs, args)
     print(f"value stage: {value_info}", flush=True)
