@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
     t.add_argument("--draft-steps", type=int, default=600)
     t.add_argument("--draft-batch", type=int, default=16)
     t.add_argument("--draft-lr", type=float, default=1e-3)
-    t.add_argument("--spec-k", type=int, default=4, help="draft tokens per verification")
+    t.add_argument("--spec-k", type=int, default=6, help="draft tokens per verification")
     t.add_argument("--spec-schedule", choices=["constant", "heuristic"], default="heuristic",
                    help="medmm loop: constant k, or HF's heuristic (+2 after a guess accepted whole, -1 otherwise)")
     t.add_argument("--spec-prompts", type=int, default=8, help="held-out requests timed")
