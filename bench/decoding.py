@@ -308,14 +308,19 @@ def _distil_batches(seqs: list[tuple[list[int], list[int]]], batch: int, pad: in
         yield ids, labels
 
 
+def _held_out(doc: dict) -> bool:
+    """Whether an ICD-10-CM run is one of the 2 % held out from training (a keyed hash, purpose 'speculative')."""
+    from medmm.data.text import held_out
+
+    return held_out(doc["question"] + "\n" + doc["answer"], 0.02, purpose="speculative")
+
+
 def _heldout_loss(model, proc, docs: list[dict], n: int = 64) -> dict:
     """Mean next-token loss of the target on held-out runs (the answer tokens), beside the loss of predicting
     every token uniformly (log V): how far training got."""
     import math
 
-    from medmm.data.text import held_out
-
-    test = [d for d in docs if held_out(d["question"] + "\n" + d["answer"], 0.02, purpose="speculative")][:n]
+    test = [d for d in docs if _held_out(d)][:n]
     total = count = 0.0
     with torch.no_grad():
         for j, d in enumerate(test):
@@ -336,7 +341,6 @@ def train_pair(args) -> tuple[Path, Path, dict]:
 
     Returns the medmm model folder, the draft folder and the training record."""
     from medmm.config import ModelConfig, config_from_dict
-    from medmm.data.text import held_out
     from medmm.inference.decoding import layer_skip_draft
     from medmm.model.multimodal import MedMMForCausalLM
     from medmm.model.tiny import build_tiny_llm
@@ -352,7 +356,7 @@ def train_pair(args) -> tuple[Path, Path, dict]:
             **json.loads((draft_root / "draft.json").read_text())}
 
     docs = icd10cm_documents()
-    train = [d for d in docs if not held_out(d["question"] + "\n" + d["answer"], 0.02, purpose="speculative")]
+    train = [d for d in docs if not _held_out(d)]
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(train), generator=g).tolist()
     if (target_root / "target.json").exists() and not args.retrain:
@@ -445,7 +449,6 @@ def speculative_trained(args, device) -> dict:
     from transformers import AutoModelForCausalLM
 
     from medmm.config import DecodingConfig
-    from medmm.data.text import held_out
     from medmm.inference.session import Session
     from medmm.model.multimodal import MedMMForCausalLM
 
@@ -456,8 +459,7 @@ def speculative_trained(args, device) -> dict:
     tok = model.tokenizer
     pad, eos = tok.pad_token_id, tok.eos_token_id
     placeholders = [mt.token_id for mt in model.modality_tokens.values()]
-    test = [d for d in icd10cm_documents() if held_out(d["question"] + "\n" + d["answer"], 0.02,
-                                                        purpose="speculative")]
+    test = [d for d in icd10cm_documents() if _held_out(d)]
     step = max(1, len(test) // args.spec_prompts)
     qs = [d["question"] for d in test[::step][: args.spec_prompts]]
     N, k = args.new_tokens, args.spec_k

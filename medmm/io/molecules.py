@@ -294,9 +294,7 @@ def _tautomer_step(smi: str, max_tautomers: int):
         out = Chem.MolToSmiles(_tautomer_enumerator(max_tautomers).Canonicalize(mol))
     _CACHE_STATS["misses"] += 1
     value = (out, tuple(log.records))
-    if len(_TAUTOMERS) >= TAUTOMER_CACHE_SIZE:
-        _TAUTOMERS.clear()
-    _TAUTOMERS[key] = value
+    _remember_tautomers({key: value})
     if _IN_WORKER[0]:
         _NEW_TAUTOMERS[key] = value
     return out, value[1], mol
