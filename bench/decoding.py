@@ -248,8 +248,14 @@ def _train_steps(model, batches, steps: int, lr: float, log_every: int, name: st
     it = batches()
     t0 = time.perf_counter()
     for step in range(steps):
-        ids, labels = next(it)
-        loss = model(input_ids=ids, labels=labels).loss
+        ids, labels, *teacher = next(it)
+        if teacher:  # forward KL to the target's distribution at every answer position (soft-label distillation)
+            logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+            at = labels[:, 1:] != -100
+            t_logp = teacher[0]
+            loss = (t_logp.exp() * (t_logp - logp[at])).sum(-1).mean()
+        else:
+            loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -293,8 +299,11 @@ def _greedy_continuations(llm, prompts: list[list[int]], new_tokens: int, pad: i
     return outs
 
 
-def _distil_batches(seqs: list[tuple[list[int], list[int]]], batch: int, pad: int, seed: int):
-    """Batches of prompt + target continuation, the loss on the continuation only (hard-label distillation)."""
+def _distil_batches(seqs: list[tuple[list[int], list[int]]], batch: int, pad: int, seed: int,
+                    teacher: list[torch.Tensor] | None = None):
+    """Batches of prompt + target continuation, the loss on the continuation only: hard labels, or with
+    ``teacher`` (per sequence, the target's log-probabilities at each continuation token, (len(c), V)) also the
+    rows of those distributions in batch order (soft labels)."""
     g = torch.Generator().manual_seed(seed)
     while True:
         pick = torch.randint(0, len(seqs), (batch,), generator=g).tolist()
@@ -305,7 +314,31 @@ def _distil_batches(seqs: list[tuple[list[int], list[int]]], batch: int, pad: in
         for r, (p, c) in enumerate(rows):
             ids[r, : len(p) + len(c)] = torch.tensor(p + c)
             labels[r, len(p): len(p) + len(c)] = torch.tensor(c)
-        yield ids, labels
+        if teacher is None:
+            yield ids, labels
+        else:  # row-major order of labels[:, 1:] != -100: each row's continuation tokens in turn
+            yield ids, labels, torch.cat([teacher[j] for j in pick]).float()
+
+
+def _teacher_logprobs(llm, seqs: list[tuple[list[int], list[int]]], batch: int = 16) -> list[torch.Tensor]:
+    """The target's log-probabilities (fp16) at each continuation token of each (prompt, continuation)."""
+    out = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch):
+            chunk = seqs[i: i + batch]
+            width = max(len(p) + len(c) for p, c in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, (p, c) in enumerate(chunk):  # right padding: positions stay those of the unpadded sequence
+                ids[r, : len(p) + len(c)] = torch.tensor(p + c)
+                mask[r, : len(p) + len(c)] = 1
+            logp = torch.log_softmax(llm(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            for r, (p, c) in enumerate(chunk):
+                out.append(logp[r, len(p) - 1: len(p) + len(c) - 1].half())
+            print(f"  teacher distributions: {len(out)}/{len(seqs)} ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+    return out
 
 
 def _held_out(doc: dict) -> bool:
@@ -348,7 +381,8 @@ def train_pair(args) -> tuple[Path, Path, dict]:
     target_root = CACHE / (f"target-L{args.target_layers}x{args.target_hidden}-v{args.vocab}-s{args.target_steps}x"
                            f"{args.target_batch}x{args.target_seq}-lr{args.target_lr:g}-seed{args.seed}")
     draft_root = target_root / (f"draft-L{args.draft_layers}-p{args.distil_prompts}-n{args.new_tokens}-s"
-                                f"{args.draft_steps}x{args.draft_batch}-lr{args.draft_lr:g}")
+                                f"{args.draft_steps}x{args.draft_batch}-lr{args.draft_lr:g}"
+                                + ("" if args.distil_loss == "ce" else f"-{args.distil_loss}"))
     if (draft_root / "draft.json").exists() and not args.retrain:
         print(f"  trained pair from the cache: {draft_root.relative_to(ROOT)}", file=sys.stderr)
         return target_root / "medmm", draft_root / "draft", {
@@ -413,27 +447,42 @@ def train_pair(args) -> tuple[Path, Path, dict]:
     tok = model.tokenizer
     pad, eos = tok.pad_token_id, tok.eos_token_id
     placeholders = [mt.token_id for mt in model.modality_tokens.values()]
-    prompts = [proc.encoder.encode_prompt([{"from": "human", "value": train[j]["question"]}], {})
-               for j in order[-args.distil_prompts:]]  # training requests (the target saw few of them)
+    picked = order[-args.distil_prompts:]  # training requests (the target saw few of them)
+    prompts = [proc.encoder.encode_prompt([{"from": "human", "value": train[j]["question"]}], {}) for j in picked]
+    # the target's greedy answers, kept beside it by training-run index: a larger draft set generates only the rest
+    cont_file = target_root / f"continuations-n{args.new_tokens}.json"
+    known = {int(k): v for k, v in json.loads(cont_file.read_text()).items()} if cont_file.exists() else {}
+    missing = [i for i, j in enumerate(picked) if j not in known]
     t0 = time.perf_counter()
-    conts = _greedy_continuations(model.llm, prompts, args.new_tokens, pad, eos, placeholders)
+    for i, c in zip(missing, _greedy_continuations(model.llm, [prompts[i] for i in missing], args.new_tokens, pad,
+                                                   eos, placeholders)):
+        known[picked[i]] = c
+    if missing:
+        tmp = cont_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({str(k): v for k, v in sorted(known.items())}))
+        tmp.replace(cont_file)
+    conts = [known[j] for j in picked]
     gen_s = time.perf_counter() - t0
     draft = layer_skip_draft(model.llm, args.draft_layers)
     seqs = [(p, c) for p, c in zip(prompts, conts) if c]
+    teacher = _teacher_logprobs(model.llm, seqs) if args.distil_loss == "kl" else None
     t0 = time.perf_counter()
-    log = _train_steps(draft, lambda: _distil_batches(seqs, args.draft_batch, pad, args.seed), args.draft_steps,
-                       args.draft_lr, 10, "draft")
+    log = _train_steps(draft, lambda: _distil_batches(seqs, args.draft_batch, pad, args.seed, teacher),
+                       args.draft_steps, args.draft_lr, 10, "draft")
     draft_s = time.perf_counter() - t0
     draft_root.mkdir(parents=True, exist_ok=True)
     draft.save_pretrained(draft_root / "draft", safe_serialization=True)
     tok.save_pretrained(draft_root / "draft")
     record = {
         "distillation": {"prompts": len(prompts), "continuation_tokens": sum(map(len, conts)),
-                         "max_new_tokens": args.new_tokens, "generate_s": round(gen_s, 1)},
+                         "max_new_tokens": args.new_tokens, "generate_s": round(gen_s, 1),
+                         "generated_now": len(missing)},
         "draft": {"layers": args.draft_layers, "init": "the target's embeddings, first layer(s), final norm and lm_head "
                   "(layer skip)", "params_m": round(sum(p.numel() for p in draft.parameters()) / 1e6, 2),
                   "steps": args.draft_steps, "batch": args.draft_batch, "lr": args.draft_lr,
-                  "loss": "cross-entropy on the target's greedy answer tokens (hard-label distillation)",
+                  "loss": "cross-entropy on the target's greedy answer tokens (hard-label distillation)"
+                  if args.distil_loss == "ce" else "forward KL to the target's full next-token distribution at each "
+                  "of its greedy answer tokens (soft-label distillation)",
                   "loss_log": log, "train_s": round(draft_s, 1), "cpu_threads": torch.get_num_threads()},
         "quality": "a small model trained briefly on CPU (see target.heldout_loss against uniform_loss), not a good one",
     }
@@ -465,7 +514,8 @@ def speculative_trained(args, device) -> dict:
     N, k = args.new_tokens, args.spec_k
     greedy_cfg = DecodingConfig("greedy", N)
     spec_cfg = DecodingConfig("speculative", N, params={"draft": str(draft_dir), "num_draft_tokens": k,
-                                                         "backend": "medmm", "draft_schedule": args.spec_schedule})
+                                                         "backend": "medmm", "draft_schedule": args.spec_schedule,
+                                                         "draft_confidence": args.spec_confidence})
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def loop(cfg, aux=None):
@@ -515,7 +565,7 @@ def speculative_trained(args, device) -> dict:
                 f"{N} new tokens (EOS allowed), batch of one, fp32; median of {args.repeats} interleaved passes after "
                 "a warm-up; speedup = the faster greedy (medmm loop or HF generate) / medmm's speculative loop",
         "questions": qs, "new_tokens_total": n_tok, "new_tokens_per_request": [len(t) for t in greedy],
-        "k": k, "medmm_schedule": args.spec_schedule,
+        "k": k, "medmm_schedule": args.spec_schedule, "medmm_draft_confidence": args.spec_confidence,
         "hf_assistant": "num_assistant_tokens=k, num_assistant_tokens_schedule='constant' passed to generate; "
                         "transformers 5.24 was seen verifying ~20 candidates per target forward on this pair anyway",
         "training": record,
@@ -556,12 +606,16 @@ def main(argv: list[str] | None = None) -> dict:
     t.add_argument("--target-lr", type=float, default=1.5e-3)
     t.add_argument("--draft-layers", type=int, default=1)
     t.add_argument("--distil-prompts", type=int, default=1024, help="training requests the target answers for the draft")
+    t.add_argument("--distil-loss", choices=["ce", "kl"], default="ce",
+                   help="draft loss: cross-entropy on the target's greedy tokens, or KL to its distributions")
     t.add_argument("--draft-steps", type=int, default=600)
     t.add_argument("--draft-batch", type=int, default=16)
     t.add_argument("--draft-lr", type=float, default=1e-3)
     t.add_argument("--spec-k", type=int, default=6, help="draft tokens per verification")
     t.add_argument("--spec-schedule", choices=["constant", "heuristic"], default="heuristic",
                    help="medmm loop: constant k, or HF's heuristic (+2 after a guess accepted whole, -1 otherwise)")
+    t.add_argument("--spec-confidence", type=float, default=0.0,
+                   help="medmm's draft stops guessing below this probability (decoding param draft_confidence)")
     t.add_argument("--spec-prompts", type=int, default=8, help="held-out requests timed")
     t.add_argument("--retrain", action="store_true", help="ignore the cached pair under bench/.cache")
     t.add_argument("--train-only", action="store_true", help="train (or find) the pair and stop")

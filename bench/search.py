@@ -3,11 +3,16 @@
 The task: "Paracetamol for a child of 12 kg: what is the dose?"; an answer is checked by arithmetic (its last
 number must equal mg/kg x kg). The 47 drugs and their per-dose mg/kg are real paediatric doses; the questions
 are synthetic. Drug-weight pairs are split three ways, disjoint: instruction tuning, the value stage's records,
-and the test questions. Half the instruction-tuning answers are worked, as a dose is checked by hand: the mg/kg,
-the weight split into tens and units, each part multiplied, the parts added ("15 mg/kg\\n15 x 32 = 15 x 30 + 15 x
-2\\n= 450 + 30\\n= 480 mg", one line per step); half are terse ("Dose: 480 mg"), as mixed clinical Q&A data is.
-Greedy decoding follows whichever first token is most likely, while the value head learns from outcomes which kind
-of answer (and which answer) tends to be right.
+and the test questions. The instruction-tuning answers mix two sources, as clinical Q&A data does. 40 % are worked
+calculations, as a dose is checked by hand: the mg/kg, the weight split into tens and units, each part multiplied,
+the parts added ("15 mg/kg\\n15 x 32 = 15 x 30 + 15 x 2\\n= 450 + 30\\n= 480 mg", one line per step). 60 % are
+terse prescribed doses, rounded to a measurable amount ("Dose: about 500 mg"; ``--terse-style exact`` gives the
+exact product instead): right under the exact check only when rounding leaves the dose unchanged (a third of the
+pairs). Greedy decoding follows the majority's first token, so the model's most likely answer is the rounded one;
+the value head learns from checked outcomes of the model's own samples which kind of answer (and which answer)
+verifies. That is the effect measured: search steering a model away from its most likely but less reliable mode.
+With both sources exact (``--terse-style exact --terse-share 0.5``), no search beat greedy at this scale: a head
+reading a tiny model's states cannot check a product it could not compute.
 
 Steps, all on CPU with a tiny model (a 2-layer Llama of hidden size 64 trained here in a minute; it shows the
 mechanics and the effect of search on one model, not clinical quality):
@@ -57,15 +62,24 @@ def question(drug: str, kg: int) -> str:
     return f"{drug.capitalize()} for a child of {kg} kg: what is the dose?"
 
 
-def answer(drug: str, kg: int, worked: bool = True) -> str:
+def measurable(dose: int) -> int:
+    """A dose rounded as prescriptions round it to something measurable: to 100 mg from 500 mg, 50 mg from 100 mg,
+    10 mg from 20 mg, else to 5 mg (half-way rounds up). A third of the drug-weight pairs come out unchanged."""
+    unit = 100 if dose >= 500 else 50 if dose >= 100 else 10 if dose >= 20 else 5
+    return unit * ((dose + unit // 2) // unit)
+
+
+def answer(drug: str, kg: int, worked: bool = True, terse: str = "exact") -> str:
     """The worked answer or the terse one (the dose alone).
 
     Worked, as a clinician checks a product by hand: the drug's mg/kg, then the weight split into tens and units,
     each part multiplied, and the parts added ("15 mg/kg\n15 x 32 = 15 x 30 + 15 x 2\n= 450 + 30\n= 480 mg").
-    Each line is one step for ``value_beam`` and ``mcts``."""
+    Each line is one step for ``value_beam`` and ``mcts``. Terse: the exact dose ("Dose: 480 mg"), or with
+    ``terse="rounded"`` the prescribed, rounded one ("Dose: about 500 mg"), which the exact check marks wrong
+    unless rounding leaves it unchanged."""
     per = DRUGS[drug]
     if not worked:
-        return f"Dose: {per * kg} mg"
+        return f"Dose: {per * kg} mg" if terse == "exact" else f"Dose: about {measurable(per * kg)} mg"
     tens, units = kg - kg % 10, kg % 10
     if tens and units:
         return (f"{per} mg/kg\n{per} x {kg} = {per} x {tens} + {per} x {units}\n"
@@ -87,10 +101,10 @@ def correct(text: str, drug: str, kg: int) -> bool:
     return last_number(text) == DRUGS[drug] * kg
 
 
-def record(drug: str, kg: int, i: int, worked: bool = True) -> dict:
+def record(drug: str, kg: int, i: int, worked: bool = True, terse: str = "exact") -> dict:
     return {"id": f"dose{i}", "drug": drug, "kg": kg,
             "conversations": [{"from": "human", "value": question(drug, kg)},
-                              {"from": "gpt", "value": answer(drug, kg, worked)}]}
+                              {"from": "gpt", "value": answer(drug, kg, worked, terse)}]}
 
 
 def splits(seed: int, n_value: int, n_test: int, n_sft: int):
@@ -109,14 +123,15 @@ def build_model(work: Path, sft_pairs, args):
     from medmm.model.multimodal import MedMMForCausalLM
     from medmm.model.tiny import build_tiny_llm
 
-    words = [re.sub(r"\d+", " ", question(d, 1) + " " + answer(d, 1) + " " + answer(d, 1, False)) for d in DRUGS]
+    words = [re.sub(r"\d+", " ", question(d, 1) + " " + answer(d, 1) + " " + answer(d, 1, False, args.terse_style))
+             for d in DRUGS]
     words += [str(i) for i in range(10)]
     llm = build_tiny_llm(work / "llm", words * 4, hidden=args.hidden, layers=args.layers, heads=4, kv_heads=2,
                          seed=args.seed)
     model = MedMMForCausalLM.from_config(ModelConfig(llm=str(llm), llm_trainable="full"))
     data = work / "sft.jsonl"
-    styles = random.Random(args.seed + 1)  # each SFT answer is worked or terse, half and half
-    data.write_text("".join(json.dumps(record(d, w, i, styles.random() >= args.terse_share)) + "\n"
+    styles = random.Random(args.seed + 1)  # each SFT answer is terse with probability --terse-share
+    data.write_text("".join(json.dumps(record(d, w, i, styles.random() >= args.terse_share, args.terse_style)) + "\n"
                             for i, (d, w) in enumerate(sft_pairs)))
     proc = model.processor(128)
     ds = ConversationDataset(data, proc, "sft")
@@ -177,7 +192,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--sft-records", type=int, default=900)
     ap.add_argument("--sft-steps", type=int, default=1000)
-    ap.add_argument("--terse-share", type=float, default=0.5, help="share of SFT answers given without working")
+    ap.add_argument("--terse-share", type=float, default=0.6, help="share of SFT answers given without working")
+    ap.add_argument("--terse-style", choices=("rounded", "exact"), default="rounded",
+                    help="terse SFT answers give the prescribed dose rounded to a measurable amount (default) or the "
+                         "exact product")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--value-records", type=int, default=250)
@@ -205,7 +223,8 @@ def main(argv=None) -> dict:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="medmm-search-"))
     work.mkdir(parents=True, exist_ok=True)
     sft_pairs, value_pairs, test_pairs = splits(args.seed, args.value_records, args.test, args.sft_records)
-    settings = {k: getattr(args, k) for k in ("hidden", "layers", "sft_records", "sft_steps", "terse_share", "batch",
+    settings = {k: getattr(args, k) for k in ("hidden", "layers", "sft_records", "sft_steps", "terse_share", "terse_style",
+                                              "batch",
                                               "lr", "seed")}
     done = work / "sft.json"
     if (work / "sft_model").is_dir() and done.is_file() and json.loads(done.read_text())["settings"] == settings:
@@ -257,7 +276,7 @@ def main(argv=None) -> dict:
     result = {
         "task": "weight-based paediatric dose calculation (synthetic questions, real mg/kg doses of 47 drugs, "
                 "checked by arithmetic); drug-weight pairs disjoint between SFT, value-stage and test splits; "
-                f"SFT answers worked or terse ({args.terse_share:.0%} terse)",
+                f"SFT answers worked (exact) or terse ({args.terse_share:.0%} terse, {args.terse_style})",
         "model": f"tiny Llama trained here on CPU: hidden {args.hidden}, {args.layers} layers, "
                  f"{sft_info['params']:,} parameters (a tiny model: mechanics and relative effect, not quality)",
         "n": n, "seeds": {"split_and_training": args.seed, "decoding": args.seed, "bootstrap": args.seed},

@@ -451,6 +451,8 @@ def _pacs(argv: list[str]) -> None:
     lis.add_argument("--forward-to", help="AET@host:port (C-STORE) or http(s)://.../dicom-web (STOW-RS)")
     lis.add_argument("--study-timeout", type=float, default=5.0, help="seconds after the last instance")
     lis.add_argument("--max-queue", type=int, default=16, help="studies collecting/waiting; more get 0xA700")
+    lis.add_argument("--max-batch", type=int, default=8,
+                     help="studies waiting in the queue reported together in one batched generate (1: one by one)")
     lis.add_argument("--out", default="runs/pacs", help="SRs, studies.jsonl and the spool")
     lis.add_argument("--keep-studies", action="store_true", help="keep received instances after processing")
     lis.add_argument("--retry-seconds", type=float, default=60.0,
@@ -469,6 +471,9 @@ def _pacs(argv: list[str]) -> None:
     web.add_argument("--token-file", help="file holding the API token (default: $MEDMM_API_TOKEN)")
     web.add_argument("--max-request-mb", type=float, default=256.0)
     web.add_argument("--openapi", help="write the OpenAPI spec to this file and exit")
+    web.add_argument("--batching", choices=["continuous", "window", "off"], default="continuous",
+                     help="concurrent /v1/ask: continuous (HF continuous batching for text-only greedy questions, "
+                          "window for the rest), window (static batches per time window) or off")
     for p in (rep, pull, lis, web):
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--question", default="Describe the findings.")
@@ -512,16 +517,19 @@ def _pacs(argv: list[str]) -> None:
         if a.openapi:
             from pathlib import Path
 
-            Path(a.openapi).write_text(json.dumps(create_app(pipeline, token).openapi(), indent=2))
+            app = create_app(pipeline, token, batching="off")  # the spec only: no decoding loop to start
+            Path(a.openapi).write_text(json.dumps(app.openapi(), indent=2))
+            app.state.batcher.close()
             print(json.dumps({"openapi": a.openapi}))
             return
-        serve(pipeline, token, a.host, a.port, int(a.max_request_mb * (1 << 20)))
+        serve(pipeline, token, a.host, a.port, int(a.max_request_mb * (1 << 20)), a.batching)
         return
     if a.kind == "listen":
         from .export.listener import ListenerConfig, StudyListener
 
         lcfg = ListenerConfig(aet=a.aet, host=a.host, port=a.port, allowed_aets=a.allowed_aets.split(","),
-                              study_timeout_s=a.study_timeout, max_queue=a.max_queue, forward_to=a.forward_to,
+                              study_timeout_s=a.study_timeout, max_queue=a.max_queue, max_batch=a.max_batch,
+                              forward_to=a.forward_to,
                               out_dir=a.out, keep_studies=a.keep_studies, retry_s=a.retry_seconds,
                               amend_window_s=a.amend_window)
         StudyListener(ReportPipeline(a.checkpoint, cfg, device=a.device), lcfg).serve_forever()

@@ -781,6 +781,8 @@ class ListenerConfig:
     """Studies being collected, waiting or in inference at once; a new study beyond this gets 0xA700."""
     max_instances: int = 5000
     """Instances accepted per burst of a study; more get 0xA700."""
+    max_batch: int = 8
+    """Studies waiting in the queue that the worker reports together in one batched ``generate`` (1: one by one)."""
     forward_to: str | None = None
     """``AET@host:port`` or a DICOMweb URL; None: SRs stay in ``out_dir/sr``."""
     retry_s: float = 60.0
@@ -802,8 +804,8 @@ class ListenerConfig:
         self.allowed_aets = [check_aet(a, "--allowed-aets") for a in self.allowed_aets if a.strip()]
         if not self.allowed_aets:
             raise ValueError("--allowed-aets: list the calling AE titles that may send studies (e.g. CT01,PACS)")
-        if self.study_timeout_s <= 0 or self.max_queue < 1 or self.max_instances < 1:
-            raise ValueError("study_timeout_s, max_queue and max_instances must be positive")
+        if self.study_timeout_s <= 0 or self.max_queue < 1 or self.max_instances < 1 or self.max_batch < 1:
+            raise ValueError("study_timeout_s, max_queue, max_instances and max_batch must be positive")
         if self.retry_s < 0 or self.amend_window_s < 0:
             raise ValueError("retry_s and amend_window_s must not be negative")
         if self.forward_to:

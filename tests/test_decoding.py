@@ -154,7 +154,11 @@ def test_speculative_with_a_partly_agreeing_draft_equals_greedy(model, session):
             assert got.tokens == greedy[name, q]
             proposed, accepted = proposed + got.proposed, accepted + got.accepted
             adaptive = DecodingConfig("speculative", 12, params={**spec.params, "draft_schedule": "heuristic"})
-            assert sess.decode(q, adaptive, aux={"draft": draft}).tokens == greedy[name, q]
+            full = sess.decode(q, adaptive, aux={"draft": draft})
+            assert full.tokens == greedy[name, q]
+            unsure = DecodingConfig("speculative", 12, params={**adaptive.params, "draft_confidence": 0.5})
+            cut = sess.decode(q, unsure, aux={"draft": draft})  # guesses stop where the draft is unsure
+            assert cut.tokens == greedy[name, q] and cut.proposed <= full.proposed
     assert 0 < accepted < proposed  # some guesses kept, some corrected
     eos = model.tokenizer.eos_token_id
     q = QUESTIONS[0]

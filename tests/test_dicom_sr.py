@@ -158,3 +158,66 @@ def test_amended_report_lists_its_predecessor(pipeline, pydicom_files, tmp_path)
     mr = pydicom.dcmread(pydicom_files / "MR_small.dcm")
     with pytest.raises(DicomError, match="another study"):
         pipeline.run([mr], predecessor=first)
+
+
+def _fresh(src, n: int = 1, truncate_pixels: bool = False) -> list:
+    """A new study (new Study/Series/SOP UIDs) of ``n`` in-memory copies of a real file."""
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    if truncate_pixels:
+        ds.PixelData = ds.PixelData[:64]
+    out = []
+    for i in range(n):
+        d = copy.deepcopy(ds)
+        d.SOPInstanceUID = d.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        d.InstanceNumber = i + 1
+        out.append(d)
+    return out
+
+
+def test_run_many_equals_run_one_by_one_and_failures_stay_alone(pipeline, shared_data, pydicom_files, tmp_path):
+    ct_sr = pipeline.run(pydicom_files / "CT_small.dcm").sr  # the SR the first study amends
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("not DICOM")
+    sources = [pydicom_files / "CT_small.dcm",
+               _fresh(pydicom_files / "MR_small.dcm"),
+               tmp_path / "notes",  # fails at load
+               shared_data / "dicom" / "ct_series_head_GE_tilt",  # a volume: a shorter prompt, so left padding
+               _fresh(pydicom_files / "CT_small.dcm", truncate_pixels=True),  # fails inside the batched predict
+               _fresh(pydicom_files / "MR_small.dcm", n=2)]
+    predecessors = [ct_sr, None, None, None, None, None]
+    many = pipeline.run_many(sources, predecessors)
+
+    assert [type(r).__name__ for r in many] == ["StudyReport", "StudyReport", "DicomError", "StudyReport",
+                                                "DicomError", "StudyReport"]
+    assert "no readable DICOM instance" in many[2].reason and "inference failed" in many[4].reason
+    for i in (0, 1, 3, 5):  # greedy: the batched answers are the one-by-one answers
+        one = pipeline.run(sources[i], predecessor=predecessors[i])
+        assert many[i].text == one.text, i
+        assert [s["op"] for s in many[i].record["steps"]] == ["load_study", "select_series", "infer", "write_sr"]
+        r = read_report(many[i].sr)
+        assert r["text"] == many[i].text and r["study_instance_uid"] == one.record["study_instance_uid"]
+    infer = [next(s for s in many[i].record["steps"] if s["op"] == "infer") for i in (0, 1, 3, 5)]
+    assert {(s["batch"], s["generate_batch"]) for s in infer} == {(5, 4)}  # 5 loaded, 4 reached generate
+    assert len({s["prompt_tokens"] for s in infer}) == 2  # image and volume prompts differ in length
+    assert many[0].record["predecessor_sr"] == ct_sr.SOPInstanceUID
+    assert read_report(many[0].sr)["predecessor_sop_instance_uids"] == [ct_sr.SOPInstanceUID]
+    assert many[1].record["predecessor_sr"] is None
+
+
+def test_run_many_falls_back_one_by_one_when_the_batch_crashes(pipeline, pydicom_files, monkeypatch):
+    good, bad = _fresh(pydicom_files / "MR_small.dcm"), _fresh(pydicom_files / "CT_small.dcm")
+    real = pipeline.predictor.predict
+
+    def predict(requests, *a, **k):  # a crash inside the model whenever the bad study is in the call
+        if any(r["id"] == bad[0].StudyInstanceUID for r in requests):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real(requests, *a, **k)
+
+    expected = pipeline.run(good).text
+    monkeypatch.setattr(pipeline.predictor, "predict", predict)
+    ok, crashed = pipeline.run_many([good, bad])
+    assert isinstance(crashed, RuntimeError) and "device-side assert" in str(crashed)
+    assert ok.text == expected
+    (step,) = [s for s in ok.record["steps"] if s["op"] == "infer"]
+    assert (step["batch"], step["generate_batch"]) == (2, 1)  # asked again on its own

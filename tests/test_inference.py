@@ -208,3 +208,17 @@ def test_hf_assistant_and_prompt_lookup_equal_greedy(checkpoint, tiny_llm):
         medmm = p.predict(reqs, DecodingConfig(d.strategy, 12, params={**d.params, "backend": "medmm"}))
         assert [g["engine"] for g in medmm] == ["loop", "loop"]
         assert [g["answer"] for g in medmm] == [g["answer"] for g in greedy]
+
+
+def test_draft_confidence_takes_the_loop_and_equals_greedy(checkpoint, tiny_llm):
+    """``draft_confidence`` is honoured by medmm's loop only: ``backend=auto`` routes there (still greedy's answer)
+    and ``backend=hf`` is an error naming the setting, never a silently ignored threshold."""
+    p = Predictor(checkpoint)
+    reqs = [{"id": "a", "question": "drug? drug? drug? is this a drug"}, {"id": "b", "question": "what is it?"}]
+    greedy = p.predict(reqs, DecodingConfig(max_new_tokens=12))
+    spec = {"draft": str(tiny_llm), "num_draft_tokens": 4, "draft_confidence": 0.5}
+    got = p.predict(reqs, DecodingConfig("speculative", 12, params=spec))
+    assert [g["engine"] for g in got] == ["loop", "loop"]
+    assert [g["answer"] for g in got] == [g["answer"] for g in greedy]
+    bad = p.predict(reqs[:1], DecodingConfig("speculative", 12, params={**spec, "backend": "hf"}))[0]
+    assert bad["error"] == "ConfigError" and "draft_confidence" in bad["message"]

@@ -249,6 +249,9 @@ class _Gate:
         assert self.open.wait(60)
         return self.inner.run(*args, **kwargs)
 
+    def run_many(self, *args, **kwargs):
+        return self.inner.run_many(*args, **kwargs)
+
 
 def _store(port: int, paths: list[Path], aet: str = "SCU") -> list[int]:
     from pynetdicom import AE, StoragePresentationContexts
@@ -518,3 +521,44 @@ def test_resend_failure_exits_nonzero_and_keeps_the_files(checkpoint, pydicom_fi
     assert first >= 2 and second == 1  # retried once for the window, then the destination counts as down
     with pytest.raises(SystemExit, match="no such file"):
         cli_main(["pacs", "resend", str(tmp_path / "nowhere"), "--to", f"PACS@127.0.0.1:{free_port()}"])
+
+
+def test_listener_reports_waiting_studies_in_one_batch(checkpoint, pydicom_files, tmp_path):
+    """Studies that queue up while the worker is busy are reported together (one batched generate), with the
+    answers they get one by one; a corrupt study fails alone; a second burst of a study waits for the next batch."""
+    pipeline = ReportPipeline(checkpoint, ReportConfig(decoding=DecodingConfig(max_new_tokens=8)))
+    gate = _Gate(pipeline)
+    port, out = free_port(), tmp_path / "pacs"
+    listener = StudyListener(gate, ListenerConfig(port=port, allowed_aets=["SCU"], study_timeout_s=0.2, max_queue=8,
+                                                  max_batch=8, out_dir=str(out))).start()
+    first = _new_study(pydicom_files / "CT_small.dcm", tmp_path / "first")
+    two = _new_study(pydicom_files / "MR_small.dcm", tmp_path / "two", n=2)
+    ct = _new_study(pydicom_files / "CT_small.dcm", tmp_path / "ct")
+    broken = _new_study(pydicom_files / "CT_small.dcm", tmp_path / "broken", truncate_pixels=True)
+    mr = _new_study(pydicom_files / "MR_small.dcm", tmp_path / "mr")
+    try:
+        assert _store(port, first) == [0]
+        assert gate.entered.wait(60)  # the worker holds the first study at the gate; the others queue up
+        for k, paths in enumerate((two[:1], ct, broken, mr)):
+            assert _store(port, paths) == [0]
+            _wait(lambda k=k: listener._queue.qsize() == k + 1, 60, f"study {k + 1} queued")
+        assert _store(port, two[1:]) == [0]  # a second burst of a queued study
+        _wait(lambda: listener._queue.qsize() == 5, 60, "the second burst queued")
+        gate.open.set()
+        assert listener.wait_idle(120)
+    finally:
+        listener.stop()
+    uid = {pydicom.dcmread(p[0]).StudyInstanceUID: k for k, p in (("first", first), ("two", two), ("ct", ct),
+                                                                   ("broken", broken), ("mr", mr))}
+    recs = _records(out)
+    assert [(uid[r["study_instance_uid"]], r["outcome"], r.get("error"), r["batch_size"]) for r in recs] == [
+        ("first", "ok", None, 1), ("two", "ok", None, 4), ("ct", "ok", None, 4), ("broken", "failed", "DicomError", 4),
+        ("mr", "ok", None, 4), ("two", "ok", None, 1)]
+    assert listener.batch_sizes == {1: 2, 4: 1}
+    infer = {r["sr_sop_instance_uid"]: next(s for s in r["steps"] if s["op"] == "infer") for r in recs if "steps" in r}
+    assert [(s["batch"], s["generate_batch"]) for s in infer.values()] == [(1, 1), (4, 3), (4, 3), (4, 3), (1, 1)]
+    assert recs[5]["predecessor_sr"] == recs[1]["sr_sop_instance_uid"]  # the later burst amends, in order
+    assert recs[1]["study_instances"] == recs[5]["study_instances"] == 2
+    # batched answers equal the answers the same studies get one by one (greedy)
+    for r, paths in ((recs[1], two), (recs[2], ct), (recs[4], mr)):
+        assert read_report(r["sr_file"])["text"] == pipeline.run(paths).text

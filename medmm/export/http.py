@@ -10,7 +10,8 @@ Every ``/v1`` call except health needs ``Authorization: Bearer <token>``; the to
 ``--token-file`` or ``MEDMM_API_TOKEN`` (at least 16 characters) and the server refuses to start
 without one. It binds to 127.0.0.1 unless ``--host`` says otherwise, and answers 413 to a body over
 ``--max-request-mb`` before reading it. One model serves every request: reports one at a time,
-concurrent ``/v1/ask`` questions batched (:class:`AskBatcher`).
+concurrent ``/v1/ask`` questions batched (:class:`AskBatcher`; ``--batching continuous`` by default: text-only greedy
+questions join Hugging Face's continuous batch as they arrive, the others share static windows).
 Uploaded files live in a temporary folder for the duration of the request only.
 
     MEDMM_API_TOKEN=$(cat /etc/medmm/token) medmm pacs http --checkpoint C --port 8080
@@ -95,30 +96,96 @@ class BodyLimit:
                 await self._reject(scope, receive, send)
 
 
-class AskBatcher:
-    """Batches concurrent ``/v1/ask`` requests: those that arrive within ``window_s`` of the first one and share its
-    decoding settings run as ONE :meth:`Predictor.predict` call (HF ``generate`` batches them; sessions and closed
-    sets run one by one inside it). One worker thread owns the model; ``submit`` blocks until its answer is ready.
-    Static batching per window: the model's ``generate`` cannot admit a request into a running batch."""
+BATCHING = ("continuous", "window", "off")
+_STOP = object()  # the window worker's stop signal
 
-    def __init__(self, predictor, model_lock: threading.Lock, max_batch: int = 8, window_s: float = 0.01):
+
+class AskBatcher:
+    """Serves concurrent ``/v1/ask`` requests on one model, in one of three modes (``batching``):
+
+    * ``continuous``: a request that plain greedy ``generate`` would answer (text only, no options, greedy without
+      repetition penalty or n-gram ban) joins the running batch of Hugging Face's continuous batching manager as
+      soon as it arrives and leaves when it ends (:class:`~medmm.inference.continuous.ContinuousDecoder`, the same
+      answers as :meth:`Predictor.predict`); every other request takes the window path below. Where the model
+      cannot be served that way the batcher runs as ``window`` (:attr:`continuous_refused` says why);
+    * ``window``: static batching: requests that arrive within ``window_s`` of the first one and share its decoding
+      settings run as ONE :meth:`Predictor.predict` call (HF ``generate`` batches them; sessions and closed sets run
+      one by one inside it). When that call fails, its requests run again one by one, so only the failing one fails;
+    * ``off``: one request at a time.
+
+    One worker thread runs the window path; ``submit`` blocks until its answer is ready and marks it with the path
+    that served it (``batching``). :attr:`served` counts requests per path, :attr:`batches` the sizes of the window
+    path's predict calls, and the continuous decoder's ``running_together`` how many requests decoded together.
+    """
+
+    def __init__(self, predictor, model_lock: threading.Lock, max_batch: int = 8, window_s: float = 0.01,
+                 batching: str = "window", max_tokens: int = 2048):
+        import collections
         import queue
 
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.predictor, self.lock = predictor, model_lock
-        self.max_batch, self.window_s = max(1, max_batch), window_s
+        self.max_batch, self.window_s = (1 if batching == "off" else max(1, max_batch)), window_s
+        self.mode = batching
+        self.continuous = None
+        self.continuous_refused: str | None = None
+        if batching == "continuous":
+            from ..inference.continuous import ContinuousDecoder
+
+            try:
+                self.continuous = ContinuousDecoder(predictor, self.max_batch, max_tokens, lock=model_lock)
+            except ConfigError as e:
+                log.warning("continuous batching is not available, using the window batcher: %s", e)
+                self.continuous_refused, self.mode = str(e), "window"
         self.queue: queue.Queue = queue.Queue()
         self.batches: list[int] = []  # sizes of the predict() calls made (for tests and the bench)
+        self.served: collections.Counter = collections.Counter()  # requests per path
+        self._count = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="medmm-ask-batcher", daemon=True)
         self._worker.start()
 
+    def exclusive(self):
+        """The context every other user of the model enters: the model lock, with the continuous loop paused."""
+        return self.continuous.exclusive() if self.continuous is not None else self.lock
+
     def submit(self, record: dict, decoding) -> dict:
+        if self.continuous is not None:
+            out = self.continuous.submit(record, decoding)  # None: not for the continuous path
+            if out is not None:
+                with self._count:
+                    self.served["continuous"] += 1
+                return {**out, "batching": "continuous"}
         done = threading.Event()
         slot: dict = {}
         self.queue.put((record, decoding, slot, done))
         done.wait()
         if "exception" in slot:
             raise slot["exception"]
-        return slot["out"]
+        path = "off" if self.max_batch == 1 else "window"
+        with self._count:
+            self.served[path] += 1
+        return {**slot["out"], "batching": path}
+
+    def close(self) -> None:
+        """Stop the continuous loop (finishing its requests) and the window worker."""
+        if self.continuous is not None:
+            self.continuous.close()
+        self.queue.put(_STOP)
+
+    def _predict(self, group: list, decoding) -> None:
+        try:
+            with self.exclusive():
+                outs = self.predictor.predict([g[0] for g in group], decoding, batch_size=self.max_batch)
+            self.batches.append(len(group))
+            for g, out in zip(group, outs):
+                g[2]["out"] = out
+        except Exception as e:  # noqa: BLE001 - handed to the waiting request(s)
+            if len(group) > 1:  # one request may have failed the whole call: run each alone
+                for g in group:
+                    self._predict([g], decoding)
+                return
+            group[0][2]["exception"] = e
 
     def _run(self) -> None:
         import dataclasses
@@ -127,8 +194,10 @@ class AskBatcher:
 
         held = None
         while True:
-            first = held or self.queue.get()
+            first = held if held is not None else self.queue.get()
             held = None
+            if first is _STOP:
+                return
             group = [first]
             key = dataclasses.asdict(first[1])
             deadline = time.monotonic() + self.window_s
@@ -137,26 +206,22 @@ class AskBatcher:
                     item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                if dataclasses.asdict(item[1]) != key:
-                    held = item  # other settings: the next batch starts with it
+                if item is _STOP or dataclasses.asdict(item[1]) != key:
+                    held = item  # other settings (or the stop): the next batch starts with it
                     break
                 group.append(item)
-            try:
-                with self.lock:
-                    outs = self.predictor.predict([g[0] for g in group], first[1], batch_size=self.max_batch)
-                self.batches.append(len(group))
-                for g, out in zip(group, outs):
-                    g[2]["out"] = out
-            except Exception as e:  # noqa: BLE001 - handed to every waiting request
-                for g in group:
-                    g[2]["exception"] = e
+            self._predict(group, first[1])
             for g in group:
                 g[3].set()
 
 
 def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20, max_batch: int = 8,
-               batch_window_s: float = 0.01):
-    """The FastAPI app around a loaded :class:`~medmm.export.study.ReportPipeline`."""
+               batch_window_s: float = 0.01, batching: str = "continuous"):
+    """The FastAPI app around a loaded :class:`~medmm.export.study.ReportPipeline`.
+
+    ``batching`` chooses how concurrent ``/v1/ask`` requests share the model (:class:`AskBatcher`): ``continuous``
+    (the default; ``window`` where the model cannot), ``window`` or ``off``. The app stops the batcher on shutdown.
+    """
     optional_import("fastapi")
     from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile
     from fastapi.responses import Response
@@ -170,9 +235,11 @@ def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20, max_bat
 
     if len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"the API token must have at least {MIN_TOKEN_CHARS} characters")
+    import contextlib
+
     model_lock = threading.Lock()  # one model: one report or one batch of questions at a time
     predictor = pipeline.predictor
-    batcher = AskBatcher(predictor, model_lock, max_batch, batch_window_s)
+    batcher = AskBatcher(predictor, model_lock, max_batch, batch_window_s, batching)
     bearer = HTTPBearer(auto_error=False, description="the token from --token-file or $MEDMM_API_TOKEN")
 
     def require_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
@@ -218,8 +285,14 @@ def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20, max_bat
         probs: dict[str, float] | None = None
         new_tokens: int | None = None
         decoding: dict | None = None
+        batching: str | None = Field(default=None, description="the path that served it: continuous, window or off")
 
-    app = FastAPI(title="medmm", version=__version__,
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()  # the continuous loop finishes its requests and releases its cache
+
+    app = FastAPI(title="medmm", version=__version__, lifespan=lifespan,
                   description="Reports from a medmm multimodal model. Not a medical device: every report is "
                               "UNVERIFIED until a clinician verifies it.")
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
@@ -245,7 +318,7 @@ def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20, max_bat
                 with open(folder / f"{i:06d}.dcm", "wb") as out:
                     shutil.copyfileobj(f.file, out)
             try:
-                with model_lock:
+                with batcher.exclusive():
                     res = pipeline.run(folder, work_dir=Path(tmp) / "work", question=question)
             except InvalidInputError as e:
                 rec = e.to_record()
@@ -298,14 +371,16 @@ def create_app(pipeline, token: str, max_request_bytes: int = 256 << 20, max_bat
         if "error" in out:
             raise HTTPException(422, {"error": out["error"], "message": out["message"]})
         return AskOut(answer=out["answer"], probs=out.get("probs"), new_tokens=out.get("new_tokens"),
-                      decoding=out.get("decoding"))
+                      decoding=out.get("decoding"), batching=out.get("batching"))
 
     return app
 
 
-def serve(pipeline, token: str, host: str = "127.0.0.1", port: int = 8080, max_request_bytes: int = 256 << 20) -> None:
+def serve(pipeline, token: str, host: str = "127.0.0.1", port: int = 8080, max_request_bytes: int = 256 << 20,
+          batching: str = "continuous") -> None:
     """Run the API with uvicorn until interrupted."""
     uvicorn = optional_import("uvicorn")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the API is reachable from the network; put TLS in front of it", host)
-    uvicorn.run(create_app(pipeline, token, max_request_bytes), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(pipeline, token, max_request_bytes, batching=batching), host=host, port=port,
+                log_level="info")

@@ -4,7 +4,9 @@
     modality / PACS / storescu --C-STORE--> StudyListener   (only calling AE titles in --allowed-aets)
       -> spool/<n>/ one folder per study; a burst of instances is complete when none came for --study-timeout s
       -> bounded queue (--max-queue studies collecting or waiting; a new study beyond it gets 0xA700)
-      -> worker: ReportPipeline (load -> select series -> infer -> write SR) -> out/sr/<uid>.dcm
+      -> worker: the next study and those waiting behind it (up to --max-batch, one burst per study)
+      -> ReportPipeline.run_many (each study loaded, selected and written alone; one batched generate)
+      -> out/sr/<uid>.dcm
       -> --forward-to AET@host:port (C-STORE) or http(s)://.../dicom-web (STOW-RS), retried with back-off
          for --retry-seconds; an SR still not delivered is kept in out/undelivered/ for `medmm pacs resend`
       -> out/studies.jsonl: one line per burst with its outcome (UIDs, counts, timings, error type and
@@ -19,8 +21,10 @@ instances, and its SR still names the previous one). The lineage (study -> lates
 from ``studies.jsonl`` when the listener starts.
 
 A failing study (unreadable pixels, no image series, a crash inside the model) is logged as
-``failed`` and the listener goes on with the next one. Without ``--forward-to`` the SRs stay in
-``out/sr/`` (DIMSE has no way back to a caller whose port is not configured).
+``failed`` and the listener goes on with the next one; in a batch it fails alone (a crash of the batched
+``generate`` is retried study by study). Each log line has ``batch_size``, the studies reported together.
+Without ``--forward-to`` the SRs stay in ``out/sr/`` (DIMSE has no way back to a caller whose port is not
+configured).
 
     medmm pacs listen --aet MEDMM --port 11112 --allowed-aets CT01,PACS --checkpoint C \\
         --forward-to PACS@10.0.0.5:104 --retry-seconds 60
@@ -29,6 +33,7 @@ A failing study (unreadable pixels, no image series, a crash inside the model) i
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -279,6 +284,7 @@ class StudyListener:
         self._held: dict[str, _Held] = {}
         self._last_sr: dict[str, Path] = self._lineage_from_log()
         self._queue: queue.Queue[_Study] = queue.Queue(maxsize=config.max_queue)
+        self._waiting: list[_Study] = []  # taken from the queue by the worker, not yet processed (worker's own)
         self._in_flight = 0  # bursts queued or in inference (counted under the lock from queueing to done)
         self._refused: set[str] = set()
         self._stop = threading.Event()
@@ -286,6 +292,8 @@ class StudyListener:
         self._server = None
         self._ids = itertools.count()
         self.counts = {"ok": 0, "failed": 0, "sr_not_delivered": 0, "refused": 0, "rejected_associations": 0}
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        """Studies reported together -> how many times the worker did so."""
 
     def _lineage_from_log(self) -> dict[str, Path]:
         """Study UID -> its latest SR file, from an earlier run's ``studies.jsonl``."""
@@ -389,29 +397,76 @@ class StudyListener:
                 shutil.rmtree(f, ignore_errors=True)
             self._stop.wait(min(0.2, self.cfg.study_timeout_s / 4))
 
+    def _next_batch(self) -> list[_Study]:
+        """The next study and the studies waiting behind it, in arrival order, up to ``max_batch``; a later burst of
+        a study already in the batch waits for a later batch (it amends this one's SR, so bursts stay in order)."""
+        if not self._waiting:
+            try:
+                self._waiting.append(self._queue.get(timeout=0.2))
+            except queue.Empty:
+                return []
+        if self.cfg.max_batch > 1:
+            while True:  # everything already queued (the queue is bounded by max_queue)
+                try:
+                    self._waiting.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+        batch, later, uids = [], [], set()
+        for st in self._waiting:
+            if len(batch) < self.cfg.max_batch and st.uid not in uids:
+                batch.append(st)
+                uids.add(st.uid)
+            else:
+                later.append(st)
+        self._waiting = later
+        return batch
+
     def _worker(self) -> None:
         while not self._stop.is_set():
-            try:
-                st = self._queue.get(timeout=0.2)
-            except queue.Empty:
+            batch = self._next_batch()
+            if not batch:
                 continue
             try:
-                self._process(st)
+                self._process(batch)
             finally:
                 with self._lock:
-                    self._in_flight -= 1
-                    held = self._held.get(st.uid)
-                    if held is not None:
-                        held.bursts -= 1
-                        held.idle_since = time.monotonic()
+                    now = time.monotonic()
+                    for st in batch:
+                        self._in_flight -= 1
+                        held = self._held.get(st.uid)
+                        if held is not None:
+                            held.bursts -= 1
+                            held.idle_since = now
 
-    def _process(self, st: _Study) -> None:
+    def _process(self, batch: list[_Study]) -> None:
+        """Report the studies of ``batch`` (distinct studies) with one batched inference, then save, deliver and
+        log each SR in turn. Each study holds every instance received so far, and amends the study's latest SR
+        (single worker, one burst of a study per batch: bursts run in order)."""
         t0 = time.monotonic()
-        rec: dict = {"study_instance_uid": st.uid, "calling_aet": st.calling_aet, "instances": st.count,
-                     "receive_s": round(st.last - st.first, 3), "queue_wait_s": round(t0 - st.queued_at, 3)}
+        predecessors = [self._predecessor(st.uid) for st in batch]
+        results: list
+        if len(batch) == 1:
+            try:
+                results = [self.pipeline.run(batch[0].folder, predecessor=predecessors[0])]
+            except Exception as e:  # handled per study in _finish
+                results = [e]
+        else:
+            try:  # each study's own failure comes back in its place; this catches a crash of the call itself
+                results = self.pipeline.run_many([st.folder for st in batch], predecessors=predecessors)
+            except Exception as e:
+                results = [e] * len(batch)
+        self.batch_sizes[len(batch)] += 1
+        for st, res in zip(batch, results):
+            rec: dict = {"study_instance_uid": st.uid, "calling_aet": st.calling_aet, "instances": st.count,
+                         "receive_s": round(st.last - st.first, 3), "queue_wait_s": round(t0 - st.queued_at, 3),
+                         "batch_size": len(batch)}
+            self._finish(st, rec, res)
+
+    def _finish(self, st: _Study, rec: dict, res) -> None:
+        """Save, deliver and log one study's outcome (``res``: its StudyReport or the exception that failed it)."""
         try:
-            # every instance of the study held so far, and the SR it amends (single worker: bursts run in order)
-            res = self.pipeline.run(st.folder, predecessor=self._predecessor(st.uid))
+            if isinstance(res, Exception):
+                raise res
             sr_path = self.out / "sr" / f"{res.sr.SOPInstanceUID}.dcm"
             res.sr.save_as(sr_path, enforce_file_format=True)
             self._last_sr[st.uid] = sr_path
@@ -499,7 +554,7 @@ class StudyListener:
         return False
 
     def stop(self) -> None:
-        """Stop accepting, let the running study finish (its SR delivery stops retrying), log studies left
+        """Stop accepting, let the running batch finish (its SR deliveries stop retrying), log studies left
         unprocessed, delete the received instances (unless ``keep_studies``)."""
         if self._server is not None:
             self._server.shutdown()
@@ -507,7 +562,8 @@ class StudyListener:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=600)
-        left = list(self._pending.values())
+        left = list(self._pending.values()) + self._waiting
+        self._waiting = []
         while not self._queue.empty():
             left.append(self._queue.get_nowait())
         for st in left:
@@ -532,4 +588,5 @@ class StudyListener:
         while not stop.wait(0.5):
             pass
         self.stop()
-        print(json.dumps({"stopped": True, **self.counts}), flush=True)
+        print(json.dumps({"stopped": True, **self.counts, "batch_sizes": dict(sorted(self.batch_sizes.items()))}),
+              flush=True)

@@ -6,7 +6,9 @@
     write_sr(study, sel, finding, alg)   a Comprehensive SR in the source study (medmm.export.dicom_sr), listing
                                          the SR it amends (``predecessor``) in its Predecessor Documents Sequence
 
-:class:`ReportPipeline` chains them. Each step appends one entry to the study's audit trail
+:class:`ReportPipeline` chains them (``run``); ``run_many`` reports several studies with one batched
+``infer_many`` (each study loaded, selected and written on its own, so a study that fails fails alone; greedy
+answers equal ``run``'s). Each step appends one entry to the study's audit trail
 (``StudyReport.record["steps"]``: what it did, on which UIDs, how long it took). Records hold UIDs,
 counts and timings, never patient names, IDs or the report text, so they can go to ordinary logs.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +35,7 @@ from pathlib import Path
 from ..config import DecodingConfig, ReportConfig  # noqa: F401  (ReportConfig: defined in medmm.config)
 from ..errors import DicomError, InvalidInputError
 
+log = logging.getLogger("medmm.pacs")
 # SOP classes / modalities that carry no pixels a model can read (reports, presentation states, key objects).
 NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "DOC", "SEG", "RTSTRUCT", "RTPLAN", "RWV", "REG", "FID", "AU", "ECG"}
 
@@ -266,16 +270,50 @@ def select_series(study: Study, model_config, cfg: ReportConfig) -> Selection:
     raise DicomError(source, "the model has neither an 'image' nor a 'volume' loader modality")
 
 
-def infer(predictor, study: Study, selection: Selection, cfg: ReportConfig) -> Finding:
-    """Ask the model; a failed request raises its typed error (DicomError for unreadable pixels)."""
-    req = {"id": study.uid, "modalities": {selection.modality: str(selection.value)}, "question": cfg.question}
-    out = predictor.predict([req], cfg.decoding, batch_size=1)[0]
+def _request(study: Study, selection: Selection, cfg: ReportConfig) -> dict:
+    return {"id": study.uid, "modalities": {selection.modality: str(selection.value)}, "question": cfg.question}
+
+
+def _finding(study: Study, out: dict) -> Finding:
+    """A Predictor output -> a Finding, or its typed error (DicomError for unreadable pixels)."""
     if "error" in out:
         cls = DicomError if out["error"] == "DicomError" else InvalidInputError
         raise cls(f"study {study.uid}", f"inference failed ({out['error']}): {out['message']}")
     from .dicom_sr import clean_text
 
     return Finding(text=clean_text(str(out["answer"])), record=out)
+
+
+def infer(predictor, study: Study, selection: Selection, cfg: ReportConfig) -> Finding:
+    """Ask the model; a failed request raises its typed error (DicomError for unreadable pixels)."""
+    return _finding(study, predictor.predict([_request(study, selection, cfg)], cfg.decoding, batch_size=1)[0])
+
+
+def infer_many(predictor, items: Sequence[tuple[Study, Selection]], cfg: ReportConfig) -> list[Finding | Exception]:
+    """Ask the model about several studies in one batched ``predict`` call (HF ``generate`` with left padding:
+    greedy answers equal :func:`infer`'s one by one). One entry per study, in order: its Finding, or the typed
+    error of that study alone. If the batched call itself raises (a crash inside the model), each study is asked
+    again on its own, so one bad study cannot fail its batch-mates."""
+    reqs = [_request(study, sel, cfg) for study, sel in items]
+    try:
+        outs = predictor.predict(reqs, cfg.decoding, batch_size=len(reqs))
+    except Exception as e:  # any crash: retry one by one and let each study keep its own outcome
+        log.warning("batched inference of %d studies failed (%s); inferring them one by one", len(reqs),
+                    type(e).__name__)
+        res: list[Finding | Exception] = []
+        for study, sel in items:
+            try:
+                res.append(infer(predictor, study, sel, cfg))
+            except Exception as e1:  # noqa: BLE001  (kept as that study's outcome)
+                res.append(e1)
+        return res
+    res = []
+    for (study, _), out in zip(items, outs):
+        try:
+            res.append(_finding(study, out))
+        except InvalidInputError as e:
+            res.append(e)
+    return res
 
 
 def write_sr(study: Study, selection: Selection, finding: Finding, algorithm, cfg: ReportConfig, predecessor=None):
@@ -320,6 +358,62 @@ class ReportPipeline:
         return {"question": cfg.question, "strategy": d.strategy, "max_new_tokens": str(d.max_new_tokens),
                 **{k: str(v) for k, v in sorted(d.params.items())}, "min_volume_slices": str(cfg.min_volume_slices)}
 
+    def _settings(self, question: str | None):
+        """The config and algorithm identification for ``question`` (None: the configured one)."""
+        cfg, algorithm = self.config, self.algorithm
+        if question is not None and question != cfg.question:
+            cfg = dataclasses.replace(cfg, question=question)
+            algorithm = dataclasses.replace(algorithm, parameters=self._parameters(cfg))
+        return cfg, algorithm
+
+    @staticmethod
+    def _read_predecessor(predecessor):
+        if isinstance(predecessor, (str, Path)):
+            import pydicom
+
+            try:
+                return pydicom.dcmread(predecessor, stop_before_pixels=True)
+            except Exception as e:  # pydicom raises many types on broken files
+                raise DicomError(predecessor, f"the SR to amend is not readable ({type(e).__name__}: {e})") from e
+        return predecessor
+
+    def _prepare(self, source, work_dir, cfg: ReportConfig) -> tuple[Study, Selection, list[dict]]:
+        """load_study -> select_series, with their audit entries."""
+        steps = []
+        t = time.perf_counter()
+        study = load_study(source, work_dir)
+        steps.append({"op": "load_study", "study_instance_uid": study.uid, "series": len(study.series),
+                      "instances": len(study.headers), "rejected_files": len(study.rejected),
+                      "s": round(time.perf_counter() - t, 4)})
+        t = time.perf_counter()
+        sel = select_series(study, self.predictor.model.config, cfg)
+        steps.append({"op": "select_series", "series_instance_uid": sel.series.uid, "modality": sel.modality,
+                      "loader": sel.loader, "instances": len(sel.instances), "reason": sel.reason,
+                      "s": round(time.perf_counter() - t, 4)})
+        return study, sel, steps
+
+    @staticmethod
+    def _infer_step(finding: Finding, seconds: float, batch: int) -> dict:
+        """``batch``: studies inferred together; ``generate_batch``: rows of the generate call that made this
+        finding (1 after a fallback to one by one; None for strategies outside HF generate)."""
+        return {"op": "infer", "prompt_tokens": finding.record.get("prompt_tokens"),
+                "new_tokens": finding.record.get("new_tokens"), "report_chars": len(finding.text), "batch": batch,
+                "generate_batch": finding.record.get("batch_size"), "s": round(seconds, 4)}
+
+    def _finish(self, study: Study, sel: Selection, finding: Finding, steps: list[dict], cfg: ReportConfig,
+                algorithm, predecessor) -> StudyReport:
+        """write_sr, and the study's audit record."""
+        t = time.perf_counter()
+        sr = write_sr(study, sel, finding, algorithm, cfg, predecessor)
+        steps.append({"op": "write_sr", "sop_instance_uid": str(sr.SOPInstanceUID),
+                      "series_instance_uid": str(sr.SeriesInstanceUID), "s": round(time.perf_counter() - t, 4)})
+        record = {"study_instance_uid": study.uid, "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+                  "predecessor_sr": str(predecessor.SOPInstanceUID) if predecessor is not None else None,
+                  "algorithm": {"name": algorithm.name, "version": algorithm.version, "uid": algorithm.uid},
+                  "decoding": dataclasses.asdict(cfg.decoding), "steps": steps,
+                  "seconds": round(sum(s["s"] for s in steps), 4)}
+        return StudyReport(sr=sr, text=finding.text, record=record)
+
     def run(self, source, work_dir: str | Path | None = None, question: str | None = None,
             predecessor=None) -> StudyReport:
         """One study in, its SR and audit record out. Errors are typed (DicomError, InvalidInputError).
@@ -328,43 +422,60 @@ class ReportPipeline:
         ``predecessor`` (an SR file or dataset of the same study) is the report this one amends: the new SR
         lists it in its Predecessor Documents Sequence, and the record names it as ``predecessor_sr``.
         """
-        cfg, algorithm = self.config, self.algorithm
-        if isinstance(predecessor, (str, Path)):
-            import pydicom
-
-            try:
-                predecessor = pydicom.dcmread(predecessor, stop_before_pixels=True)
-            except Exception as e:  # pydicom raises many types on broken files
-                raise DicomError(predecessor, f"the SR to amend is not readable ({type(e).__name__}: {e})") from e
-        if question is not None and question != cfg.question:
-            cfg = dataclasses.replace(cfg, question=question)
-            algorithm = dataclasses.replace(algorithm, parameters=self._parameters(cfg))
+        cfg, algorithm = self._settings(question)
+        predecessor = self._read_predecessor(predecessor)
         with contextlib.ExitStack() as stack:
             if work_dir is None:
                 work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="medmm-study-"))
-            steps = []
-            t = time.perf_counter()
-            study = load_study(source, work_dir)
-            steps.append({"op": "load_study", "study_instance_uid": study.uid, "series": len(study.series),
-                          "instances": len(study.headers), "rejected_files": len(study.rejected),
-                          "s": round(time.perf_counter() - t, 4)})
-            t = time.perf_counter()
-            sel = select_series(study, self.predictor.model.config, cfg)
-            steps.append({"op": "select_series", "series_instance_uid": sel.series.uid, "modality": sel.modality,
-                          "loader": sel.loader, "instances": len(sel.instances), "reason": sel.reason,
-                          "s": round(time.perf_counter() - t, 4)})
+            study, sel, steps = self._prepare(source, work_dir, cfg)
             t = time.perf_counter()
             finding = infer(self.predictor, study, sel, cfg)
-            steps.append({"op": "infer", "prompt_tokens": finding.record.get("prompt_tokens"),
-                          "new_tokens": finding.record.get("new_tokens"), "report_chars": len(finding.text),
-                          "s": round(time.perf_counter() - t, 4)})
-            t = time.perf_counter()
-            sr = write_sr(study, sel, finding, algorithm, cfg, predecessor)
-            steps.append({"op": "write_sr", "sop_instance_uid": str(sr.SOPInstanceUID),
-                          "series_instance_uid": str(sr.SeriesInstanceUID), "s": round(time.perf_counter() - t, 4)})
-        record = {"study_instance_uid": study.uid, "sr_sop_instance_uid": str(sr.SOPInstanceUID),
-                  "predecessor_sr": str(predecessor.SOPInstanceUID) if predecessor is not None else None,
-                  "algorithm": {"name": algorithm.name, "version": algorithm.version, "uid": algorithm.uid},
-                  "decoding": dataclasses.asdict(cfg.decoding), "steps": steps,
-                  "seconds": round(sum(s["s"] for s in steps), 4)}
-        return StudyReport(sr=sr, text=finding.text, record=record)
+            steps.append(self._infer_step(finding, time.perf_counter() - t, 1))
+            return self._finish(study, sel, finding, steps, cfg, algorithm, predecessor)
+
+    def run_many(self, sources: Sequence, predecessors: Sequence | None = None,
+                 question: str | None = None) -> list[StudyReport | Exception]:
+        """Several studies in, one batched inference (:func:`infer_many`), one SR per study out.
+
+        Each study is loaded, selected and written on its own, exactly as :meth:`run` does it: a study that
+        cannot be loaded, selected, inferred or written fails alone and the others go on. The infer step of each
+        record says how many studies shared the ``generate`` call (``batch``) and its wall time (``s``).
+
+        Args:
+            sources: one :meth:`run` ``source`` per study (folders, files, lists of paths or datasets); callers
+                keep bursts of one study out of the same call (a later burst amends the earlier one's SR).
+            predecessors: per study, the SR it amends (file, dataset or None); default none.
+            question: as in :meth:`run`, for every study.
+
+        Returns:
+            One entry per source, in order: its :class:`StudyReport`, or the exception that failed it (typed:
+            DicomError, InvalidInputError; anything else is a crash of that study).
+        """
+        cfg, algorithm = self._settings(question)
+        predecessors = list(predecessors) if predecessors is not None else [None] * len(sources)
+        if len(predecessors) != len(sources):
+            raise ValueError(f"{len(sources)} sources but {len(predecessors)} predecessors")
+        results: list[StudyReport | Exception | None] = [None] * len(sources)
+        with contextlib.ExitStack() as stack:
+            ready = []  # (index, study, selection, steps, predecessor dataset)
+            for i, (source, pre) in enumerate(zip(sources, predecessors)):
+                try:
+                    pre = self._read_predecessor(pre)
+                    work = stack.enter_context(tempfile.TemporaryDirectory(prefix="medmm-study-"))
+                    ready.append((i, *self._prepare(source, work, cfg), pre))
+                except Exception as e:  # noqa: BLE001  (that study's outcome; the others go on)
+                    results[i] = e
+            if ready:
+                t = time.perf_counter()
+                findings = infer_many(self.predictor, [(study, sel) for _, study, sel, _, _ in ready], cfg)
+                dt = time.perf_counter() - t
+                for (i, study, sel, steps, pre), finding in zip(ready, findings):
+                    if isinstance(finding, Exception):
+                        results[i] = finding
+                        continue
+                    steps.append(self._infer_step(finding, dt, len(ready)))
+                    try:
+                        results[i] = self._finish(study, sel, finding, steps, cfg, algorithm, pre)
+                    except Exception as e:  # noqa: BLE001
+                        results[i] = e
+        return results  # type: ignore[return-value]

@@ -169,15 +169,20 @@ class DecodeResult:
 
 
 class DraftProposer:
-    """A draft model proposing ``k`` greedy tokens; keeps its own cache in step with the sequence it is shown.
+    """A draft model proposing up to ``k`` greedy tokens; keeps its own cache in step with the sequence it is shown.
+
+    With ``confidence`` > 0 it stops early at a guess it gives less probability than that (HF's
+    ``assistant_confidence_threshold``): fewer draft forwards and a narrower check where the draft is unsure.
 
     With ``prefix_embeds`` (1, P, H) the draft's first P positions are those embeddings (the target's
     spliced prompt, modality features included) instead of token ids: a draft of the target's width
     then sees the image too.
     """
 
-    def __init__(self, draft_llm, prefix_embeds: torch.Tensor | None = None, suppress: list[int] | None = None):
+    def __init__(self, draft_llm, prefix_embeds: torch.Tensor | None = None, suppress: list[int] | None = None,
+                 confidence: float = 0.0):
         self.runner = CausalRunner(draft_llm, suppress=suppress)
+        self.confidence = confidence  # stop guessing at a token the draft gives less than this probability
         self.cache = None
         self.cached: list[int] = []
         self.forwards = 0
@@ -208,6 +213,8 @@ class DraftProposer:
         proposal = []
         for i in range(k):
             tok = greedy_token(logits[-1])
+            if i and self.confidence and float(torch.softmax(logits[-1], -1)[tok]) < self.confidence:
+                break  # the target would likely reject it: verify the guesses so far (the first is always kept)
             proposal.append(tok)
             if i < k - 1:
                 logits, self.cache, _ = self.runner.forward(self.cache, ids=[tok])

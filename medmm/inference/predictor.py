@@ -143,7 +143,12 @@ class Predictor:
                 raise ConfigError(f"decoding.strategy={strategy.name} has no session loop; several questions need "
                                   "a strategy that has one")
             return "loop"
-        hf_ok = strategy.hf is not None and not (strategy.hf_text_only and has_modalities) and backend != "medmm"
+        loop_only = [p.name for p in strategy.params if p.loop_only and params.get(p.name, p.default) != p.default]
+        if backend == "hf" and loop_only:
+            raise ConfigError(f"decoding.strategy={strategy.name} backend=hf: Hugging Face generate cannot honour "
+                              f"{', '.join(loop_only)}; use backend=auto or medmm")
+        hf_ok = (strategy.hf is not None and not (strategy.hf_text_only and has_modalities) and backend != "medmm"
+                 and not loop_only)
         if backend == "hf" and not hf_ok:
             raise ConfigError(f"decoding.strategy={strategy.name} backend=hf: Hugging Face generate cannot take this "
                               "request's modality inputs on this path; use backend=auto or medmm")

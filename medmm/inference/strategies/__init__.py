@@ -42,6 +42,9 @@ class Param:
     """Returns an error message for a bad value, else None."""
     required: bool = False
     """No usable default (e.g. the draft model's folder)."""
+    loop_only: bool = False
+    """Only medmm's loop honours it: a value other than the default sends ``backend=auto`` to the loop and is an
+    error with ``backend=hf``."""
 
     @property
     def flag(self) -> str:

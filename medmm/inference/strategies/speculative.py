@@ -34,6 +34,9 @@ BACKEND = Param("backend", str, "auto", "auto (HF generate for text-only request
 SCHEDULE = Param("draft_schedule", str, "constant", "speculative: constant num_draft_tokens, or heuristic (+2 after "
                  "a guess accepted whole, -1 otherwise; HF's schedule)",
                  lambda v: None if v in ("constant", "heuristic") else "must be constant or heuristic")
+CONFIDENCE = Param("draft_confidence", float, 0.0, "speculative (medmm loop): stop guessing at a token the draft "
+                   "gives less probability than this (0 = always guess num_draft_tokens; medmm's loop: HF's "
+                   "assistant path keeps its own adaptive threshold)", unit_interval, loop_only=True)
 DRAFT = Param("draft", str, None, "speculative: local folder of a draft causal LM sharing the tokenizer", required=True)
 
 
@@ -84,7 +87,7 @@ def _speculative_start(ctx: LoopContext, p: dict):
     placeholders = set(sess.placeholders)
     context = ctx.prompt if sees else [t for t in ctx.prompt if t not in placeholders]
     propose = DraftProposer(draft, sess.embed(ctx.prompt) if sees else None,
-                            suppress=sorted(placeholders) if sees else None)
+                            suppress=sorted(placeholders) if sees else None, confidence=p["draft_confidence"])
     return verify_step(propose, context, p["num_draft_tokens"], p["draft_schedule"])
 
 
@@ -104,7 +107,7 @@ register_strategy(Strategy(
     "speculative", "greedy, guessed by a draft model and verified by the target (exact)",
     params=(DRAFT, K, BACKEND,
             Param("draft_sees_modalities", str, "auto", "speculative (medmm loop): feed the draft the spliced "
-                  "prompt (auto = when it has the target's width)", _yes_no_auto), SCHEDULE),
+                  "prompt (auto = when it has the target's width)", _yes_no_auto), SCHEDULE, CONFIDENCE),
     hf=lambda p, aux: {"do_sample": False, "num_beams": 1, **_assistant_kwargs(p, aux)},
     hf_batch=False, hf_text_only=True, start=_speculative_start, exact=True, aux_models=("draft",)))
 
