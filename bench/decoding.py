@@ -515,7 +515,8 @@ def speculative_trained(args, device) -> dict:
     greedy_cfg = DecodingConfig("greedy", N)
     spec_cfg = DecodingConfig("speculative", N, params={"draft": str(draft_dir), "num_draft_tokens": k,
                                                          "backend": "medmm", "draft_schedule": args.spec_schedule,
-                                                         "draft_confidence": args.spec_confidence})
+                                                         "draft_confidence": args.spec_confidence,
+                                                         "draft_quantize": args.spec_draft_quantize})
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def loop(cfg, aux=None):
@@ -536,7 +537,10 @@ def speculative_trained(args, device) -> dict:
             return outs, []
         return run
 
-    runs = {"medmm_greedy": loop(greedy_cfg), "medmm_speculative": loop(spec_cfg, {"draft": draft}),
+    from medmm.inference.decoding import quantize_draft
+
+    guesser = quantize_draft(draft) if args.spec_draft_quantize == "int8" else draft  # medmm's loop (HF: float)
+    runs = {"medmm_greedy": loop(greedy_cfg), "medmm_speculative": loop(spec_cfg, {"draft": guesser}),
             "hf_greedy": hf(), "hf_assistant": hf(assistant_model=draft, num_assistant_tokens=k,
                                                    num_assistant_tokens_schedule="constant")}
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -566,6 +570,7 @@ def speculative_trained(args, device) -> dict:
                 "a warm-up; speedup = the faster greedy (medmm loop or HF generate) / medmm's speculative loop",
         "questions": qs, "new_tokens_total": n_tok, "new_tokens_per_request": [len(t) for t in greedy],
         "k": k, "medmm_schedule": args.spec_schedule, "medmm_draft_confidence": args.spec_confidence,
+        "medmm_draft_quantize": args.spec_draft_quantize,
         "hf_assistant": "num_assistant_tokens=k, num_assistant_tokens_schedule='constant' passed to generate; "
                         "transformers 5.24 was seen verifying ~20 candidates per target forward on this pair anyway",
         "training": record,
@@ -616,6 +621,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="medmm loop: constant k, or HF's heuristic (+2 after a guess accepted whole, -1 otherwise)")
     t.add_argument("--spec-confidence", type=float, default=0.0,
                    help="medmm's draft stops guessing below this probability (decoding param draft_confidence)")
+    t.add_argument("--spec-draft-quantize", choices=["none", "int8"], default="int8",
+                   help="medmm's loop guesses with the draft's linear layers as dynamic int8 (decoding param "
+                        "draft_quantize; CPU)")
     t.add_argument("--spec-prompts", type=int, default=8, help="held-out requests timed")
     t.add_argument("--retrain", action="store_true", help="ignore the cached pair under bench/.cache")
     t.add_argument("--train-only", action="store_true", help="train (or find) the pair and stop")

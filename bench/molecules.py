@@ -16,7 +16,7 @@ metal complexes, salts and charged species included). The ways through the same 
   limit, each tautomer pass read back from its canonical SMILES and cached by it, the full one-hot atom
   features), to show the wrapper's cost;
 * ``medmm_workers<N>``: the same with ``--workers`` processes (default: every core) and an empty cache:
-  one pool, chunks of n / (4 x workers) rows, each chunk's records shipped back as one compact payload;
+  one pool, chunks of n / (16 x workers) rows (8 to 256), each chunk's records shipped back as one compact payload;
 * ``medmm_workers<N>_warm_cache``: the same call again in the same process: every tautomer pass is now a
   cache hit (as for the seeds of a benchmark, or molecules shared between MoleculeNet files).
 

@@ -222,3 +222,20 @@ def test_draft_confidence_takes_the_loop_and_equals_greedy(checkpoint, tiny_llm)
     assert [g["answer"] for g in got] == [g["answer"] for g in greedy]
     bad = p.predict(reqs[:1], DecodingConfig("speculative", 12, params={**spec, "backend": "hf"}))[0]
     assert bad["error"] == "ConfigError" and "draft_confidence" in bad["message"]
+
+
+def test_int8_draft_equals_greedy_on_both_paths(checkpoint, tiny_llm):
+    """``draft_quantize=int8`` guesses with dynamic int8 linear layers; the target checks every guess at full
+    precision, so HF's assistant path and medmm's loop both still give greedy's answers."""
+    p = Predictor(checkpoint)
+    reqs = [{"id": "a", "question": "drug? drug? drug? is this a drug"}, {"id": "b", "question": "what is it?"}]
+    greedy = [g["answer"] for g in p.predict(reqs, DecodingConfig(max_new_tokens=12))]
+    for backend, engine in (("auto", "hf"), ("medmm", "loop")):
+        spec = {"draft": str(tiny_llm), "num_draft_tokens": 3, "draft_quantize": "int8", "backend": backend}
+        got = p.predict(reqs, DecodingConfig("speculative", 12, params=spec))
+        assert [g["engine"] for g in got] == [engine, engine]
+        assert [g["answer"] for g in got] == greedy
+    from medmm.inference.strategies import get_strategy
+
+    q = p.aux_models(get_strategy("speculative"), {"draft": str(tiny_llm), "draft_quantize": "int8"})["draft"]
+    assert any("quantized" in type(m).__module__ for m in q.modules())  # the draft really is int8

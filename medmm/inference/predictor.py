@@ -78,13 +78,19 @@ class Predictor:
             raise InvalidInputError(str(request.get("id", "<request>")), "a request needs 'question' or 'conversations'")
         return {"id": request.get("id"), "modalities": request.get("modalities") or {}, "conversations": conv}
 
-    def _aux_model(self, path: str, match_vocab: bool = False):
+    def _aux_model(self, path: str, match_vocab: bool = False, quantize: str = "none"):
         """A draft/amateur LM from a local folder (cached per path); ``match_vocab`` pads its vocabulary to the
-        target's (HF's assistant path compares the two; the added rows are modality placeholders, never accepted)."""
+        target's (HF's assistant path compares the two; the added rows are modality placeholders, never accepted);
+        ``quantize="int8"`` gives a draft dynamic int8 linear layers (:func:`~.decoding.quantize_draft`)."""
         from transformers import AutoModelForCausalLM
 
         cache = self.__dict__.setdefault("_aux", {})
-        key = (path, match_vocab)
+        key = (path, match_vocab, quantize)
+        if quantize == "int8" and key not in cache:
+            from .decoding import quantize_draft
+
+            cache[key] = quantize_draft(self._aux_model(path, match_vocab))
+            return cache[key]
         if key not in cache:
             if not Path(path).is_dir():
                 raise ConfigError(f"{path}: the helper model folder does not exist")
@@ -97,7 +103,9 @@ class Predictor:
 
     def aux_models(self, strategy: Strategy, params: dict, for_hf: bool = False) -> dict:
         """The helper models a strategy names (``draft``, ``amateur``), loaded."""
-        return {name: self._aux_model(params[name], match_vocab=for_hf) for name in strategy.aux_models}
+        return {name: self._aux_model(params[name], match_vocab=for_hf,
+                                      quantize=params.get("draft_quantize", "none") if name == "draft" else "none")
+                for name in strategy.aux_models}
 
     def session(self, modalities: dict, base_dir: Path | None = None):
         """A :class:`~medmm.inference.session.Session` over these inputs (encoded once, prefix KV reused)."""

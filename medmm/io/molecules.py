@@ -705,7 +705,9 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
         workers: worker processes (0 = this process). The pool starts once per call; each worker returns a
             chunk's records as one compact payload (graphs concatenated, fingerprints as packed bits, its new
             tautomer-cache entries), rebuilt into records here.
-        chunksize: rows per chunk sent to a worker (default: the unique SMILES / (4 x workers)).
+        chunksize: rows per chunk sent to a worker (default: the unique SMILES / (16 x workers), kept within
+            8..256: small enough that the last chunks leave no worker idle for long, large enough that sending
+            them costs little; on 2 cores, 500 HIV molecules took 11 % less time than with chunks 4x as large).
         start_method: multiprocessing start method; None = the platform's default (``fork`` on Linux, as
             torch's DataLoader workers; the workers run RDKit only, never torch).
     """
@@ -725,7 +727,7 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
     todo = unique + [i for i, s in enumerate(smiles) if not isinstance(s, str)]
     todo_smiles, todo_sources = [smiles[i] for i in todo], [sources[i] for i in todo]
     if workers > 0 and len(todo) > 1:
-        size = chunksize or max(1, -(-len(todo) // (4 * workers)))
+        size = chunksize or max(8, min(256, -(-len(todo) // (16 * workers))))
         starts = list(range(0, len(todo), size))
         chunks = [(k, todo_smiles[k: k + size], todo_sources[k: k + size], kwargs) for k in starts]
         import multiprocessing as mp

@@ -36,7 +36,11 @@ SCHEDULE = Param("draft_schedule", str, "constant", "speculative: constant num_d
                  lambda v: None if v in ("constant", "heuristic") else "must be constant or heuristic")
 CONFIDENCE = Param("draft_confidence", float, 0.0, "speculative (medmm loop): stop guessing at a token the draft "
                    "gives less probability than this (0 = always guess num_draft_tokens; medmm's loop: HF's "
-                   "assistant path keeps its own adaptive threshold)", unit_interval, loop_only=True)
+                   "assistant path keeps its own adaptive threshold)",
+                   lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)", loop_only=True)
+QUANTIZE = Param("draft_quantize", str, "none", "speculative: none, or int8 (the draft's linear layers as dynamic "
+                 "int8 on CPU: cheaper guesses, the target still checks each one, so the output is unchanged)",
+                 lambda v: None if v in ("none", "int8") else "must be none or int8")
 DRAFT = Param("draft", str, None, "speculative: local folder of a draft causal LM sharing the tokenizer", required=True)
 
 
@@ -107,7 +111,7 @@ register_strategy(Strategy(
     "speculative", "greedy, guessed by a draft model and verified by the target (exact)",
     params=(DRAFT, K, BACKEND,
             Param("draft_sees_modalities", str, "auto", "speculative (medmm loop): feed the draft the spliced "
-                  "prompt (auto = when it has the target's width)", _yes_no_auto), SCHEDULE, CONFIDENCE),
+                  "prompt (auto = when it has the target's width)", _yes_no_auto), SCHEDULE, CONFIDENCE, QUANTIZE),
     hf=lambda p, aux: {"do_sample": False, "num_beams": 1, **_assistant_kwargs(p, aux)},
     hf_batch=False, hf_text_only=True, start=_speculative_start, exact=True, aux_models=("draft",)))
 
