@@ -192,7 +192,8 @@ def test_unsupported_settings_are_errors(checkpoint, tiny_llm):
 
 
 def test_hf_assistant_and_prompt_lookup_equal_greedy(checkpoint, tiny_llm):
-    """Text-only requests take HF's prompt-lookup and assistant paths; the answers equal HF greedy."""
+    """Text-only requests take HF's prompt-lookup and assistant paths; the answers equal HF greedy. The loop-only
+    ``draft_confidence`` and the int8 draft keep greedy's answers too."""
     p = Predictor(checkpoint)
     reqs = [{"id": "a", "question": "drug? drug? drug? is this a drug"}, {"id": "b", "question": "what is it?"}]
     greedy = p.predict(reqs, DecodingConfig(max_new_tokens=12))
@@ -209,32 +210,21 @@ def test_hf_assistant_and_prompt_lookup_equal_greedy(checkpoint, tiny_llm):
         assert [g["engine"] for g in medmm] == ["loop", "loop"]
         assert [g["answer"] for g in medmm] == [g["answer"] for g in greedy]
 
-
-def test_draft_confidence_takes_the_loop_and_equals_greedy(checkpoint, tiny_llm):
-    """``draft_confidence`` is honoured by medmm's loop only: ``backend=auto`` routes there (still greedy's answer)
-    and ``backend=hf`` is an error naming the setting, never a silently ignored threshold."""
-    p = Predictor(checkpoint)
-    reqs = [{"id": "a", "question": "drug? drug? drug? is this a drug"}, {"id": "b", "question": "what is it?"}]
-    greedy = p.predict(reqs, DecodingConfig(max_new_tokens=12))
+    # draft_confidence: honoured by medmm's loop only, so backend=auto routes there (still greedy's answer) and
+    # backend=hf is an error naming the setting, never a silently ignored threshold
     spec = {"draft": str(tiny_llm), "num_draft_tokens": 4, "draft_confidence": 0.5}
     got = p.predict(reqs, DecodingConfig("speculative", 12, params=spec))
     assert [g["engine"] for g in got] == ["loop", "loop"]
     assert [g["answer"] for g in got] == [g["answer"] for g in greedy]
     bad = p.predict(reqs[:1], DecodingConfig("speculative", 12, params={**spec, "backend": "hf"}))[0]
     assert bad["error"] == "ConfigError" and "draft_confidence" in bad["message"]
-
-
-def test_int8_draft_equals_greedy_on_both_paths(checkpoint, tiny_llm):
-    """``draft_quantize=int8`` guesses with dynamic int8 linear layers; the target checks every guess at full
-    precision, so HF's assistant path and medmm's loop both still give greedy's answers."""
-    p = Predictor(checkpoint)
-    reqs = [{"id": "a", "question": "drug? drug? drug? is this a drug"}, {"id": "b", "question": "what is it?"}]
-    greedy = [g["answer"] for g in p.predict(reqs, DecodingConfig(max_new_tokens=12))]
+    # draft_quantize=int8 guesses with dynamic int8 linear layers; the target checks every guess at full
+    # precision, so HF's assistant path and medmm's loop both still give greedy's answers
     for backend, engine in (("auto", "hf"), ("medmm", "loop")):
         spec = {"draft": str(tiny_llm), "num_draft_tokens": 3, "draft_quantize": "int8", "backend": backend}
         got = p.predict(reqs, DecodingConfig("speculative", 12, params=spec))
         assert [g["engine"] for g in got] == [engine, engine]
-        assert [g["answer"] for g in got] == greedy
+        assert [g["answer"] for g in got] == [g["answer"] for g in greedy]
     from medmm.inference.strategies import get_strategy
 
     q = p.aux_models(get_strategy("speculative"), {"draft": str(tiny_llm), "draft_quantize": "int8"})["draft"]
