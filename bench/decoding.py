@@ -25,6 +25,9 @@ default, 36.5M parameters) trained for 400 steps of 8 x 128 tokens (about 40 CPU
 one description asks, the next five answer), and a 1-layer draft (the target's first layer, embeddings and head)
 distilled on the target's own greedy answers to training requests. Greedy and speculative run side by side on
 held-out requests, in medmm's loop and through HF ``generate`` (``assistant_model``), checked token for token.
+Beside them it times one draft step through HF's forward and medmm's lean runner (``draft_step_ms``), and the
+target's one-row step against a check of k + 1 rows, as ``F.linear`` and as ``W @ x.T``
+(``target_forward_ms``): the two CPU costs that medmm's loop cuts.
 The pair is cached under ``bench/.cache/speculative_trained/`` (``--retrain`` ignores it). The JSON records the
 target's held-out loss beside the uniform loss, and its greedy answers: a small model trained briefly, not a good one. Its figures go to ``speculative_trained_speedup``, ``_acceptance`` and
 ``_identical`` in the JSON.
@@ -490,6 +493,72 @@ def train_pair(args) -> tuple[Path, Path, dict]:
     return target_root / "medmm", draft_root / "draft", {"target": target, **record}
 
 
+def draft_step_ms(draft, prompt: list[int], steps: int, repeats: int = 3) -> dict:
+    """Median ms of one draft step (a token after the prompt) through HF's forward and the lean runner, side by
+    side on the same draft (int8 when the run quantises it), the same prompt and tokens."""
+    from medmm.inference.decoding import CausalRunner
+    from medmm.inference.lean import LeanRunner, lean_unsupported
+
+    def hf_steps():
+        runner = CausalRunner(draft)
+        logits, cache, _ = runner.forward(None, ids=prompt)
+        out = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            logits, cache, _ = runner.forward(cache, ids=[int(logits[-1].argmax())])
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def lean_steps():
+        runner = LeanRunner(draft)
+        logits = runner.forward(ids=prompt)
+        out = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            logits = runner.forward(ids=[int(logits.argmax())])
+            out.append(time.perf_counter() - t0)
+        return out
+
+    times: dict[str, list[float]] = {"hf": [], "lean": []}
+    with torch.no_grad():
+        for _ in range(repeats):
+            times["hf"] += hf_steps()
+            if lean_unsupported(draft) is None:
+                times["lean"] += lean_steps()
+    res = {name: round(1000 * statistics.median(ts), 3) for name, ts in times.items() if ts}
+    if "lean" in res:
+        res["lean_speedup"] = round(res["hf"] / res["lean"], 2)
+    return res
+
+
+def verify_forward_ms(llm, prompt: list[int], rows: int, repeats: int = 30) -> dict:
+    """Median ms of the target's one-row step and of a ``rows``-row check after the prompt, the check both as
+    ``F.linear`` and under :func:`~medmm.inference.decoding.narrow_linears`, interleaved on the same cache."""
+    from medmm.inference.decoding import CausalRunner, crop_cache, narrow_linears
+
+    runner = CausalRunner(llm)
+    _, cache, _ = runner.forward(None, ids=prompt)
+    n = cache.get_seq_length()
+    feeds = {"one_row": [5], "check_plain": list(range(5, 5 + rows)), "check_narrow": list(range(5, 5 + rows))}
+    times: dict[str, list[float]] = {name: [] for name in feeds}
+    with torch.no_grad():
+        for _ in range(repeats + 2):
+            for name, ids in feeds.items():
+                t0 = time.perf_counter()
+                if name == "check_narrow":
+                    with narrow_linears(llm):
+                        runner.forward(cache, ids=ids)
+                else:
+                    runner.forward(cache, ids=ids)
+                times[name].append(time.perf_counter() - t0)
+                crop_cache(cache, n)
+    res = {name: round(1000 * statistics.median(ts[2:]), 2) for name, ts in times.items()}
+    res["rows"] = rows
+    res["check_over_one_row"] = {"plain": round(res["check_plain"] / res["one_row"], 2),
+                                 "narrow": round(res["check_narrow"] / res["one_row"], 2)}
+    return res
+
+
 def speculative_trained(args, device) -> dict:
     """Greedy against speculative decoding on the trained pair, the same held-out requests, interleaved passes:
     medmm's loop (a Session per request, greedy and speculative) and HF ``generate`` (greedy and the
@@ -516,7 +585,9 @@ def speculative_trained(args, device) -> dict:
     spec_cfg = DecodingConfig("speculative", N, params={"draft": str(draft_dir), "num_draft_tokens": k,
                                                          "backend": "medmm", "draft_schedule": args.spec_schedule,
                                                          "draft_confidence": args.spec_confidence,
-                                                         "draft_quantize": args.spec_draft_quantize})
+                                                         "draft_quantize": args.spec_draft_quantize,
+                                                         "draft_runner": args.spec_draft_runner,
+                                                         "narrow_verify": args.spec_narrow_verify})
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def loop(cfg, aux=None):
@@ -543,6 +614,17 @@ def speculative_trained(args, device) -> dict:
     runs = {"medmm_greedy": loop(greedy_cfg), "medmm_speculative": loop(spec_cfg, {"draft": guesser}),
             "hf_greedy": hf(), "hf_assistant": hf(assistant_model=draft, num_assistant_tokens=k,
                                                    num_assistant_tokens_schedule="constant")}
+    # ablation: the same loop with HF's forward for the draft, and with F.linear for the check (unless the run
+    # itself already turned them off)
+    ablations = {}
+    if args.spec_draft_runner != "hf":
+        ablations["medmm_speculative_hf_draft_runner"] = {"draft_runner": "hf"}
+    if args.spec_narrow_verify == "on":
+        ablations["medmm_speculative_plain_check"] = {"narrow_verify": "off"}
+    if len(ablations) == 2:
+        ablations["medmm_speculative_neither"] = {"draft_runner": "hf", "narrow_verify": "off"}
+    for name, change in ablations.items():
+        runs[name] = loop(DecodingConfig("speculative", N, params={**spec_cfg.params, **change}), {"draft": guesser})
     times: dict[str, list[float]] = {name: [] for name in runs}
     outs: dict[str, tuple] = {}
     with torch.no_grad():
@@ -570,7 +652,10 @@ def speculative_trained(args, device) -> dict:
                 "a warm-up; speedup = the faster greedy (medmm loop or HF generate) / medmm's speculative loop",
         "questions": qs, "new_tokens_total": n_tok, "new_tokens_per_request": [len(t) for t in greedy],
         "k": k, "medmm_schedule": args.spec_schedule, "medmm_draft_confidence": args.spec_confidence,
-        "medmm_draft_quantize": args.spec_draft_quantize,
+        "medmm_draft_quantize": args.spec_draft_quantize, "medmm_draft_runner": args.spec_draft_runner,
+        "medmm_narrow_verify": args.spec_narrow_verify,
+        "draft_step_ms": draft_step_ms(guesser, Session(model, proc, {}).prompt_ids(qs[0]), N),
+        "target_forward_ms": verify_forward_ms(model.llm, Session(model, proc, {}).prompt_ids(qs[0]), k + 1),
         "hf_assistant": "num_assistant_tokens=k, num_assistant_tokens_schedule='constant' passed to generate; "
                         "transformers 5.24 was seen verifying ~20 candidates per target forward on this pair anyway",
         "training": record,
@@ -579,7 +664,9 @@ def speculative_trained(args, device) -> dict:
         "speedup": {"medmm_speculative_vs_faster_greedy": baseline / med["medmm_speculative"],
                     "medmm_speculative_vs_medmm_greedy": med["medmm_greedy"] / med["medmm_speculative"],
                     "hf_assistant_vs_hf_greedy": med["hf_greedy"] / med["hf_assistant"],
-                    "hf_assistant_vs_faster_greedy": baseline / med["hf_assistant"]},
+                    "hf_assistant_vs_faster_greedy": baseline / med["hf_assistant"],
+                    **{f"{name}_vs_faster_greedy": baseline / med[name] for name in ablations}},
+        "ablation": {name: change for name, change in ablations.items()},
         "acceptance": {"proposed": proposed, "accepted": accepted, "rate": accepted / max(1, proposed),
                        "per_request": [round(r.acceptance_rate, 4) for r in res],
                        "target_forwards": sum(r.forwards for r in res)},
@@ -624,6 +711,12 @@ def main(argv: list[str] | None = None) -> dict:
     t.add_argument("--spec-draft-quantize", choices=["none", "int8"], default="int8",
                    help="medmm's loop guesses with the draft's linear layers as dynamic int8 (decoding param "
                         "draft_quantize; CPU)")
+    t.add_argument("--spec-draft-runner", choices=["auto", "lean", "hf"], default="auto",
+                   help="medmm's draft runs through the lean runner (its own modules over a preallocated cache) or "
+                        "HF's forward (decoding param draft_runner)")
+    t.add_argument("--spec-narrow-verify", choices=["on", "off"], default="on",
+                   help="medmm's check of the guesses computes its few rows as W @ x.T (decoding param "
+                        "narrow_verify; CPU)")
     t.add_argument("--spec-prompts", type=int, default=8, help="held-out requests timed")
     t.add_argument("--retrain", action="store_true", help="ignore the cached pair under bench/.cache")
     t.add_argument("--train-only", action="store_true", help="train (or find) the pair and stop")
@@ -667,6 +760,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"speculative (trained {args.target_layers}x{args.target_hidden} target, {args.draft_layers}-layer "
               f"distilled draft, k={args.spec_k} {args.spec_schedule}): {sp['medmm_speculative_vs_faster_greedy']:.2f}x vs greedy, "
               f"acceptance {sec['acceptance']['rate']:.2f}, identical {result['speculative_trained_identical']}; "
+              f"draft step {sec['draft_step_ms']} ms; target forward {sec['target_forward_ms']} ms; "
               f"HF assistant {sp['hf_assistant_vs_hf_greedy']:.2f}x vs HF greedy ({args.device})")
         return result
 

@@ -225,6 +225,13 @@ def test_hf_assistant_and_prompt_lookup_equal_greedy(checkpoint, tiny_llm):
         got = p.predict(reqs, DecodingConfig("speculative", 12, params=spec))
         assert [g["engine"] for g in got] == [engine, engine]
         assert [g["answer"] for g in got] == [g["answer"] for g in greedy]
+    # draft_runner: the lean runner and HF's forward guess alike (greedy's answers either way); loop-only
+    for runner in ("lean", "hf"):
+        spec = {"draft": str(tiny_llm), "num_draft_tokens": 3, "draft_runner": runner}
+        got = p.predict(reqs, DecodingConfig("speculative", 12, params=spec))
+        assert [g["answer"] for g in got] == [g["answer"] for g in greedy]
+    bad = p.predict(reqs[:1], DecodingConfig("speculative", 12, params={**spec, "backend": "hf"}))[0]
+    assert bad["error"] == "ConfigError" and "draft_runner" in bad["message"]
     from medmm.inference.strategies import get_strategy
 
     q = p.aux_models(get_strategy("speculative"), {"draft": str(tiny_llm), "draft_quantize": "int8"})["draft"]

@@ -6,7 +6,8 @@
   (Su et al. 2022; HF moved it to the Hub, which is unreachable here);
 * proposers for speculative decoding: :func:`prompt_lookup_proposal`, :class:`DraftProposer`,
   :func:`layer_skip_draft`;
-* :class:`CausalRunner`: the incremental KV-cached forward (batch of one) under :mod:`medmm.inference.loop`.
+* :class:`CausalRunner`: the incremental KV-cached forward (batch of one) under :mod:`medmm.inference.loop`;
+  :func:`narrow_linears` for the few-row forward that checks a draft's guesses on a CPU.
 
 The strategies built from these live in :mod:`medmm.inference.strategies` (one module each, registered);
 sessions with a prefix cache in :mod:`medmm.inference.session`.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import math
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +155,40 @@ class CausalRunner:
         return logits, out.cache, h
 
 
+NARROW_ROWS = 16  # inputs of 2..16 rows (a verification of up to 15 guesses) take the weight-first product
+
+
+def _weight_first_linear(self, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` computing a narrow input as ``W @ x.T`` (transposed back): the same product."""
+    rows = x.numel() // x.shape[-1]
+    if not 1 < rows <= NARROW_ROWS:
+        return F.linear(x, self.weight, self.bias)
+    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()  # (rows, out)
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@contextmanager
+def narrow_linears(llm):
+    """Within the block, the CPU ``nn.Linear`` layers of ``llm`` compute inputs of 2-16 rows as ``W @ x.T``.
+
+    Checking k guesses is a forward of k + 1 rows. On a CPU, MKL's ``x @ W.T`` for so few rows is no
+    longer a matrix-vector product and costs about 1.6x the one-row step while reading the same weights;
+    the weight-first product of the same numbers costs about 1.3x (``bench/decoding.py`` times one check
+    both ways on the trained pair). One row (greedy's step) and long prompts keep ``F.linear``. The
+    layers get their own ``forward`` for the block and lose it after; other devices are left alone.
+    """
+    mods = [m for m in llm.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
+    for m in mods:
+        m.forward = types.MethodType(_weight_first_linear, m)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)
+
+
 @dataclass
 class DecodeResult:
     """Generated token ids plus counters that benchmarks and the JSON record report."""
@@ -177,17 +214,48 @@ class DraftProposer:
     With ``prefix_embeds`` (1, P, H) the draft's first P positions are those embeddings (the target's
     spliced prompt, modality features included) instead of token ids: a draft of the target's width
     then sees the image too.
+
+    ``runner``: ``auto`` runs a Llama-family draft through :class:`~.lean.LeanRunner` (the same modules
+    without HF's per-call machinery) and any other through HF's forward; ``lean`` insists (an unsupported
+    draft is then a :class:`~medmm.errors.ConfigError`); ``hf`` always takes HF's forward.
     """
 
     def __init__(self, draft_llm, prefix_embeds: torch.Tensor | None = None, suppress: list[int] | None = None,
-                 confidence: float = 0.0):
-        self.runner = CausalRunner(draft_llm, suppress=suppress)
+                 confidence: float = 0.0, runner: str = "auto"):
+        from .lean import LeanRunner, lean_unsupported
+
+        self.lean = None
+        if runner != "hf":
+            why = lean_unsupported(draft_llm)
+            if why is None:
+                self.lean = LeanRunner(draft_llm, suppress=suppress)
+            elif runner == "lean":
+                from ..errors import ConfigError
+
+                raise ConfigError(f"draft_runner=lean cannot run this draft: {why}")
+        self.runner = None if self.lean else CausalRunner(draft_llm, suppress=suppress)
         self.confidence = confidence  # stop guessing at a token the draft gives less than this probability
         self.cache = None
+        self.started = False
         self.cached: list[int] = []
         self.forwards = 0
         self.prefix_embeds = prefix_embeds
         self.prefix_len = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+
+    def _feed(self, ids: list[int] | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``ids`` / ``embeds`` after the draft's cache; the last position's logits (V,)."""
+        self.forwards += 1
+        self.started = True
+        if self.lean is not None:
+            return self.lean.forward(ids, embeds)
+        logits, self.cache, _ = self.runner.forward(self.cache, ids=ids, embeds=embeds)
+        return logits[-1]
+
+    def _crop(self, length: int) -> None:
+        if self.lean is not None:
+            self.lean.crop(length)
+        else:
+            crop_cache(self.cache, length)
 
     def __call__(self, sequence: list[int], k: int) -> list[int]:
         lcp = 0
@@ -196,29 +264,26 @@ class DraftProposer:
                 break
             lcp += 1
         lcp = min(lcp, len(sequence) - 1)  # feed at least the last token to get next-token logits
-        if self.cache is None and self.prefix_len:
-            _, self.cache, _ = self.runner.forward(None, embeds=self.prefix_embeds)
-            self.forwards += 1
+        if not self.started and self.prefix_len:
+            self._feed(embeds=self.prefix_embeds)
             self.cached = list(sequence[: self.prefix_len])
             lcp = min(self.prefix_len, len(sequence) - 1)
             if lcp < self.prefix_len:
                 raise ValueError("the draft's embedded prefix is longer than the sequence")
-        if self.cache is not None:
+        if self.started:
             if lcp < self.prefix_len:
                 raise ValueError("the sequence no longer starts with the draft's embedded prefix")
-            crop_cache(self.cache, lcp)
-        logits, self.cache, _ = self.runner.forward(self.cache, ids=sequence[lcp:])
-        self.forwards += 1
+            self._crop(lcp)
+        logits = self._feed(ids=sequence[lcp:])
         self.cached = list(sequence)
         proposal = []
         for i in range(k):
-            tok = greedy_token(logits[-1])
-            if i and self.confidence and float(torch.softmax(logits[-1], -1)[tok]) < self.confidence:
+            tok = greedy_token(logits)
+            if i and self.confidence and float(torch.softmax(logits, -1)[tok]) < self.confidence:
                 break  # the target would likely reject it: verify the guesses so far (the first is always kept)
             proposal.append(tok)
             if i < k - 1:
-                logits, self.cache, _ = self.runner.forward(self.cache, ids=[tok])
-                self.forwards += 1
+                logits = self._feed(ids=[tok])
                 self.cached.append(tok)
         return proposal
 

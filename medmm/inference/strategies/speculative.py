@@ -14,8 +14,10 @@ takes the loop.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from ...errors import ConfigError
-from ..decoding import DraftProposer, crop_cache, greedy_token, prompt_lookup_proposal
+from ..decoding import DraftProposer, crop_cache, greedy_token, narrow_linears, prompt_lookup_proposal
 from ..loop import LoopContext
 from . import Param, Strategy, at_least_one, non_negative, register_strategy, unit_interval
 
@@ -41,14 +43,21 @@ CONFIDENCE = Param("draft_confidence", float, 0.0, "speculative (medmm loop): st
 QUANTIZE = Param("draft_quantize", str, "none", "speculative: none, or int8 (the draft's linear layers as dynamic "
                  "int8 on CPU: cheaper guesses, the target still checks each one, so the output is unchanged)",
                  lambda v: None if v in ("none", "int8") else "must be none or int8")
+RUNNER = Param("draft_runner", str, "auto", "speculative (medmm loop): lean (the draft's own modules over a "
+               "preallocated cache, Llama-family drafts), hf (HF's forward), or auto (lean where it can)",
+               lambda v: None if v in ("auto", "lean", "hf") else "must be auto, lean or hf", loop_only=True)
+NARROW = Param("narrow_verify", str, "on", "speculative / prompt_lookup (medmm loop, CPU): on computes the "
+               "few-row check as W @ x.T, faster than MKL's x @ W.T for 2-16 rows; off keeps F.linear",
+               lambda v: None if v in ("on", "off") else "must be on or off", loop_only=True)
 DRAFT = Param("draft", str, None, "speculative: local folder of a draft causal LM sharing the tokenizer", required=True)
 
 
-def verify_step(propose, context: list[int], k: int, schedule: str = "constant"):
+def verify_step(propose, context: list[int], k: int, schedule: str = "constant", narrow: bool = True):
     """Greedy speculative step: ``propose(sequence, k)`` guesses; one target forward checks them all.
 
     ``schedule="heuristic"`` adapts k as HF's assistant path does: +2 after a guess accepted whole, -1 (down to
-    1) otherwise, so a draft that agrees for long runs guesses more per target forward."""
+    1) otherwise, so a draft that agrees for long runs guesses more per target forward. ``narrow`` runs the
+    check under :func:`~..decoding.narrow_linears` (CPU)."""
     state = {"k": k}
 
     def step(ctx: LoopContext) -> list[int]:
@@ -60,7 +69,8 @@ def verify_step(propose, context: list[int], k: int, schedule: str = "constant")
         past = ctx.cache.get_seq_length()
         fed = ctx.pending
         ctx.pending = []
-        rows = ctx.feed(fed + guess)  # (1 + len(guess), V): fed is the one pending token
+        with narrow_linears(ctx.runner.llm) if narrow and guess else nullcontext():
+            rows = ctx.feed(fed + guess)  # (1 + len(guess), V): fed is the one pending token
         n = 0
         while n < len(guess) and greedy_token(rows[n]) == guess[n]:
             n += 1
@@ -78,7 +88,7 @@ def verify_step(propose, context: list[int], k: int, schedule: str = "constant")
 
 def _lookup_start(ctx: LoopContext, p: dict):
     return verify_step(lambda seq, k: prompt_lookup_proposal(seq, k, p["max_ngram"]), ctx.prompt,
-                       p["num_draft_tokens"])
+                       p["num_draft_tokens"], narrow=p["narrow_verify"] == "on")
 
 
 def _speculative_start(ctx: LoopContext, p: dict):
@@ -91,8 +101,9 @@ def _speculative_start(ctx: LoopContext, p: dict):
     placeholders = set(sess.placeholders)
     context = ctx.prompt if sees else [t for t in ctx.prompt if t not in placeholders]
     propose = DraftProposer(draft, sess.embed(ctx.prompt) if sees else None,
-                            suppress=sorted(placeholders) if sees else None, confidence=p["draft_confidence"])
-    return verify_step(propose, context, p["num_draft_tokens"], p["draft_schedule"])
+                            suppress=sorted(placeholders) if sees else None, confidence=p["draft_confidence"],
+                            runner=p["draft_runner"])
+    return verify_step(propose, context, p["num_draft_tokens"], p["draft_schedule"], p["narrow_verify"] == "on")
 
 
 def _assistant_kwargs(p: dict, aux: dict) -> dict:
@@ -102,7 +113,7 @@ def _assistant_kwargs(p: dict, aux: dict) -> dict:
 
 register_strategy(Strategy(
     "prompt_lookup", "greedy, guessing from earlier n-grams of the prompt and answer (exact)",
-    params=(K, Param("max_ngram", int, 3, "prompt_lookup: longest n-gram matched", at_least_one), BACKEND),
+    params=(K, Param("max_ngram", int, 3, "prompt_lookup: longest n-gram matched", at_least_one), BACKEND, NARROW),
     hf=lambda p, aux: {"do_sample": False, "num_beams": 1, "prompt_lookup_num_tokens": p["num_draft_tokens"],
                        "max_matching_ngram_size": p["max_ngram"]},
     hf_batch=False, hf_text_only=True, start=_lookup_start, exact=True))
@@ -111,7 +122,7 @@ register_strategy(Strategy(
     "speculative", "greedy, guessed by a draft model and verified by the target (exact)",
     params=(DRAFT, K, BACKEND,
             Param("draft_sees_modalities", str, "auto", "speculative (medmm loop): feed the draft the spliced "
-                  "prompt (auto = when it has the target's width)", _yes_no_auto), SCHEDULE, CONFIDENCE, QUANTIZE),
+                  "prompt (auto = when it has the target's width)", _yes_no_auto), SCHEDULE, CONFIDENCE, QUANTIZE, RUNNER, NARROW),
     hf=lambda p, aux: {"do_sample": False, "num_beams": 1, **_assistant_kwargs(p, aux)},
     hf_batch=False, hf_text_only=True, start=_speculative_start, exact=True, aux_models=("draft",)))
 
