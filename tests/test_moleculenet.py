@@ -303,3 +303,55 @@ def test_pretraining_writes_encoder_and_finetuning_starts_from_it(tmp_path):
     main(ov)  # and the fine-tuning run itself trains from them
     metrics = json.loads((tmp_path / "head" / "checkpoint" / "metrics.json").read_text())
     assert metrics["steps"] > 0 and metrics["val"]["raw"]["n"] > 0
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains ``text`` (from /proc; Linux)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.slow  # ~20 s: a training process starts (torch + DeepSpeed imports) before the signal
+def test_a_terminated_benchmark_stops_its_trainings(tmp_path):
+    """SIGTERM to ``medmm eval moleculenet`` (a scheduler's or ``kill``'s) stops the training it started and the
+    runs not yet begun, instead of leaving them on the CPU."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "medmm.cli", "eval", "moleculenet", "--datasets", "bbbp", "--seeds", "3",
+           "--jobs", "1", "--epochs", "50", "--data-dir", str(MOLECULENET), "--work", str(work),
+           "--out", str(tmp_path / "mn.json")]
+    parent = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not [p for p in _processes_mentioning(str(work)) if p != parent.pid]:
+            time.sleep(0.5)
+        children = [p for p in _processes_mentioning(str(work)) if p != parent.pid]
+        assert children, "the benchmark never started a training"
+        time.sleep(2)
+        parent.send_signal(signal.SIGTERM)
+        out = parent.communicate(timeout=60)[0].decode(errors="replace")
+        assert parent.returncode != 0, out
+        deadline = time.time() + 30
+        while time.time() < deadline and _processes_mentioning(str(work)):
+            time.sleep(0.5)
+        assert _processes_mentioning(str(work)) == [], "trainings left running after SIGTERM"
+        assert not (work / "no_pretrain" / "bbbp" / "seed1").exists() and not (work / "bbbp" / "seed1").exists()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for p in _processes_mentioning(str(work)):
+            os.kill(p, signal.SIGKILL)

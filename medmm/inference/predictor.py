@@ -86,12 +86,13 @@ class Predictor:
 
         cache = self.__dict__.setdefault("_aux", {})
         key = (path, match_vocab, quantize)
-        if quantize == "int8" and key not in cache:
+        if key in cache:
+            return cache[key]
+        if quantize == "int8":  # an int8 copy of the float model (which stays cached for HF's assistant path)
             from .decoding import quantize_draft
 
             cache[key] = quantize_draft(self._aux_model(path, match_vocab))
-            return cache[key]
-        if key not in cache:
+        else:
             if not Path(path).is_dir():
                 raise ConfigError(f"{path}: the helper model folder does not exist")
             m = AutoModelForCausalLM.from_pretrained(path, dtype=self.model.llm.dtype).to(self.device).eval()

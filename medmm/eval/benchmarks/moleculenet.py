@@ -31,8 +31,10 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -126,11 +128,15 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # more threads than cores: 10x slower
     env.setdefault(CACHE_ENV, str(work.parent / ".molecule-cache"))  # the seeds of a dataset featurise it once
     tasks = [(ds, s) for ds in datasets for s in range((seed_counts or {}).get(ds, seeds))]
+    running: set[subprocess.Popen] = set()
+    stopping = threading.Event()
 
     def one(task) -> tuple[str, int, float | None, float]:
         ds, seed = task
         out = work / ds / f"seed{seed}"
         t0 = time.perf_counter()
+        if stopping.is_set():
+            return ds, seed, None, 0.0
         if train and test_auroc(out) is None:  # finished runs are kept (resumable benchmark)
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "medmm.training", "--config",
@@ -139,13 +145,39 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
                                   dataclasses.replace(proto, epochs=(epochs_of or {}).get(ds, proto.epochs)),
                                   pretrained)]
             with open(out / "train.log", "w") as log:
-                subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                running.add(proc)
+                try:
+                    proc.wait()
+                finally:
+                    running.discard(proc)
         auc = test_auroc(out)
         print(f"moleculenet {ds} seed {seed}: test ROC-AUC {auc} ({time.perf_counter() - t0:.0f}s)", flush=True)
         return ds, seed, auc, time.perf_counter() - t0
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    # stopped (Ctrl-C, or SIGTERM from a scheduler or `kill`), the benchmark stops the trainings it started
+    # instead of leaving them running; a later run resumes from the runs that finished
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         done = list(pool.map(one, tasks))
+    except BaseException:
+        stopping.set()
+        for proc in list(running):
+            proc.terminate()
+        for proc in list(running):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     out: dict[str, dict] = {}
     for ds in datasets:
         scores = [auc for d, _, auc, _ in sorted(done) if d == ds and auc is not None]
