@@ -119,7 +119,9 @@ def test_single_process_other_stages_with_accumulation(tmp_path, tiny_llm, ds):
     assert len(ls) == 8 and ls[8] < ls[1], ls
 
 
-@pytest.mark.parametrize("ds", ["zero2", "zero3"])
+# ZeRO-3 on two ranks lowers the loss in test_two_ranks_zero3_text_only_and_image_conversations (and saves in
+# tests/test_zero3_save.py): a third 25 s run here would add nothing those do not check
+@pytest.mark.parametrize("ds", ["zero2"])
 def test_two_ranks_lower_loss_on_fixed_batch(tmp_path, tiny_llm, ds):
     cfg = make_run(tmp_path, tiny_llm, max_steps=15, deepspeed=str(REPO / f"configs/deepspeed/{ds}.json"))
     r = torchrun(cfg)
@@ -136,13 +138,13 @@ def test_two_ranks_lower_loss_on_fixed_batch(tmp_path, tiny_llm, ds):
 def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_llm):
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     ref_dir.mkdir(), kill_dir.mkdir()
-    kw = dict(n_records=16, max_steps=40, save_every=4, micro_batch_size=2)
+    kw = dict(n_records=16, max_steps=24, save_every=4, micro_batch_size=2)  # killed after step 8: 16 steps resumed
     r = torchrun(make_run(ref_dir, tiny_llm, **kw))
     assert r.returncode == 0, r.stderr[-3000:]
     ref = losses(ref_dir / "run")
 
     cfg = make_run(kill_dir, tiny_llm, **kw)
-    got, killed_at = kill_then_resume(cfg, kill_dir / "run", "step-00000008", 40)
+    got, killed_at = kill_then_resume(cfg, kill_dir / "run", "step-00000008", 24)
     assert set(got) == set(ref)
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), (step, killed_at)
