@@ -499,25 +499,26 @@ def draft_step_ms(draft, prompt: list[int], steps: int, repeats: int = 3) -> dic
     from medmm.inference.decoding import CausalRunner
     from medmm.inference.lean import LeanRunner, lean_unsupported
 
-    def hf_steps():
-        runner = CausalRunner(draft)
-        logits, cache, _ = runner.forward(None, ids=prompt)
+    def timed(first, step):  # prompt, then ``steps`` greedy tokens one at a time: each step timed
+        logits = first()
         out = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            logits, cache, _ = runner.forward(cache, ids=[int(logits[-1].argmax())])
+            logits = step(int(logits.argmax()))
             out.append(time.perf_counter() - t0)
         return out
 
+    def hf_steps():
+        runner, state = CausalRunner(draft), {"cache": None}
+
+        def feed(ids):
+            logits, state["cache"], _ = runner.forward(state["cache"], ids=ids)
+            return logits[-1]
+        return timed(lambda: feed(prompt), lambda tok: feed([tok]))
+
     def lean_steps():
         runner = LeanRunner(draft)
-        logits = runner.forward(ids=prompt)
-        out = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            logits = runner.forward(ids=[int(logits.argmax())])
-            out.append(time.perf_counter() - t0)
-        return out
+        return timed(lambda: runner.forward(ids=prompt), lambda tok: runner.forward(ids=[tok]))
 
     times: dict[str, list[float]] = {"hf": [], "lean": []}
     with torch.no_grad():

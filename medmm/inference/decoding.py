@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 # ----------------------------------------------------------------------------- pure functions
 
 
@@ -230,8 +232,6 @@ class DraftProposer:
             if why is None:
                 self.lean = LeanRunner(draft_llm, suppress=suppress)
             elif runner == "lean":
-                from ..errors import ConfigError
-
                 raise ConfigError(f"draft_runner=lean cannot run this draft: {why}")
         self.runner = None if self.lean else CausalRunner(draft_llm, suppress=suppress)
         self.confidence = confidence  # stop guessing at a token the draft gives less than this probability
@@ -299,8 +299,6 @@ def quantize_draft(draft_llm):
         ConfigError: the draft is not on the CPU (the kernels are CPU only).
     """
     import warnings
-
-    from ..errors import ConfigError
 
     if next(draft_llm.parameters()).device.type != "cpu":
         raise ConfigError("draft_quantize=int8 runs on the CPU only (PyTorch's dynamic int8 kernels)")

@@ -86,9 +86,6 @@ class LeanRunner:
         """Forget positions from ``length`` on."""
         self.length = min(self.length, max(0, length))
 
-    def reset(self) -> None:
-        self.length = 0
-
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

@@ -172,6 +172,16 @@ def at_least_one(v) -> str | None:
     return None if v >= 1 else "must be >= 1"
 
 
+def one_of(*choices: str):
+    """A check that a setting is one of ``choices`` ("must be a, b or c" otherwise)."""
+    listed = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+    def check(v) -> str | None:
+        return None if v in choices else f"must be {listed}"
+
+    return check
+
+
 # ----------------------------------------------------------------------------- command-line flags
 def add_decoding_flags(parser, common: bool = True) -> None:
     """``--strategy``, ``--max-new-tokens``, ``--seed`` (``common``) and one flag per registered setting (argparse)."""

@@ -23,11 +23,7 @@ from ...errors import ConfigError
 from ...model.value_head import closes_step
 from ..decoding import sample_token
 from ..loop import LoopContext
-from . import Param, at_least_one, non_negative
-
-
-def _delimiter(v) -> str | None:
-    return None if v in ("line", "sentence") else "must be line or sentence"
+from . import Param, at_least_one, non_negative, one_of
 
 
 def _scorer(v) -> str | None:
@@ -43,7 +39,7 @@ TEMPERATURE = Param("search_temperature", float, 1.0, "best_of_n / value_beam / 
 TOP_K = Param("search_sample_top_k", int, 0, "best_of_n / value_beam / mcts: sample among the k most likely tokens "
               "(0 = all)", non_negative)
 STEP = Param("step_delimiter", str, "line", "value_beam / mcts: a step ends at a newline (line) or also at "
-             ". ! ? not after a digit (sentence)", _delimiter)
+             ". ! ? not after a digit (sentence)", one_of("line", "sentence"))
 STEP_SAMPLES = Param("step_samples", int, 4, "value_beam / mcts: continuations sampled per expanded node", at_least_one)
 
 

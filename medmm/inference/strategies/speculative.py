@@ -19,36 +19,27 @@ from contextlib import nullcontext
 from ...errors import ConfigError
 from ..decoding import DraftProposer, crop_cache, greedy_token, narrow_linears, prompt_lookup_proposal
 from ..loop import LoopContext
-from . import Param, Strategy, at_least_one, non_negative, register_strategy, unit_interval
-
-
-def _backend(v) -> str | None:
-    return None if v in ("auto", "hf", "medmm") else "must be auto, hf or medmm"
-
-
-def _yes_no_auto(v) -> str | None:
-    return None if v in ("auto", "yes", "no") else "must be auto, yes or no"
-
+from . import Param, Strategy, at_least_one, non_negative, one_of, register_strategy, unit_interval
 
 K = Param("num_draft_tokens", int, 4, "speculative / prompt_lookup: tokens guessed per verification", at_least_one)
 BACKEND = Param("backend", str, "auto", "auto (HF generate for text-only requests, else medmm's loop) | hf | medmm",
-                _backend)
+                one_of("auto", "hf", "medmm"))
 SCHEDULE = Param("draft_schedule", str, "constant", "speculative: constant num_draft_tokens, or heuristic (+2 after "
                  "a guess accepted whole, -1 otherwise; HF's schedule)",
-                 lambda v: None if v in ("constant", "heuristic") else "must be constant or heuristic")
+                 one_of("constant", "heuristic"))
 CONFIDENCE = Param("draft_confidence", float, 0.0, "speculative (medmm loop): stop guessing at a token the draft "
                    "gives less probability than this (0 = always guess num_draft_tokens; medmm's loop: HF's "
                    "assistant path keeps its own adaptive threshold)",
                    lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)", loop_only=True)
 QUANTIZE = Param("draft_quantize", str, "none", "speculative: none, or int8 (the draft's linear layers as dynamic "
                  "int8 on CPU: cheaper guesses, the target still checks each one, so the output is unchanged)",
-                 lambda v: None if v in ("none", "int8") else "must be none or int8")
+                 one_of("none", "int8"))
 RUNNER = Param("draft_runner", str, "auto", "speculative (medmm loop): lean (the draft's own modules over a "
                "preallocated cache, Llama-family drafts), hf (HF's forward), or auto (lean where it can)",
-               lambda v: None if v in ("auto", "lean", "hf") else "must be auto, lean or hf", loop_only=True)
+               one_of("auto", "lean", "hf"), loop_only=True)
 NARROW = Param("narrow_verify", str, "on", "speculative / prompt_lookup (medmm loop, CPU): on computes the "
                "few-row check as W @ x.T, faster than MKL's x @ W.T for 2-16 rows; off keeps F.linear",
-               lambda v: None if v in ("on", "off") else "must be on or off", loop_only=True)
+               one_of("on", "off"), loop_only=True)
 DRAFT = Param("draft", str, None, "speculative: local folder of a draft causal LM sharing the tokenizer", required=True)
 
 
@@ -122,7 +113,7 @@ register_strategy(Strategy(
     "speculative", "greedy, guessed by a draft model and verified by the target (exact)",
     params=(DRAFT, K, BACKEND,
             Param("draft_sees_modalities", str, "auto", "speculative (medmm loop): feed the draft the spliced "
-                  "prompt (auto = when it has the target's width)", _yes_no_auto), SCHEDULE, CONFIDENCE, QUANTIZE, RUNNER, NARROW),
+                  "prompt (auto = when it has the target's width)", one_of("auto", "yes", "no")), SCHEDULE, CONFIDENCE, QUANTIZE, RUNNER, NARROW),
     hf=lambda p, aux: {"do_sample": False, "num_beams": 1, **_assistant_kwargs(p, aux)},
     hf_batch=False, hf_text_only=True, start=_speculative_start, exact=True, aux_models=("draft",)))
 
