@@ -1,5 +1,6 @@
-"""MoleculeNet benchmark: test ROC-AUC of a GIN on BBBP, BACE, ClinTox, Tox21 and HIV over seeds, on the
-deterministic scaffold split, beside the published GIN figures (Hu et al. 2020; OGB ogbg-molhiv).
+"""MoleculeNet benchmark: test ROC-AUC of medmm's molecule head (a GIN + Morgan fingerprint + RDKit 2D descriptors;
+``--mol-features none`` = the GIN alone) on BBBP, BACE, ClinTox, Tox21 and HIV over seeds, on the deterministic
+scaffold split, beside the published GIN figures (Hu et al. 2020; OGB ogbg-molhiv).
 
 A thin wrapper of ``medmm eval moleculenet`` (:mod:`medmm.eval.benchmarks.moleculenet`), which trains one
 ``trainer.stage: head`` run per dataset and seed and writes ``bench/results/moleculenet.json``::
@@ -12,7 +13,8 @@ A thin wrapper of ``medmm eval moleculenet`` (:mod:`medmm.eval.benchmarks.molecu
 Run::
 
     python bench/moleculenet.py                                    # 5 seeds (3 for HIV), no pre-training
-    python bench/moleculenet.py --datasets bbbp,bace --seeds 5 --epochs 4 --jobs 3
+    python bench/moleculenet.py --datasets bbbp,bace --seeds 5 --epochs 4 --jobs 2
+    python bench/moleculenet.py --mol-features none                # the GIN alone
     python train.py --config configs/tasks/mol_pretrain.yaml        # the encoder (test molecules excluded)
     python bench/moleculenet.py --pretrained runs/mol_pretrain/checkpoint/encoder.safetensors
 """

@@ -409,6 +409,12 @@ class HeadStageConfig:
     """mlp: hidden width."""
     dropout: float = 0.1
     """Dropout before the output layer."""
+    mol_features: Literal["none", "morgan", "rdkit2d", "morgan+rdkit2d"] = "none"
+    """molecules + mol_graph: molecule-level features the head's MLP reads beside the pooled graph (chemprop's
+    ``features_generator``), through their own dropout (``head.dropout``): morgan = the
+    ``preprocess.fingerprint_bits``-bit Morgan fingerprint of radius ``preprocess.fingerprint_radius``; rdkit2d =
+    RDKit's 2D descriptors (``medmm.io.molecules.rdkit2d``: log-squashed, standardised by a BatchNorm fitted on
+    the training molecules); morgan+rdkit2d = both."""
     objective: Literal["binary", "multiclass"] = "binary"
     """binary = one logit, BCE, 0/1 labels (or the two ``classes``); multiclass = one logit per class, cross-entropy."""
     classes: list[str] = field(default_factory=list)
@@ -438,6 +444,10 @@ class HeadStageConfig:
             raise ConfigError(f"head.objective=binary takes two classes, got {self.classes}")
         if len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"head.classes has duplicates: {self.classes}")
+        if self.mol_features != "none" and (self.featuriser != "molecules" or self.loader != "mol_graph"
+                                            or self.type != "mlp"):
+            raise ConfigError(f"head.mol_features={self.mol_features} joins a graph encoder's readout: it needs "
+                              "head.featuriser: molecules, head.loader: mol_graph and head.type: mlp")
         if self.objective == "multiclass" and self.calibration != "none":
             raise ConfigError("head.calibration=temperature is for objective binary; set head.calibration: none")
 

@@ -20,6 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO.parent / "shared" / "data").resolve()
 SAMPLE = REPO / "data" / "sample"
 
+MOLECULENET = REPO.parent / "shared" / "data" / "molecules" / "moleculenet"
+
+
+def first_rows(src: Path, dst: Path, n: int) -> Path:
+    """A CSV of ``src``'s header and first ``n`` data rows, at ``dst``."""
+    import csv
+
+    with open(src, newline="") as f:
+        lines = list(csv.reader(f))[: n + 1]
+    with open(dst, "w", newline="") as f:
+        csv.writer(f).writerows(lines)
+    return dst
+
 
 def pytest_collection_modifyitems(config, items):
     import torch

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-MOLECULENET = Path(__file__).resolve().parents[2] / "shared" / "data" / "molecules" / "moleculenet"
+from tests.conftest import MOLECULENET, first_rows
+
 FILES = {"bbbp.csv": "smiles", "bace.csv": "mol", "clintox.csv": "smiles", "tox21.csv": "smiles",
          "delaney.csv": "smiles", "hiv.csv.gz": "smiles"}
 SLOW_SPLITS = {"tox21.csv", "bbbp.csv", "clintox.csv", "bace.csv"}  # > 5 s each: the full tier checks them
@@ -111,20 +112,12 @@ def _tiny_overrides(tmp_path, data, extra=()):
             "head.preprocess.mol_canonical_tautomer=false", *extra]
 
 
-def _write_rows(src: Path, dst: Path, n: int) -> Path:
-    with open(src, newline="") as f:
-        lines = list(csv.reader(f))[: n + 1]
-    with open(dst, "w", newline="") as f:
-        csv.writer(f).writerows(lines)
-    return dst
-
-
 @pytest.mark.slow
 def test_split_json_equals_reference_after_training(tmp_path):
     """A run with split scaffold_deterministic writes OUT/split.json = the oracle's row numbers."""
     from train import main
 
-    data = _write_rows(MOLECULENET / "bbbp.csv", tmp_path / "bbbp300.csv", 300)
+    data = first_rows(MOLECULENET / "bbbp.csv", tmp_path / "bbbp300.csv", 300)
     main(_tiny_overrides(tmp_path / "run", data, ["head.data.split=scaffold_deterministic",
                                                   "head.data.label_col=p_np"]))
     split = json.loads((tmp_path / "run" / "split.json").read_text())
@@ -188,7 +181,7 @@ def test_multitask_tox21_trains_with_missing_labels(tmp_path):
 
     cols = ["NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD", "NR-PPAR-gamma", "SR-ARE",
             "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53"]
-    data = _write_rows(MOLECULENET / "tox21.csv", tmp_path / "tox21_300.csv", 300)
+    data = first_rows(MOLECULENET / "tox21.csv", tmp_path / "tox21_300.csv", 300)
     res = main(_tiny_overrides(tmp_path / "run", data, ["head.data.split=scaffold_deterministic",
                                                         f"head.data.label_cols=[{','.join(cols)}]"]))
     metrics = json.loads((tmp_path / "run" / "checkpoint" / "metrics.json").read_text())
@@ -292,7 +285,7 @@ def test_pretraining_writes_encoder_and_finetuning_starts_from_it(tmp_path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert any("attr_loss" in r and "nce_loss" in r for r in lines)
     # fine-tuning: the head's encoder starts from the pre-trained weights (and a fresh one would not)
-    data = _write_rows(MOLECULENET / "bace.csv", tmp_path / "bace200.csv", 200)
+    data = first_rows(MOLECULENET / "bace.csv", tmp_path / "bace200.csv", 200)
     ov = _tiny_overrides(tmp_path / "head", data, ["head.data.split=scaffold_deterministic", "head.data.input_col=mol",
                                                    "head.data.label_col=Class",
                                                    "head.encoder.kwargs={hidden: 16, layers: 2, dropout: 0.0}",

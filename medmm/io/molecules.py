@@ -562,8 +562,32 @@ def druglikeness(mol, desc: dict | None = None) -> dict:
             "veber_pass": not veb, "pains_alerts": pains, "pains_pass": not pains, "qed": d["qed"]}
 
 
+@functools.lru_cache(maxsize=1)
+def rdkit2d_names() -> tuple[str, ...]:
+    """Names of the :func:`rdkit2d` columns: every 2D descriptor of this RDKit (``Descriptors._descList``)."""
+    from rdkit.Chem import Descriptors
+
+    return tuple(n for n, _ in Descriptors._descList)
+
+
+def rdkit2d(mol) -> np.ndarray:
+    """RDKit's 2D descriptors (:func:`rdkit2d_names`) as float32 ``(n,)``, squashed as ``sign(x) log(1 + |x|)``
+    (counts, weights and indices over many orders of magnitude, e.g. ``Ipc``); a descriptor that fails or is
+    not finite is 0. The head standardises them (a BatchNorm fitted on the training molecules)."""
+    from rdkit.Chem import Descriptors
+
+    out = np.zeros(len(Descriptors._descList), dtype=np.float64)
+    for k, (_, fn) in enumerate(Descriptors._descList):
+        try:
+            out[k] = float(fn(mol))
+        except Exception:  # noqa: BLE001 - RDKit descriptors raise assorted errors on odd molecules
+            out[k] = np.nan
+    out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    return (np.sign(out) * np.log1p(np.abs(out))).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- batches (worker processes)
-FEATURES = ("graph", "fingerprint", "descriptors", "druglikeness", "scaffold")
+FEATURES = ("graph", "fingerprint", "descriptors", "druglikeness", "scaffold", "rdkit2d")
 
 
 @dataclass
@@ -579,6 +603,8 @@ class MoleculeRecord:
     warnings: list[str] = field(default_factory=list)
     graph: MolGraph | None = None
     fingerprint: np.ndarray | None = None
+    rdkit2d: np.ndarray | None = None
+    """:func:`rdkit2d` (feature ``rdkit2d``)."""
     descriptors: dict | None = None
     druglikeness: dict | None = None
     scaffold: str | None = None
@@ -604,6 +630,8 @@ def process_one(index: int, smiles: str, source: str, options: StandardiseOption
             rec.graph = mol_graph(mol)
         if "fingerprint" in features:
             rec.fingerprint = morgan_fingerprint(mol, fingerprint_bits, fingerprint_radius)
+        if "rdkit2d" in features:
+            rec.rdkit2d = rdkit2d(mol)
         if "descriptors" in features or "druglikeness" in features:
             rec.descriptors = descriptors(mol)
         if "druglikeness" in features:
@@ -653,6 +681,9 @@ def _pack_chunk(args) -> dict:
         bits = fp > 0
         out["fp"] = np.packbits(bits, axis=1) if np.array_equal(bits, fp) else fp  # 0/1 vectors travel as bits
         out["fp_bits"] = fp.shape[1]
+    d2 = [r.rdkit2d for r in ok if r.rdkit2d is not None]
+    if d2:
+        out["rdkit2d"] = np.stack(d2)
     out["tautomers"] = dict(_NEW_TAUTOMERS)
     _NEW_TAUTOMERS.clear()
     return out
@@ -674,13 +705,15 @@ def _unpack_chunk(payload: dict, start: int, inputs: Sequence[str], sources: Seq
         fp = payload["fp"]
         fps = list(np.unpackbits(fp, axis=1, count=payload["fp_bits"]).astype(np.float32) if fp.dtype == np.uint8
                    else fp)
-    out, g, f = [], iter(graphs), iter(fps)
+    d2 = list(payload["rdkit2d"]) if "rdkit2d" in payload else []
+    out, g, f, d = [], iter(graphs), iter(fps), iter(d2)
     for i, (smi, error, warnings, desc, rules, scaffold) in enumerate(payload["meta"]):
         rec = MoleculeRecord(start + i, sources[i], inputs[i] if isinstance(inputs[i], str) else str(inputs[i]),
                              smi, error, warnings, descriptors=desc, druglikeness=rules, scaffold=scaffold)
         if rec.ok:
             rec.graph = next(g, None) if graphs else None
             rec.fingerprint = next(f, None) if fps else None
+            rec.rdkit2d = next(d, None) if d2 else None
         out.append(rec)
     return out
 
@@ -701,7 +734,7 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
         smiles: the SMILES texts.
         sources: names of the inputs for errors (default ``row <i>``).
         options: standardisation settings.
-        features: any of ``graph, fingerprint, descriptors, druglikeness, scaffold``.
+        features: any of ``graph, fingerprint, descriptors, druglikeness, scaffold, rdkit2d``.
         workers: worker processes (0 = this process). The pool starts once per call; each worker returns a
             chunk's records as one compact payload (graphs concatenated, fingerprints as packed bits, its new
             tautomer-cache entries), rebuilt into records here.

@@ -5,8 +5,9 @@ Head registry (``head.type`` in a recipe)::
     mlp      masked mean and max of the tokens (B, 2D) -> LayerNorm -> Linear -> GELU -> Dropout -> Linear
     linear   the tokens of a pooling encoder (B, K, D), flattened -> Dropout -> Linear   (needs a fixed K: abmil)
 
-A builder takes every architecture argument: ``builder(in_dim, num_tokens, out_dim, hidden, dropout)``
-and returns a module mapping ``tokens (B, N, D), mask (B, N) | None -> (B, out_dim)``.
+A builder takes every architecture argument: ``builder(in_dim, num_tokens, out_dim, hidden, dropout, extra_dim)``
+and returns a module mapping ``tokens (B, N, D), mask (B, N) | None[, features (B, extra_dim)] -> (B, out_dim)``;
+``extra_dim`` > 0 = per-input features read beside the tokens (``head.mol_features``), which a head may refuse.
 
 A saved :class:`HeadModel` folder rebuilds from itself::
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .. import __version__
 from ..config import HeadStageConfig, config_from_dict, to_dict
@@ -64,7 +66,7 @@ _HEADS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_head(name: str):
-    """Decorator: register ``builder(in_dim, num_tokens, out_dim, hidden, dropout) -> nn.Module`` under ``name``."""
+    """Decorator: register ``builder(in_dim, num_tokens, out_dim, hidden, dropout, extra_dim) -> nn.Module``."""
 
     def deco(fn):
         if name in _HEADS:
@@ -81,28 +83,44 @@ def list_heads() -> list[str]:
 
 
 def build_head(name: str, in_dim: int, num_tokens: int | None, out_dim: int, hidden: int = 128,
-               dropout: float = 0.1) -> nn.Module:
+               dropout: float = 0.1, extra_dim: int = 0) -> nn.Module:
     """Build a registered head; a ConfigError lists the known ones."""
     if name not in _HEADS:
         raise ConfigError(f"head.type: unknown head '{name}'; registered: {', '.join(list_heads())}")
-    return _HEADS[name](in_dim=in_dim, num_tokens=num_tokens, out_dim=out_dim, hidden=hidden, dropout=dropout)
+    return _HEADS[name](in_dim=in_dim, num_tokens=num_tokens, out_dim=out_dim, hidden=hidden, dropout=dropout,
+                        extra_dim=extra_dim)
 
 
 class PooledMLP(nn.Module):
-    """Masked mean and max over tokens ``(B, 2D)`` -> two-layer MLP -> ``(B, out_dim)``."""
+    """Masked mean and max over tokens ``(B, 2D)`` -> two-layer MLP -> ``(B, out_dim)``.
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, dropout: float = 0.1):
+    With ``extra_dim`` > 0 the first layer also reads per-input features ``(B, extra_dim)`` (e.g. a Morgan
+    fingerprint), after their own dropout: ``Linear([LN(pooled), drop(features)])``, kept as two weight blocks
+    (``net.1`` on the pooled half as without features, ``extra`` on the features).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, dropout: float = 0.1, extra_dim: int = 0):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(2 * in_dim), nn.Linear(2 * in_dim, hidden), nn.GELU(),
                                  nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+        self.extra_dim = extra_dim
+        if extra_dim:
+            self.extra = nn.Sequential(nn.Dropout(dropout), nn.Linear(extra_dim, hidden, bias=False))
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        if (features is None) != (not self.extra_dim):
+            raise ValueError(f"this head reads {self.extra_dim} features per input beside the tokens; got "
+                             f"{'none' if features is None else tuple(features.shape)}")
         if mask is None:
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         m = mask.unsqueeze(-1).to(tokens.dtype)
         mean = (tokens * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D)
         mx = tokens.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1).clamp(min=-1e4)  # (B, D)
-        return self.net(torch.cat([mean, mx], -1))  # (B, out)
+        h = self.net[1](self.net[0](torch.cat([mean, mx], -1)))  # (B, hidden)
+        if features is not None:
+            h = h + self.extra(features.to(h.dtype))
+        return self.net[4](self.net[3](self.net[2](h)))  # (B, out)
 
 
 class FlatLinear(nn.Module):
@@ -117,15 +135,18 @@ class FlatLinear(nn.Module):
 
 
 @register_head("mlp")
-def mlp_head(in_dim: int, num_tokens: int | None, out_dim: int, hidden: int = 128, dropout: float = 0.1) -> nn.Module:
-    """Masked mean + max pooling and a two-layer MLP (any encoder)."""
-    return PooledMLP(in_dim, out_dim, hidden, dropout)
+def mlp_head(in_dim: int, num_tokens: int | None, out_dim: int, hidden: int = 128, dropout: float = 0.1,
+             extra_dim: int = 0) -> nn.Module:
+    """Masked mean + max pooling and a two-layer MLP (any encoder; reads ``extra_dim`` features beside it)."""
+    return PooledMLP(in_dim, out_dim, hidden, dropout, extra_dim)
 
 
 @register_head("linear")
 def linear_head(in_dim: int, num_tokens: int | None, out_dim: int, hidden: int = 128,
-                dropout: float = 0.25) -> nn.Module:
+                dropout: float = 0.25, extra_dim: int = 0) -> nn.Module:
     """Dropout + one linear layer over the flattened tokens of a pooling encoder (abmil: K = branches)."""
+    if extra_dim:
+        raise ConfigError("head.type=linear reads the tokens only; per-input features need head.type=mlp")
     if num_tokens is None:
         raise ConfigError("head.type=linear needs an encoder with a fixed number of tokens (a pooling aggregator "
                           "such as abmil); use head.type=mlp")
@@ -139,12 +160,14 @@ class HeadModel(nn.Module):
     fitted after training (1.0 = none).
     """
 
-    def __init__(self, config: HeadStageConfig, encoder: nn.Module, head: nn.Module, temperature: float = 1.0):
+    def __init__(self, config: HeadStageConfig, encoder: nn.Module, head: nn.Module, temperature: float = 1.0,
+                 feature_norm: int = 0):
         super().__init__()
         self.config = config
         self.encoder = encoder
         self.head = head
         self.temperature = float(temperature)
+        self.feature_norm = nn.BatchNorm1d(feature_norm) if feature_norm else None  # the trailing descriptor columns
 
     @property
     def classes(self) -> list[str]:
@@ -159,9 +182,18 @@ class HeadModel(nn.Module):
         """Binary tasks (logits per input): ``len(data.label_cols)`` for a multi-task head, else 1."""
         return max(1, len(self.config.data.label_cols))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
         tokens, tmask = self.encoder(x, mask)  # (B, N, D), (B, N) | None
-        logits = self.head(tokens, tmask)  # (B, out)
+        if features is not None and self.feature_norm is not None:
+            bn = self.feature_norm
+            d = features[:, -bn.num_features:].to(tokens.dtype)
+            if bn.training and d.shape[0] > 1:
+                d = bn(d)
+            else:  # eval, or a one-molecule training batch (no batch statistics): the running ones
+                d = F.batch_norm(d, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            features = torch.cat([features[:, :-bn.num_features], d], -1)
+        logits = self.head(tokens, tmask) if features is None else self.head(tokens, tmask, features)  # (B, out)
         return logits.squeeze(-1) if self.binary and self.tasks == 1 else logits  # (B,) | (B, T) | (B, C)
 
     @torch.no_grad()
@@ -177,6 +209,10 @@ class HeadModel(nn.Module):
         saved = dataclasses.replace(self.config, encoder=dataclasses.replace(self.config.encoder, checkpoint=None))
         meta = {"format_version": FORMAT_VERSION, "medmm_version": __version__, "head": to_dict(saved),
                 "temperature": self.temperature, **(extra or {})}
+        if self.feature_norm is not None:  # the descriptor columns, which another RDKit may list differently
+            from ..io.molecules import rdkit2d_names
+
+            meta["rdkit2d_names"] = list(rdkit2d_names())
         return save_encoder_folder(path, self, self.encoder, CONFIG_NAME, meta)
 
     @classmethod
@@ -189,10 +225,29 @@ class HeadModel(nn.Module):
         path = Path(path)
         meta = read_folder_config(path, CONFIG_NAME, FORMAT_VERSION, "head model folder")
         cfg = config_from_dict(HeadStageConfig, meta["head"], str(path / CONFIG_NAME))
+        if "rdkit2d_names" in meta:
+            from ..io.molecules import rdkit2d_names
+
+            if tuple(meta["rdkit2d_names"]) != rdkit2d_names():
+                raise ConfigError(f"{path / CONFIG_NAME}: the model reads RDKit's 2D descriptors as the RDKit it was "
+                                  "trained with listed them, and this RDKit lists others (head.mol_features="
+                                  f"{cfg.mol_features}); install the training RDKit")
         model = build_head_model(cfg, load_encoder_weights=False)
         model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
         model.temperature = float(meta.get("temperature", 1.0))
         return model.to(device).eval()
+
+
+def feature_dims(cfg: HeadStageConfig) -> tuple[int, int]:
+    """``(all, standardised)``: per-input features the head reads beside the encoder's tokens
+    (``head.mol_features``: the fingerprint bits as they are, then the RDKit descriptors, which a BatchNorm
+    standardises); ``(0, 0)`` = none."""
+    from ..io.molecules import rdkit2d_names
+
+    parts = cfg.mol_features.split("+") if cfg.mol_features != "none" else []
+    bits = cfg.preprocess.fingerprint_bits if "morgan" in parts else 0
+    desc = len(rdkit2d_names()) if "rdkit2d" in parts else 0
+    return bits + desc, desc
 
 
 def is_head_model(path: str | Path) -> bool:
@@ -213,9 +268,10 @@ def build_head_model(cfg: HeadStageConfig, load_encoder_weights: bool = True) ->
         raise ConfigError(f"head.encoder: {e}") from e
     enc.requires_grad_(cfg.encoder.trainable == "full")
     out = max(1, len(cfg.data.label_cols)) if cfg.objective == "binary" else len(cfg.classes)
+    extra, normed = feature_dims(cfg)
     head = build_head(cfg.type, in_dim=enc.out_dim, num_tokens=enc.num_tokens, out_dim=out, hidden=cfg.hidden,
-                      dropout=cfg.dropout)
-    return HeadModel(cfg, enc, head)
+                      dropout=cfg.dropout, extra_dim=extra)
+    return HeadModel(cfg, enc, head, feature_norm=normed)
 
 
 @torch.no_grad()
@@ -234,9 +290,9 @@ def predict_logits(model: HeadModel, featuriser, items: list[dict], batch_size: 
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
         batch = featuriser.collate([featuriser.load(items[i]) for i in idx])
-        x, mask = batch["x"].to(device), batch.get("mask")
+        x, mask, feats = batch["x"].to(device), batch.get("mask"), batch.get("features")
         x = x.to(next(model.parameters()).dtype) if x.is_floating_point() else x
-        logits = model(x, None if mask is None else mask.to(device))
+        logits = model(x, None if mask is None else mask.to(device), None if feats is None else feats.to(device))
         out[idx] = logits.reshape(len(idx), width).double().cpu().numpy()
     model.train(was_training)
     return out[:, 0] if model.binary and model.tasks == 1 else out  # (n,) | (n, T) | (n, C)

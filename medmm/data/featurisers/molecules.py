@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ...errors import ConfigError, InvalidInputError
@@ -98,6 +99,12 @@ def molecule_reports(canonical: list[str]) -> list[dict]:
     return out
 
 
+def mol_feature_kinds(mol_features: str) -> tuple[str, ...]:
+    """The :func:`medmm.io.molecules.process_molecules` features behind ``head.mol_features``, in column order."""
+    names = {"morgan": "fingerprint", "rdkit2d": "rdkit2d"}
+    return () if mol_features == "none" else tuple(names[p] for p in mol_features.split("+"))
+
+
 @register_featuriser("molecules")
 class MoleculeFeaturiser(Featuriser):
     """SMILES -> RDKit pipeline in ``head.data.workers`` processes -> ``mol_graph`` or ``smiles_fingerprint`` items."""
@@ -114,7 +121,9 @@ class MoleculeFeaturiser(Featuriser):
         from ..loaders import MolGraphLoader
 
         pre = self.cfg.preprocess
-        recs = cached_process_molecules(values, sources, standardise_options(pre), features=(self.kind, "scaffold"),
+        extra = mol_feature_kinds(self.cfg.mol_features) if self.kind == "graph" else ()
+        recs = cached_process_molecules(values, sources, standardise_options(pre),
+                                        features=(self.kind, "scaffold") + extra,
                                         workers=self.cfg.data.workers, fingerprint_bits=pre.fingerprint_bits,
                                         fingerprint_radius=pre.fingerprint_radius)
         out = Featurised(groups=[])
@@ -122,13 +131,22 @@ class MoleculeFeaturiser(Featuriser):
             if not r.ok:
                 out.errors.append(r.error)
                 continue
-            out.items.append(MolGraphLoader.from_graph(r.graph) if self.kind == "graph" else
-                             {"x": torch.from_numpy(r.fingerprint)})
+            item = MolGraphLoader.from_graph(r.graph) if self.kind == "graph" else {"x": torch.from_numpy(r.fingerprint)}
+            if extra:  # (bits + descriptors,): the head's head.mol_features
+                item["features"] = torch.from_numpy(np.concatenate([r.fingerprint if k == "fingerprint" else r.rdkit2d
+                                                                    for k in extra]).astype(np.float32))
+            out.items.append(item)
             out.sources.append(r.source)
             out.inputs.append(r.input)
             out.canonical.append(r.smiles)
             out.groups.append(r.scaffold)
         return out
+
+    def collate(self, items: list[dict]) -> dict:
+        batch = self.loader.collate(items)
+        if "features" in items[0]:  # head.mol_features: (B, bits)
+            batch["features"] = torch.stack([it["features"] for it in items]).float()
+        return batch
 
     def reports(self, canonical: list[str]) -> list[dict]:
         return molecule_reports(canonical)

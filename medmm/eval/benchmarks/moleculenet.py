@@ -4,6 +4,11 @@ published tables.
     medmm eval moleculenet --datasets bbbp,bace,clintox,tox21,hiv --seeds 5 --split scaffold_deterministic \\
         [--data-dir ../shared/data/molecules/moleculenet] [--pretrained CKPT] [--out bench/results/moleculenet.json]
 
+The model (:class:`Protocol`, recorded beside the numbers): a 3 x 64 GIN whose masked mean + max readout the MLP
+head reads together with the molecule's 2048-bit Morgan fingerprint and RDKit 2D descriptors
+(``head.mol_features=morgan+rdkit2d``, chemprop's ``features_generator`` idea); ``--mol-features none`` is the
+GIN alone, as in the published GIN rows. Each model's table is also kept under ``by_mol_features``.
+
 Unlike the other benchmarks this one trains: every (dataset, seed) is one ``trainer.stage: head`` run
 (``python -m medmm.training --config configs/tasks/druggability_head.yaml`` + the overrides of
 :func:`run_overrides`) in its own process, ``--jobs`` at a time, one torch thread each. The split is the
@@ -13,7 +18,9 @@ classes, of the epoch with the best validation ROC-AUC. Molecules are featurised
 the SMILES as written (every fragment, charges kept, no tautomer pass; ``--standardise`` for medmm's
 standardisation, which on ClinTox erases the salts and charged forms the labels follow). ``--pretrained``
 starts every run's GNN from a ``trainer.stage: mol_pretrain`` encoder (its width and depth are adopted).
-The featurised records are cached under ``<work>/.molecule-cache``, so the seeds of a file featurise it once.
+The featurised records are cached under ``<work>/.molecule-cache``: with ``--jobs`` > 1 each file is featurised
+once, in that many processes, before its runs start; the runs read the cache. A finished run is reused only if
+it was trained with the same overrides (``run_overrides.json`` beside it), so a changed protocol retrains.
 The results file holds, per variant::
 
     {"no_pretrain": {"bbbp": {"mean": 68.1, "std": 1.2, "seeds": [..], "n_seeds": 5}, ...},
@@ -31,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,11 +77,18 @@ class Protocol:
     """GIN width."""
     layers: int = 3
     """GIN message-passing layers."""
+    gnn_dropout: float = 0.0
+    """Dropout inside each GIN layer (``head.encoder.kwargs.dropout``)."""
     epochs: int = 10
     """Passes over the training part (the epoch with the best validation ROC-AUC is kept)."""
     batch_size: int = 64
     lr: float = 1.0e-3
-    dropout: float = 0.1
+    lr_schedule: str = "cosine"
+    """``trainer.lr_schedule``: constant | cosine (to 0 over the run)."""
+    dropout: float = 0.3
+    mol_features: str = "morgan+rdkit2d"
+    """``head.mol_features``: none = the GIN alone; morgan / rdkit2d / morgan+rdkit2d = the head also reads the
+    2048-bit Morgan fingerprint (radius 2) and/or RDKit's 2D descriptors beside the GIN's readout."""
     canonical_tautomer: bool = False
     """The RDKit canonical-tautomer pass (off: the published protocols featurise the SMILES as written)."""
     as_written: bool = True
@@ -88,18 +103,32 @@ def run_overrides(dataset: str, seed: int, data_dir: Path, out: Path, split: str
     ov = [f"head.data.path={data_dir / d['file']}", f"head.data.input_col={d['smiles']}",
           f"head.data.label_cols=[{','.join(d['labels'])}]", f"head.data.split={split}",
           "head.data.fractions=[0.8,0.1,0.1]", "head.data.seed=0", "head.data.workers=0",
-          f"head.encoder.kwargs={{hidden: {proto.hidden}, layers: {proto.layers}, dropout: 0.0}}",
-          f"head.hidden={proto.hidden}", f"head.dropout={proto.dropout}",
+          f"head.encoder.kwargs={{hidden: {proto.hidden}, layers: {proto.layers}, dropout: {proto.gnn_dropout}}}",
+          f"head.hidden={proto.hidden}", f"head.dropout={proto.dropout}", f"head.mol_features={proto.mol_features}",
           f"head.preprocess.mol_canonical_tautomer={str(proto.canonical_tautomer).lower()}",
           f"head.preprocess.mol_largest_fragment={str(not proto.as_written).lower()}",
           f"head.preprocess.mol_neutralise={str(not proto.as_written).lower()}",
           "head.preprocess.mol_max_heavy_atoms=1000",
           f"trainer.output_dir={out}", f"trainer.seed={seed}", f"trainer.epochs={proto.epochs}",
           f"trainer.micro_batch_size={proto.batch_size}", f"trainer.lr={proto.lr}",
+          f"trainer.lr_schedule={proto.lr_schedule}",
           f"trainer.patience={proto.epochs}", "trainer.restore_best=true", "trainer.save_every=1000000000"]
     if pretrained:
         ov.append(f"head.encoder.checkpoint={pretrained}")
     return ov
+
+
+def featurise_once(overrides: list[str], workers: int) -> None:
+    """Featurise a run's file into the molecule cache (``$MEDMM_MOLECULE_CACHE``) with ``workers`` processes, as
+    its training run will read it (same rows, options and features; the cache key leaves out the worker count):
+    the runs of a dataset then start from the cache instead of each featurising it on one core."""
+    from ...config import TrainConfig, load_config
+    from ...data.featurisers import build_featuriser, featurise_rows
+    from ...training.stages.head import multitask_label_parser, read_multitask_rows
+
+    h = load_config(TrainConfig, REPO / "configs/tasks/druggability_head.yaml", overrides).head
+    h = dataclasses.replace(h, data=dataclasses.replace(h.data, workers=workers))
+    featurise_rows(build_featuriser(h), read_multitask_rows(h.data, h.data.path), multitask_label_parser(h.data.label_cols))
 
 
 def test_auroc(run_dir: Path) -> float | None:
@@ -109,6 +138,19 @@ def test_auroc(run_dir: Path) -> float | None:
         return None
     auc = json.loads(path.read_text())["test"]["raw"].get("auroc")
     return None if auc is None else 100.0 * float(auc)
+
+
+RUN_FILE = "run_overrides.json"
+"""Beside each run: the overrides it was trained with; a finished run counts only for the same protocol."""
+
+
+def finished_auroc(run_dir: Path, overrides: list[str]) -> float | None:
+    """:func:`test_auroc` of a run trained with exactly ``overrides`` (None: unfinished, or another protocol)."""
+    try:
+        same = json.loads((run_dir / RUN_FILE).read_text()) == overrides
+    except (OSError, ValueError):
+        same = False
+    return test_auroc(run_dir) if same else None
 
 
 def summarise(scores: list[float]) -> dict:
@@ -131,19 +173,24 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
     running: set[subprocess.Popen] = set()
     stopping = threading.Event()
 
+    def overrides_of(task) -> list[str]:
+        ds, seed = task
+        return run_overrides(ds, seed, data_dir, work / ds / f"seed{seed}", split,
+                             dataclasses.replace(proto, epochs=(epochs_of or {}).get(ds, proto.epochs)), pretrained)
+
     def one(task) -> tuple[str, int, float | None, float]:
         ds, seed = task
         out = work / ds / f"seed{seed}"
         t0 = time.perf_counter()
         if stopping.is_set():
             return ds, seed, None, 0.0
-        if train and test_auroc(out) is None:  # finished runs are kept (resumable benchmark)
+        overrides = overrides_of(task)
+        if train and finished_auroc(out, overrides) is None:  # finished runs of this protocol are kept (resumable)
+            shutil.rmtree(out, ignore_errors=True)  # a torn run, or one of another protocol
             out.mkdir(parents=True, exist_ok=True)
+            (out / RUN_FILE).write_text(json.dumps(overrides, indent=1) + "\n")
             cmd = [sys.executable, "-m", "medmm.training", "--config",
-                   str(REPO / "configs/tasks/druggability_head.yaml"),
-                   *run_overrides(ds, seed, data_dir, out, split,
-                                  dataclasses.replace(proto, epochs=(epochs_of or {}).get(ds, proto.epochs)),
-                                  pretrained)]
+                   str(REPO / "configs/tasks/druggability_head.yaml"), *overrides]
             with open(out / "train.log", "w") as log:
                 proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
                 running.add(proc)
@@ -151,7 +198,7 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
                     proc.wait()
                 finally:
                     running.discard(proc)
-        auc = test_auroc(out)
+        auc = finished_auroc(out, overrides)
         print(f"moleculenet {ds} seed {seed}: test ROC-AUC {auc} ({time.perf_counter() - t0:.0f}s)", flush=True)
         return ds, seed, auc, time.perf_counter() - t0
 
@@ -163,6 +210,21 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
     previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
+        if train and jobs > 1:  # each dataset featurised once, on every core, before its runs read the cache
+            saved = os.environ.get(CACHE_ENV)
+            os.environ[CACHE_ENV] = env[CACHE_ENV]
+            try:
+                for ds in datasets:
+                    runs = [(d, s) for d, s in tasks if d == ds]
+                    todo = [r for r in runs if finished_auroc(work / ds / f"seed{r[1]}", overrides_of(r)) is None]
+                    if todo:
+                        print(f"moleculenet {ds}: featurising with {jobs} processes", flush=True)
+                        featurise_once(overrides_of(todo[0]), jobs)
+            finally:
+                if saved is None:
+                    os.environ.pop(CACHE_ENV, None)
+                else:
+                    os.environ[CACHE_ENV] = saved
         done = list(pool.map(one, tasks))
     except BaseException:
         stopping.set()
@@ -187,9 +249,16 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
 
 
 def protocol_record(proto: Protocol, split: str, pretrained: str | None, epochs_of: dict | None = None) -> dict:
+    feats = {"none": "", "morgan": " + 2048-bit Morgan fingerprint (radius 2)",
+             "rdkit2d": " + RDKit 2D descriptors (log-squashed, BatchNorm)",
+             "morgan+rdkit2d": " + 2048-bit Morgan fingerprint (radius 2) + RDKit 2D descriptors (log-squashed, "
+                               "BatchNorm)"}[proto.mol_features]
     return {"encoder": "mol_gin (GINE over bond codes, masked mean + max readout, MLP head)",
-            "layers": proto.layers, "width": proto.hidden,
-            "epochs": proto.epochs, **({"epochs_per_dataset": epochs_of} if epochs_of else {}), "batch_size": proto.batch_size, "lr": proto.lr, "dropout_head": proto.dropout,
+            "model": f"GIN readout{feats} -> MLP head", "mol_features": proto.mol_features,
+            "layers": proto.layers, "width": proto.hidden, "epochs": proto.epochs,
+            **({"epochs_per_dataset": epochs_of} if epochs_of else {}), "batch_size": proto.batch_size,
+            "lr": proto.lr, "lr_schedule": proto.lr_schedule, "dropout_head": proto.dropout,
+            "dropout_gnn": proto.gnn_dropout,
             "split": f"{split} 0.8/0.1/0.1 (Hu et al. 2020 procedure)", "canonical_tautomer": proto.canonical_tautomer,
             "featurised": "SMILES as written (every fragment, charges kept)" if proto.as_written else
                           "standardised (largest fragment, neutralised)",
@@ -227,8 +296,13 @@ def write_results(path: Path, variant: str, results: dict[str, dict], protocol: 
     doc[variant] = {**doc.get(variant, {}), **results}
     doc["published"] = PUBLISHED
     doc.setdefault("protocol", {})[variant] = protocol
+    # every model's table kept apart too (the headline variants hold the latest run's model)
+    by = doc.setdefault("by_mol_features", {}).setdefault(protocol.get("mol_features", "none"), {})
+    by[variant] = {**by.get(variant, {}), **results}
+    by.setdefault("protocol", {})[variant] = protocol
     doc["layout"] = ("{variant: {dataset: {mean, std, seeds, n_seeds}}}, variant in no_pretrain | pretrained; "
-                     "ROC-AUC 0-100 on the deterministic scaffold split")
+                     "ROC-AUC 0-100 on the deterministic scaffold split; by_mol_features: {head.mol_features: "
+                     "{variant: ..., protocol: ...}}, each model's own table")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     plot_results(doc, path.with_suffix(".png"))
@@ -246,20 +320,24 @@ def plot_results(doc: dict, path: Path) -> Path | None:
         return None
     names = list(DATASETS)
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for k, (variant, off) in enumerate((("no_pretrain", -0.2), ("pretrained", 0.2))):
-        res = doc.get(variant, {})
+    fig, ax = plt.subplots(figsize=(9, 4))
+    tables = doc.get("by_mol_features") or {"": {v: doc.get(v, {}) for v in ("no_pretrain", "pretrained")}}
+    bars = [(f, v) for f in tables for v in ("no_pretrain", "pretrained") if tables[f].get(v)]
+    width = 0.8 / max(1, len(bars))
+    for k, (feats, variant) in enumerate(bars):
+        res = tables[feats][variant]
         means = [res.get(n, {}).get("mean", np.nan) for n in names]
         stds = [res.get(n, {}).get("std", 0.0) for n in names]
-        ax.bar(x + off, means, 0.4, yerr=stds, label=f"medmm {variant}", color=f"C{k}", alpha=0.8)
+        label = f"medmm GIN{'' if feats in ('', 'none') else ' + ' + feats} {variant}"
+        ax.bar(x - 0.4 + width * (k + 0.5), means, width, yerr=stds, label=label, color=f"C{k}", alpha=0.8)
     for key, marker in (("gin_no_pretrain", "v"), ("gin_pretrained", "^")):
         pub = PUBLISHED[key]
         ax.scatter(x, [pub.get(n, [np.nan])[0] for n in names], marker=marker, color="k", zorder=3,
                    label=f"published {key}")
     ax.set_xticks(x, names)
-    ax.set_ylim(40, 100)
+    ax.set_ylim(40, 110)
     ax.set_ylabel("test ROC-AUC (scaffold_deterministic)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -306,6 +384,13 @@ def main(argv: list[str] | None = None) -> dict:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None,
                         help=f"default {getattr(Protocol, f)}" + (" (or the pre-trained encoder's)" if f in
                                                                  ("hidden", "layers") else ""))
+    ap.add_argument("--mol-features", choices=["none", "morgan", "rdkit2d", "morgan+rdkit2d"], default=Protocol.mol_features,
+                    help="molecule-level features the head reads beside the GIN (head.mol_features)")
+    ap.add_argument("--dropout", type=float, default=Protocol.dropout, help="head dropout (head.dropout)")
+    ap.add_argument("--gnn-dropout", type=float, default=Protocol.gnn_dropout,
+                    help="dropout inside the GIN layers (head.encoder.kwargs.dropout)")
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default=Protocol.lr_schedule,
+                    help="trainer.lr_schedule")
     ap.add_argument("--standardise", action="store_true",
                     help="medmm's standardisation (largest fragment, neutralised) instead of the SMILES as written")
     a = ap.parse_args(argv)
@@ -332,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if f in kw and sizes.setdefault(f, kw[f]) != kw[f]:
                     ap.error(f"--{f} {sizes[f]} differs from the pre-trained encoder's {kw[f]} ({meta})")
         pretrained = str(path)
-    proto = Protocol(**sizes, as_written=not a.standardise)
+    proto = Protocol(**sizes, as_written=not a.standardise, mol_features=a.mol_features, dropout=a.dropout,
+                     lr_schedule=a.lr_schedule, gnn_dropout=a.gnn_dropout)
     variant = "pretrained" if a.pretrained else "no_pretrain"
     work = Path(a.work).resolve() / variant
     results = run_moleculenet(names, a.seeds, data_dir, work, a.split, proto, pretrained, a.jobs,

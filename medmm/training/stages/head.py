@@ -97,6 +97,17 @@ class BucketBatchSampler:
         return self.batches_per_epoch
 
 
+def read_multitask_rows(d, path) -> list:
+    """Rows of ``path`` whose label is the tuple of the ``head.data.label_cols`` cells (blank = missing)."""
+    from ...data.featurisers import Row, read_table
+
+    table = read_table(path, d.input_col, None, d.delimiter, d.limit)
+    missing = [c for c in d.label_cols if table and c not in table[0][1]]
+    if missing:
+        raise InvalidInputError(path, f"no label columns {missing} (columns: {list(table[0][1])})")
+    return [Row(src, row.get(d.input_col) or "", tuple(row.get(c) for c in d.label_cols)) for src, row in table]
+
+
 def multitask_label_parser(columns: list[str]):
     """``label_of(raw_values, source) -> tuple of 0.0 / 1.0 / nan`` for several 0/1 columns; blank = nan (missing)."""
 
@@ -223,15 +234,7 @@ class HeadStage(Stage):
         self.seconds_featurise = time.perf_counter() - t0
 
     def _read_multitask(self, path) -> list:
-        """Rows whose label is the tuple of the ``head.data.label_cols`` cells (blank = missing)."""
-        from ...data.featurisers import Row, read_table
-
-        d = self.settings.data
-        table = read_table(path, d.input_col, None, d.delimiter, d.limit)
-        missing = [c for c in d.label_cols if table and c not in table[0][1]]
-        if missing:
-            raise InvalidInputError(path, f"no label columns {missing} (columns: {list(table[0][1])})")
-        return [Row(src, row.get(d.input_col) or "", tuple(row.get(c) for c in d.label_cols)) for src, row in table]
+        return read_multitask_rows(self.settings.data, path)
 
     def build_model(self):
         from ...model.heads import build_head_model
@@ -266,8 +269,8 @@ class HeadStage(Stage):
         def collate(samples: list[dict]) -> dict:
             batch = self.featuriser.collate([s["item"] for s in samples])
             dtype = torch.float32 if self.model.binary else torch.long
-            return {"x": batch["x"], "mask": batch.get("mask"), "labels": torch.tensor([s["label"] for s in samples],
-                                                                                      dtype=dtype)}
+            return {"x": batch["x"], "mask": batch.get("mask"), "features": batch.get("features"),
+                    "labels": torch.tensor([s["label"] for s in samples], dtype=dtype)}
 
         return StageData(ds, sampler, collate, sampler(0).batches_per_epoch,
                          description=f"featuriser={self.featuriser.name} train={len(self.train)} val={len(self.val)} "
@@ -279,7 +282,8 @@ class HeadStage(Stage):
         if x.is_floating_point():
             x = x.to(next(engine.module.parameters()).dtype)
         mask = batch["mask"] if isinstance(batch.get("mask"), torch.Tensor) else None
-        logits = engine(x, mask)
+        feats = batch["features"] if isinstance(batch.get("features"), torch.Tensor) else None
+        logits = engine(x, mask) if feats is None else engine(x, mask, feats)
         y = batch["labels"]
         if self.multitask:  # (B, T) with nan = missing: masked out of the mean
             z, y = logits.float().reshape(len(y), -1), y.float().reshape(len(y), -1)
