@@ -77,6 +77,8 @@ class Protocol:
     """GIN width."""
     layers: int = 3
     """GIN message-passing layers."""
+    head_hidden: int | None = None
+    """The head MLP's width (``head.hidden``); None = the GIN's."""
     gnn_dropout: float = 0.0
     """Dropout inside each GIN layer (``head.encoder.kwargs.dropout``)."""
     epochs: int = 10
@@ -104,7 +106,7 @@ def run_overrides(dataset: str, seed: int, data_dir: Path, out: Path, split: str
           f"head.data.label_cols=[{','.join(d['labels'])}]", f"head.data.split={split}",
           "head.data.fractions=[0.8,0.1,0.1]", "head.data.seed=0", "head.data.workers=0",
           f"head.encoder.kwargs={{hidden: {proto.hidden}, layers: {proto.layers}, dropout: {proto.gnn_dropout}}}",
-          f"head.hidden={proto.hidden}", f"head.dropout={proto.dropout}", f"head.mol_features={proto.mol_features}",
+          f"head.hidden={proto.head_hidden or proto.hidden}", f"head.dropout={proto.dropout}", f"head.mol_features={proto.mol_features}",
           f"head.preprocess.mol_canonical_tautomer={str(proto.canonical_tautomer).lower()}",
           f"head.preprocess.mol_largest_fragment={str(not proto.as_written).lower()}",
           f"head.preprocess.mol_neutralise={str(not proto.as_written).lower()}",
@@ -258,7 +260,7 @@ def protocol_record(proto: Protocol, split: str, pretrained: str | None, epochs_
             "layers": proto.layers, "width": proto.hidden, "epochs": proto.epochs,
             **({"epochs_per_dataset": epochs_of} if epochs_of else {}), "batch_size": proto.batch_size,
             "lr": proto.lr, "lr_schedule": proto.lr_schedule, "dropout_head": proto.dropout,
-            "dropout_gnn": proto.gnn_dropout,
+            "dropout_gnn": proto.gnn_dropout, "head_width": proto.head_hidden or proto.hidden,
             "split": f"{split} 0.8/0.1/0.1 (Hu et al. 2020 procedure)", "canonical_tautomer": proto.canonical_tautomer,
             "featurised": "SMILES as written (every fragment, charges kept)" if proto.as_written else
                           "standardised (largest fragment, neutralised)",
@@ -387,6 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mol-features", choices=["none", "morgan", "rdkit2d", "morgan+rdkit2d"], default=Protocol.mol_features,
                     help="molecule-level features the head reads beside the GIN (head.mol_features)")
     ap.add_argument("--dropout", type=float, default=Protocol.dropout, help="head dropout (head.dropout)")
+    ap.add_argument("--head-hidden", type=int, default=None, help="the head MLP's width (default: the GIN's)")
     ap.add_argument("--gnn-dropout", type=float, default=Protocol.gnn_dropout,
                     help="dropout inside the GIN layers (head.encoder.kwargs.dropout)")
     ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default=Protocol.lr_schedule,
@@ -418,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
                     ap.error(f"--{f} {sizes[f]} differs from the pre-trained encoder's {kw[f]} ({meta})")
         pretrained = str(path)
     proto = Protocol(**sizes, as_written=not a.standardise, mol_features=a.mol_features, dropout=a.dropout,
-                     lr_schedule=a.lr_schedule, gnn_dropout=a.gnn_dropout)
+                     lr_schedule=a.lr_schedule, gnn_dropout=a.gnn_dropout, head_hidden=a.head_hidden)
     variant = "pretrained" if a.pretrained else "no_pretrain"
     work = Path(a.work).resolve() / variant
     results = run_moleculenet(names, a.seeds, data_dir, work, a.split, proto, pretrained, a.jobs,
