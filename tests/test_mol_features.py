@@ -200,7 +200,7 @@ def test_benchmark_featurises_once_into_the_cache_its_runs_read(tmp_path, monkey
     data.mkdir()
     first_rows(MOLECULENET / "bace.csv", data / "bace.csv", 120)
     ov = run_overrides("bace", 0, data, tmp_path / "run", "scaffold_deterministic", Protocol())
-    featurise_once(ov, workers=2)
+    featurise_once(ov, workers=2, cache=str(tmp_path / "cache"))
     assert len(list((tmp_path / "cache").glob("molecules-*.pkl"))) == 1
 
     def refuse(*a, **k):

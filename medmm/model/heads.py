@@ -242,11 +242,12 @@ def feature_dims(cfg: HeadStageConfig) -> tuple[int, int]:
     """``(all, standardised)``: per-input features the head reads beside the encoder's tokens
     (``head.mol_features``: the fingerprint bits as they are, then the RDKit descriptors, which a BatchNorm
     standardises); ``(0, 0)`` = none."""
+    from ..data.featurisers.molecules import mol_feature_kinds
     from ..io.molecules import rdkit2d_names
 
-    parts = cfg.mol_features.split("+") if cfg.mol_features != "none" else []
-    bits = cfg.preprocess.fingerprint_bits if "morgan" in parts else 0
-    desc = len(rdkit2d_names()) if "rdkit2d" in parts else 0
+    kinds = mol_feature_kinds(cfg.mol_features)
+    bits = cfg.preprocess.fingerprint_bits if "fingerprint" in kinds else 0
+    desc = len(rdkit2d_names()) if "rdkit2d" in kinds else 0
     return bits + desc, desc
 
 

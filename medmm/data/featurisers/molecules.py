@@ -100,7 +100,8 @@ def molecule_reports(canonical: list[str]) -> list[dict]:
 
 
 def mol_feature_kinds(mol_features: str) -> tuple[str, ...]:
-    """The :func:`medmm.io.molecules.process_molecules` features behind ``head.mol_features``, in column order."""
+    """The :func:`medmm.io.molecules.process_molecules` features behind ``head.mol_features``, in column order
+    (the fingerprint first: the head standardises the trailing descriptor columns)."""
     names = {"morgan": "fingerprint", "rdkit2d": "rdkit2d"}
     return () if mol_features == "none" else tuple(names[p] for p in mol_features.split("+"))
 
@@ -144,7 +145,7 @@ class MoleculeFeaturiser(Featuriser):
 
     def collate(self, items: list[dict]) -> dict:
         batch = self.loader.collate(items)
-        if "features" in items[0]:  # head.mol_features: (B, bits)
+        if "features" in items[0]:  # head.mol_features: (B, fingerprint bits + descriptors)
             batch["features"] = torch.stack([it["features"] for it in items]).float()
         return batch
 

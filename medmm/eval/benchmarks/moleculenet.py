@@ -47,9 +47,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import numpy as np
 
+from ...config import HeadStageConfig
 from ...data.featurisers.molecules import CACHE_ENV, MOLECULENET
 from .registry import Benchmark, register_benchmark
 
@@ -120,17 +122,26 @@ def run_overrides(dataset: str, seed: int, data_dir: Path, out: Path, split: str
     return ov
 
 
-def featurise_once(overrides: list[str], workers: int) -> None:
-    """Featurise a run's file into the molecule cache (``$MEDMM_MOLECULE_CACHE``) with ``workers`` processes, as
-    its training run will read it (same rows, options and features; the cache key leaves out the worker count):
-    the runs of a dataset then start from the cache instead of each featurising it on one core."""
+def featurise_once(overrides: list[str], workers: int, cache: str) -> None:
+    """Featurise a run's file into the molecule cache folder ``cache`` with ``workers`` processes, as its training
+    run will read it (same rows, options and features; the cache key leaves out the worker count): the runs of a
+    dataset then start from the cache instead of each featurising it on one core."""
     from ...config import TrainConfig, load_config
     from ...data.featurisers import build_featuriser, featurise_rows
     from ...training.stages.head import multitask_label_parser, read_multitask_rows
 
     h = load_config(TrainConfig, REPO / "configs/tasks/druggability_head.yaml", overrides).head
     h = dataclasses.replace(h, data=dataclasses.replace(h.data, workers=workers))
-    featurise_rows(build_featuriser(h), read_multitask_rows(h.data, h.data.path), multitask_label_parser(h.data.label_cols))
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = cache  # where the featuriser's cache lives (the runs get it through their env)
+    try:
+        featurise_rows(build_featuriser(h), read_multitask_rows(h.data, h.data.path),
+                       multitask_label_parser(h.data.label_cols))
+    finally:
+        if saved is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = saved
 
 
 def test_auroc(run_dir: Path) -> float | None:
@@ -212,21 +223,11 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
     previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
-        if train and jobs > 1:  # each dataset featurised once, on every core, before its runs read the cache
-            saved = os.environ.get(CACHE_ENV)
-            os.environ[CACHE_ENV] = env[CACHE_ENV]
-            try:
-                for ds in datasets:
-                    runs = [(d, s) for d, s in tasks if d == ds]
-                    todo = [r for r in runs if finished_auroc(work / ds / f"seed{r[1]}", overrides_of(r)) is None]
-                    if todo:
-                        print(f"moleculenet {ds}: featurising with {jobs} processes", flush=True)
-                        featurise_once(overrides_of(todo[0]), jobs)
-            finally:
-                if saved is None:
-                    os.environ.pop(CACHE_ENV, None)
-                else:
-                    os.environ[CACHE_ENV] = saved
+        for ds in datasets if train and jobs > 1 else []:  # each file featurised once, on every core
+            todo = [t for t in tasks if t[0] == ds and finished_auroc(work / ds / f"seed{t[1]}", overrides_of(t)) is None]
+            if todo:
+                print(f"moleculenet {ds}: featurising with {jobs} processes", flush=True)
+                featurise_once(overrides_of(todo[0]), jobs, env[CACHE_ENV])
         done = list(pool.map(one, tasks))
     except BaseException:
         stopping.set()
@@ -386,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None,
                         help=f"default {getattr(Protocol, f)}" + (" (or the pre-trained encoder's)" if f in
                                                                  ("hidden", "layers") else ""))
-    ap.add_argument("--mol-features", choices=["none", "morgan", "rdkit2d", "morgan+rdkit2d"], default=Protocol.mol_features,
+    ap.add_argument("--mol-features", choices=get_args(get_type_hints(HeadStageConfig)["mol_features"]),
+                    default=Protocol.mol_features,
                     help="molecule-level features the head reads beside the GIN (head.mol_features)")
     ap.add_argument("--dropout", type=float, default=Protocol.dropout, help="head dropout (head.dropout)")
     ap.add_argument("--head-hidden", type=int, default=None, help="the head MLP's width (default: the GIN's)")
