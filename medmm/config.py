@@ -413,7 +413,7 @@ class HeadStageConfig:
     """molecules + mol_graph: molecule-level features the head's MLP reads beside the pooled graph (chemprop's
     ``features_generator``), through their own dropout (``head.dropout``): morgan = the
     ``preprocess.fingerprint_bits``-bit Morgan fingerprint of radius ``preprocess.fingerprint_radius``; rdkit2d =
-    RDKit's 2D descriptors (``medmm.io.molecules.rdkit2d``: log-squashed, standardised by a BatchNorm fitted on
+    RDKit's 2D descriptors (``medmm.io.molecules.rdkit2d``: log-squashed, standardised with the mean and std of
     the training molecules); morgan+rdkit2d = both."""
     objective: Literal["binary", "multiclass"] = "binary"
     """binary = one logit, BCE, 0/1 labels (or the two ``classes``); multiclass = one logit per class, cross-entropy."""

@@ -1,5 +1,5 @@
 """``head.mol_features``: molecule-level features (Morgan fingerprint, RDKit 2D descriptors) read by the head beside
-the GIN's readout: the features themselves on RDKit's edge cases, the worker path, the model (BatchNorm on the
+the GIN's readout: the features themselves on RDKit's edge cases, the worker path, the model (the fitted scaler on the
 descriptor columns only, one-molecule batches, save/load, another RDKit's descriptor list), the config checks, a
 training run and its reloaded predictions, and the MoleculeNet benchmark's cache warm-up and protocol check."""
 
@@ -96,7 +96,7 @@ def test_featuriser_items_carry_the_features_and_the_model_reads_them(kind, widt
     assert model.head.extra[1].weight.grad.abs().sum() > 0  # the features reach the loss
     with pytest.raises(ValueError, match=f"reads {want} features"):
         model(batch["x"], batch["mask"])
-    # a one-molecule training batch has no batch statistics: the running ones serve (no error)
+    # a one-molecule training batch works (the scaler uses no batch statistics)
     one = fz.collate(feats.items[:1])
     assert torch.isfinite(model(one["x"], one["mask"], one["features"])).all()
     # changing a molecule's features changes its logit (and nobody else's, in eval mode)
@@ -116,17 +116,32 @@ def test_descriptor_columns_are_standardised_and_fingerprint_bits_are_not():
 
     cfg = _cfg(mol_features="morgan+rdkit2d")
     model = build_head_model(cfg).eval()
-    bn = model.feature_norm
-    bn.running_mean.fill_(5.0)
-    bn.running_var.fill_(4.0)
+    sc = model.feature_norm
+    k = sc.num_features
+    fz, feats = _featurised(cfg, EDGE_CASES)
+    train = torch.stack([it["features"][-k:] for it in feats.items])
+    sc.fit(train)
+    x = train.double()
+    std = x.std(0, unbiased=False)
+    assert torch.allclose(sc.mean.double(), x.mean(0), atol=1e-5)
+    assert torch.allclose(sc.scale.double(), torch.where(std > 1e-6, std, torch.ones_like(std)), rtol=1e-5)
+    assert (sc.scale[std <= 1e-6] == 1).all() and (std <= 1e-6).any()  # a constant column keeps scale 1
     seen = {}
     model.head.register_forward_pre_hook(lambda mod, args: seen.update(f=args[2].clone()))
-    fz, feats = _featurised(cfg, ["CCO", "c1ccccc1O"])
     b = fz.collate(feats.items)
-    model(b["x"], b["mask"], b["features"])
-    k = bn.num_features
+    out_eval = model(b["x"], b["mask"], b["features"])
     assert torch.equal(seen["f"][:, :-k], b["features"][:, :-k])  # bits as they are
-    assert torch.allclose(seen["f"][:, -k:], (b["features"][:, -k:] - 5.0) / np.sqrt(4.0 + bn.eps), atol=1e-5)
+    want = (b["features"][:, -k:] - sc.mean) / sc.scale
+    assert torch.allclose(seen["f"][:, -k:], want, atol=1e-5)
+    assert torch.allclose(seen["f"][:, -k:].mean(0)[std > 1e-6], torch.zeros(1), atol=1e-4)  # standardised
+    # training mode and batch composition change nothing: a molecule's columns do not depend on its batch mates
+    model.train()
+    model.head.eval()  # (dropout off: the scaler alone is under test)
+    model(b["x"][:2], b["mask"][:2], b["features"][:2])
+    assert torch.allclose(seen["f"][:, -k:], want[:2], atol=1e-5)
+    assert torch.isfinite(out_eval).all()
+    with pytest.raises(ValueError, match="columns"):
+        sc.fit(train[:, :3])
 
 
 def test_save_load_keeps_predictions_and_refuses_another_rdkit_list(tmp_path):
@@ -137,10 +152,9 @@ def test_save_load_keeps_predictions_and_refuses_another_rdkit_list(tmp_path):
     torch.manual_seed(1)
     model = build_head_model(cfg)
     fz, feats = _featurised(cfg, EDGE_CASES)
-    model.train()
-    for _ in range(3):  # move the BatchNorm's running statistics off their defaults
-        b = fz.collate(feats.items)
-        model(b["x"], b["mask"], b["features"])
+    k = model.feature_norm.num_features
+    model.feature_norm.fit(torch.stack([it["features"][-k:] for it in feats.items]))  # off its defaults
+    assert not torch.equal(model.feature_norm.mean, torch.zeros(k))
     model.eval()
     want = predict_logits(model, fz, feats.items)
     model.save_pretrained(tmp_path / "m")
@@ -152,6 +166,18 @@ def test_save_load_keeps_predictions_and_refuses_another_rdkit_list(tmp_path):
     (tmp_path / "m" / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="RDKit.*lists others"):
         HeadPredictor(tmp_path / "m")
+    # a model saved with the older BatchNorm on the descriptors is refused by name, not half-loaded
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path / "old")
+    w = load_file(str(tmp_path / "old" / "model.safetensors"))
+    k = w.pop("feature_norm.mean").numel()
+    del w["feature_norm.scale"]
+    w |= {"feature_norm.running_mean": torch.zeros(k), "feature_norm.running_var": torch.ones(k),
+          "feature_norm.weight": torch.ones(k), "feature_norm.bias": torch.zeros(k)}
+    save_file(w, str(tmp_path / "old" / "model.safetensors"))
+    with pytest.raises(ConfigError, match="model.safetensors.*BatchNorm.*retrain"):
+        HeadPredictor(tmp_path / "old")
 
 
 pytestmark_data = pytest.mark.skipif(not MOLECULENET.exists(), reason="shared MoleculeNet files absent")
@@ -183,6 +209,15 @@ def test_training_with_mol_features_and_reloaded_predictions(tmp_path):
     np.testing.assert_allclose(hp.probabilities(logits), [float(r["prob"]) for r in rows], atol=2e-5)
     np.testing.assert_allclose(hp.probabilities(logits, calibrated=False), [float(r["prob_raw"]) for r in rows],
                                atol=2e-5)
+    # the descriptor scaler was fitted on the training molecules (split.json's train rows) and saved with the model
+    with open(data, newline="") as f:
+        smiles = [r["smiles"] for r in csv.DictReader(f)]
+    train_rows = json.loads((tmp_path / "run" / "split.json").read_text())["train"]
+    tf, _ = hp.predict([smiles[i] for i in train_rows], reports=False)
+    sc = hp.model.feature_norm
+    cols = torch.stack([it["features"][-sc.num_features:] for it in tf.items]).double()
+    assert len(tf.items) == len(train_rows)
+    np.testing.assert_allclose(sc.mean.double().numpy(), cols.mean(0).numpy(), atol=1e-4)
 
 
 @pytestmark_data
@@ -216,13 +251,18 @@ def test_benchmark_featurises_once_into_the_cache_its_runs_read(tmp_path, monkey
 
 
 def test_a_finished_run_counts_only_for_its_own_protocol(tmp_path):
-    from medmm.eval.benchmarks.moleculenet import RUN_FILE, finished_auroc
+    from medmm.eval.benchmarks.moleculenet import REVISION, RUN_FILE, finished_auroc, run_record
 
     run = tmp_path / "seed0"
     (run / "checkpoint").mkdir(parents=True)
     (run / "checkpoint" / "metrics.json").write_text(json.dumps({"test": {"raw": {"auroc": 0.8}}}))
     ov = ["head.mol_features=morgan+rdkit2d", "trainer.seed=0"]
     assert finished_auroc(run, ov) is None  # no record of how it was trained
-    (run / RUN_FILE).write_text(json.dumps(ov))
+    (run / RUN_FILE).write_text(json.dumps(run_record(ov)))
     assert finished_auroc(run, ov) == pytest.approx(80.0)
     assert finished_auroc(run, ["head.mol_features=none", "trainer.seed=0"]) is None
+    # a run of the same overrides trained by older code (another revision, or the bare list it once wrote) is not
+    (run / RUN_FILE).write_text(json.dumps({"revision": REVISION - 1, "overrides": ov}))
+    assert finished_auroc(run, ov) is None
+    (run / RUN_FILE).write_text(json.dumps(ov))
+    assert finished_auroc(run, ov) is None

@@ -573,7 +573,7 @@ def rdkit2d_names() -> tuple[str, ...]:
 def rdkit2d(mol) -> np.ndarray:
     """RDKit's 2D descriptors (:func:`rdkit2d_names`) as float32 ``(n,)``, squashed as ``sign(x) log(1 + |x|)``
     (counts, weights and indices over many orders of magnitude, e.g. ``Ipc``); a descriptor that fails or is
-    not finite is 0. The head standardises them (a BatchNorm fitted on the training molecules)."""
+    not finite is 0. The head standardises them with the training molecules' mean and std (``FeatureScaler``)."""
     from rdkit.Chem import Descriptors
 
     out = np.zeros(len(Descriptors._descList), dtype=np.float64)

@@ -154,13 +154,23 @@ def test_auroc(run_dir: Path) -> float | None:
 
 
 RUN_FILE = "run_overrides.json"
-"""Beside each run: the overrides it was trained with; a finished run counts only for the same protocol."""
+"""Beside each run: ``{"revision", "overrides"}`` it was trained with; a finished run counts only for the same."""
+REVISION = 2
+"""Raised when medmm's code changes what a run with the same overrides trains, so that older finished runs are
+retrained instead of mixed into the table (2: the descriptor columns standardised by a scaler fitted on the training
+molecules instead of a BatchNorm over size-bucketed batches)."""
+
+
+def run_record(overrides: list[str]) -> dict:
+    """What :data:`RUN_FILE` holds for a run trained with ``overrides`` by this code."""
+    return {"revision": REVISION, "overrides": list(overrides)}
 
 
 def finished_auroc(run_dir: Path, overrides: list[str]) -> float | None:
-    """:func:`test_auroc` of a run trained with exactly ``overrides`` (None: unfinished, or another protocol)."""
+    """:func:`test_auroc` of a run trained with exactly ``overrides`` by this :data:`REVISION` (None: unfinished,
+    another protocol, or older code)."""
     try:
-        same = json.loads((run_dir / RUN_FILE).read_text()) == overrides
+        same = json.loads((run_dir / RUN_FILE).read_text()) == run_record(overrides)
     except (OSError, ValueError):
         same = False
     return test_auroc(run_dir) if same else None
@@ -201,7 +211,7 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
         if train and finished_auroc(out, overrides) is None:  # finished runs of this protocol are kept (resumable)
             shutil.rmtree(out, ignore_errors=True)  # a torn run, or one of another protocol
             out.mkdir(parents=True, exist_ok=True)
-            (out / RUN_FILE).write_text(json.dumps(overrides, indent=1) + "\n")
+            (out / RUN_FILE).write_text(json.dumps(run_record(overrides), indent=1) + "\n")
             cmd = [sys.executable, "-m", "medmm.training", "--config",
                    str(REPO / "configs/tasks/druggability_head.yaml"), *overrides]
             with open(out / "train.log", "w") as log:
@@ -253,9 +263,9 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
 
 def protocol_record(proto: Protocol, split: str, pretrained: str | None, epochs_of: dict | None = None) -> dict:
     feats = {"none": "", "morgan": " + 2048-bit Morgan fingerprint (radius 2)",
-             "rdkit2d": " + RDKit 2D descriptors (log-squashed, BatchNorm)",
+             "rdkit2d": " + RDKit 2D descriptors (log-squashed, standardised on the training molecules)",
              "morgan+rdkit2d": " + 2048-bit Morgan fingerprint (radius 2) + RDKit 2D descriptors (log-squashed, "
-                               "BatchNorm)"}[proto.mol_features]
+                               "standardised on the training molecules)"}[proto.mol_features]
     return {"encoder": "mol_gin (GINE over bond codes, masked mean + max readout, MLP head)",
             "model": f"GIN readout{feats} -> MLP head", "mol_features": proto.mol_features,
             "layers": proto.layers, "width": proto.hidden, "epochs": proto.epochs,

@@ -242,6 +242,9 @@ class HeadStage(Stage):
         self._read()
         h = dataclasses.replace(self.settings, classes=self.classes)
         self.model = build_head_model(h)
+        if self.model.feature_norm is not None:  # the descriptor columns' scaler, fitted on the training molecules
+            n = self.model.feature_norm.num_features
+            self.model.feature_norm.fit(torch.stack([it["features"][-n:] for it in self.train.items]))
         in_dim = getattr(self.model.encoder, "in_dim", None)
         if h.loader == "slide_features" and in_dim is not None and in_dim != h.preprocess.slide_feature_dim:
             raise ConfigError(f"head.encoder.kwargs.in_dim={in_dim} but head.preprocess.slide_feature_dim="
