@@ -20,7 +20,8 @@ standardisation, which on ClinTox erases the salts and charged forms the labels 
 starts every run's GNN from a ``trainer.stage: mol_pretrain`` encoder (its width and depth are adopted).
 The featurised records are cached under ``<work>/.molecule-cache``: with ``--jobs`` > 1 each file is featurised
 once, in that many processes, before its runs start; the runs read the cache. A finished run is reused only if
-it was trained with the same overrides (``run_overrides.json`` beside it), so a changed protocol retrains.
+it was trained with the same overrides by the same :data:`REVISION` of this code (``run_overrides.json`` beside it),
+so a changed protocol, or a code change that alters what the same overrides train, retrains.
 The results file holds, per variant::
 
     {"no_pretrain": {"bbbp": {"mean": 68.1, "std": 1.2, "seeds": [..], "n_seeds": 5}, ...},
