@@ -409,12 +409,15 @@ class HeadStageConfig:
     """mlp: hidden width."""
     dropout: float = 0.1
     """Dropout before the output layer."""
+    feature_dropout: float | None = None
+    """Dropout on the ``mol_features`` the head reads (None = ``dropout``). The MoleculeNet benchmark uses 0: on
+    HIV, dropping fingerprint bits and descriptors at the input cost ~1.5 ROC-AUC points."""
     mol_features: Literal["none", "morgan", "rdkit2d", "morgan+rdkit2d"] = "none"
     """molecules + mol_graph: molecule-level features the head's MLP reads beside the pooled graph (chemprop's
-    ``features_generator``), through their own dropout (``head.dropout``): morgan = the
+    ``features_generator``), through their own dropout (``head.feature_dropout``): morgan = the
     ``preprocess.fingerprint_bits``-bit Morgan fingerprint of radius ``preprocess.fingerprint_radius``; rdkit2d =
     RDKit's 2D descriptors (``medmm.io.molecules.rdkit2d``: log-squashed, standardised with the mean and std of
-    the training molecules); morgan+rdkit2d = both."""
+    the training molecules, clipped to ±5); morgan+rdkit2d = both."""
     objective: Literal["binary", "multiclass"] = "binary"
     """binary = one logit, BCE, 0/1 labels (or the two ``classes``); multiclass = one logit per class, cross-entropy."""
     classes: list[str] = field(default_factory=list)

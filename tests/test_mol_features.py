@@ -131,7 +131,7 @@ def test_descriptor_columns_are_standardised_and_fingerprint_bits_are_not():
     b = fz.collate(feats.items)
     out_eval = model(b["x"], b["mask"], b["features"])
     assert torch.equal(seen["f"][:, :-k], b["features"][:, :-k])  # bits as they are
-    want = (b["features"][:, -k:] - sc.mean) / sc.scale
+    want = ((b["features"][:, -k:] - sc.mean) / sc.scale).clamp(-sc.CLIP, sc.CLIP)
     assert torch.allclose(seen["f"][:, -k:], want, atol=1e-5)
     assert torch.allclose(seen["f"][:, -k:].mean(0)[std > 1e-6], torch.zeros(1), atol=1e-4)  # standardised
     # training mode and batch composition change nothing: a molecule's columns do not depend on its batch mates
@@ -140,8 +140,33 @@ def test_descriptor_columns_are_standardised_and_fingerprint_bits_are_not():
     model(b["x"][:2], b["mask"][:2], b["features"][:2])
     assert torch.allclose(seen["f"][:, -k:], want[:2], atol=1e-5)
     assert torch.isfinite(out_eval).all()
+    # a value far outside the training molecules' range (a rare fragment count) reaches the head clipped to ±CLIP
+    j = int(torch.nonzero(std > 1e-6)[0])
+    odd = b["features"][:2].clone()
+    odd[0, -k + j] = sc.mean[j] + 1000 * sc.scale[j]
+    odd[1, -k + j] = sc.mean[j] - 1000 * sc.scale[j]
+    model(b["x"][:2], b["mask"][:2], odd)
+    assert seen["f"][0, -k + j] == sc.CLIP and seen["f"][1, -k + j] == -sc.CLIP
+    assert torch.allclose(seen["f"][:, -k:][:, torch.arange(k) != j], want[:2][:, torch.arange(k) != j], atol=1e-5)
     with pytest.raises(ValueError, match="columns"):
         sc.fit(train[:, :3])
+
+
+def test_feature_dropout_is_its_own_setting_and_defaults_to_the_head_dropout():
+    from medmm.model.heads import build_head_model
+
+    for kw, want in (({}, 0.4), ({"feature_dropout": 0.0}, 0.0), ({"feature_dropout": 0.1}, 0.1)):
+        model = build_head_model(_cfg(mol_features="morgan", **{"dropout": 0.4, **kw}))
+        assert model.head.extra[0].p == want and model.head.net[3].p == 0.4, kw
+    # with feature_dropout 0 the features reach the head whole in training mode: two passes agree on them
+    model = build_head_model(_cfg(mol_features="morgan", dropout=0.5, feature_dropout=0.0)).train()
+    fz, feats = _featurised(_cfg(mol_features="morgan"), EDGE_CASES[:4])
+    b = fz.collate(feats.items)
+    seen = []
+    model.head.extra.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()))
+    model(b["x"], b["mask"], b["features"])
+    model(b["x"], b["mask"], b["features"])
+    assert torch.equal(seen[0], seen[1])
 
 
 def test_save_load_keeps_predictions_and_refuses_another_rdkit_list(tmp_path):
