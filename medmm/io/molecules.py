@@ -450,7 +450,7 @@ def atom_features(mol) -> np.ndarray:
         return out
     sym, hyb, chi = _atom_codes()
     # one row of column codes per atom, then every one-hot block set at once
-    codes = np.array([(sym.get(a.GetSymbol(), len(ATOM_SYMBOLS)), min(a.GetDegree(), _DEGREES - 1),
+    codes = np.array([(sym.get(a.GetAtomicNum(), len(ATOM_SYMBOLS)), min(a.GetDegree(), _DEGREES - 1),
                        max(-2, min(2, a.GetFormalCharge())) + 2, min(a.GetTotalNumHs(), _HS - 1),
                        hyb.get(int(a.GetHybridization()), len(_HYBRID)), a.GetIsAromatic(), a.IsInRing(),
                        chi.get(int(a.GetChiralTag()), len(_CHIRAL))) for a in mol.GetAtoms()], dtype=np.int64)
@@ -473,12 +473,22 @@ _AROMATIC_COL = len(ATOM_SYMBOLS) + 1 + _DEGREES + len(_CHARGES) + _HS + len(_HY
 
 @functools.lru_cache(maxsize=1)
 def _atom_codes():
-    """Element symbol -> index, and RDKit's hybridisation and chiral-tag enum values (as int) -> index."""
+    """Atomic number -> index of its element in ATOM_SYMBOLS, and RDKit's hybridisation and chiral-tag enum values
+    (as int) -> index (ints: reading them off an atom costs less than its symbol's or the enum's string)."""
     from rdkit import Chem
 
+    table = Chem.GetPeriodicTable()
     hyb = {int(v): _HYBRID.index(str(v)) for v in Chem.HybridizationType.values.values() if str(v) in _HYBRID}
     chi = {int(v): _CHIRAL.index(str(v)) for v in Chem.ChiralType.values.values() if str(v) in _CHIRAL}
-    return {s: i for i, s in enumerate(ATOM_SYMBOLS)}, hyb, chi
+    return {table.GetAtomicNumber(s): i for i, s in enumerate(ATOM_SYMBOLS)}, hyb, chi
+
+
+@functools.lru_cache(maxsize=1)
+def _bond_type_index() -> dict[int, int]:
+    """RDKit's bond-type enum values (as int) -> index in BOND_TYPES."""
+    from rdkit import Chem
+
+    return {int(v): BOND_TYPES.index(str(v)) for v in Chem.BondType.values.values() if str(v) in BOND_TYPES}
 
 
 @dataclass
@@ -502,10 +512,10 @@ class MolGraph:
 
 def mol_graph(mol) -> MolGraph:
     """Atom and bond graph tensors of ``mol`` (heavy atoms only)."""
-    bt = {b: i for i, b in enumerate(BOND_TYPES)}
+    bt = _bond_type_index()
     src, dst, code = [], [], []
     for b in mol.GetBonds():
-        c = 1 + bt.get(str(b.GetBondType()), 0) + len(BOND_TYPES) * int(b.IsInRing())
+        c = 1 + bt.get(int(b.GetBondType()), 0) + len(BOND_TYPES) * int(b.IsInRing())
         i, j = b.GetBeginAtomIdx(), b.GetEndAtomIdx()
         src += [i, j]
         dst += [j, i]
