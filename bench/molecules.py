@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
         "tautomer_cache": cache, "medmm_rejected_by_kind": kinds,
         "note": ("plain_rdkit_loop (the baseline of speedup_vs_plain) does the same RDKit steps as medmm, tautomer "
                  "pass repeated until the SMILES is stable (<= 3 passes), without a cache; plain_rdkit_loop_one_pass "
-                 "stops after one pass (less work; speedup_vs_plain_one_pass). medmm adds typed errors "
+                 "stops after one pass (less work; speedup_vs_plain_one_pass); plain_rdkit_pool<N> runs the plain loop in N "
+                 "forked processes (medmm_vs_plain_pool = its seconds / medmm's pool's). medmm adds typed errors "
                  "(DetectChemistryProblems), captured RDKit logs, the size limit, re-reads each tautomer pass's input "
                  "from its canonical SMILES (so passes are cached by it; differs from the plain loop's pick for a few "
                  "metal complexes whose enumeration is truncated), 58 one-hot atom features against the plain loop's "

@@ -276,8 +276,8 @@ def protocol_record(proto: Protocol, split: str, pretrained: str | None, epochs_
             "layers": proto.layers, "width": proto.hidden, "epochs": proto.epochs,
             **({"epochs_per_dataset": epochs_of} if epochs_of else {}), "batch_size": proto.batch_size,
             "lr": proto.lr, "lr_schedule": proto.lr_schedule, "dropout_head": proto.dropout,
-            "dropout_gnn": proto.gnn_dropout,
-            **({"dropout_features": proto.feature_dropout} if proto.mol_features != "none" else {}), "head_width": proto.head_hidden or proto.hidden,
+            "dropout_gnn": proto.gnn_dropout, "head_width": proto.head_hidden or proto.hidden,
+            **({"dropout_features": proto.feature_dropout} if proto.mol_features != "none" else {}),
             "split": f"{split} 0.8/0.1/0.1 (Hu et al. 2020 procedure)", "canonical_tautomer": proto.canonical_tautomer,
             "featurised": "SMILES as written (every fragment, charges kept)" if proto.as_written else
                           "standardised (largest fragment, neutralised)",
