@@ -1,5 +1,5 @@
-"""MoleculeNet benchmark: test ROC-AUC of medmm's molecule head (a GIN + Morgan fingerprint + RDKit 2D descriptors;
-``--mol-features none`` = the GIN alone) on BBBP, BACE, ClinTox, Tox21 and HIV over seeds, on the deterministic
+"""MoleculeNet benchmark: test ROC-AUC of medmm's molecule head (a GIN with a virtual node + Morgan fingerprint + RDKit
+2D descriptors; ``--mol-features none`` = the GIN alone, ``--virtual-node false`` = without the virtual node) on BBBP, BACE, ClinTox, Tox21 and HIV over seeds, on the deterministic
 scaffold split, beside the published GIN figures (Hu et al. 2020; OGB ogbg-molhiv).
 
 A thin wrapper of ``medmm eval moleculenet`` (:mod:`medmm.eval.benchmarks.moleculenet`), which trains one
@@ -12,11 +12,11 @@ A thin wrapper of ``medmm eval moleculenet`` (:mod:`medmm.eval.benchmarks.molecu
 
 Run::
 
-    python bench/moleculenet.py                                    # 5 seeds (3 for HIV), no pre-training
+    python bench/moleculenet.py                                    # 5 seeds, no pre-training
     python bench/moleculenet.py --datasets bbbp,bace --seeds 5 --epochs 4 --jobs 2
     python bench/moleculenet.py --mol-features none                # the GIN alone
     python train.py --config configs/tasks/mol_pretrain.yaml        # the encoder (test molecules excluded)
-    python bench/moleculenet.py --pretrained runs/mol_pretrain/checkpoint/encoder.safetensors
+    python bench/moleculenet.py --seeds-per-dataset '{"hiv": 3}' --pretrained runs/mol_pretrain/checkpoint
 """
 
 from __future__ import annotations

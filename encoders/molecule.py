@@ -118,17 +118,27 @@ class MolGIN(nn.Module):
     ``readout="nodes"``: one token per atom ``(B, N, hidden)`` + mask (variable: pair it with the
     resampler projector). ``readout="graph"``: ``num_tokens`` tokens from the masked mean and max of
     every layer's atom states (jumping knowledge), for fixed-size projectors.
+
+    ``virtual_node=True`` adds a virtual node joined to every atom (Gilmer et al. 2017; OGB's GIN-VN): its state
+    is added to every atom before each layer and updated between layers from the sum of the atom states
+    (``vn <- vn + MLP(LN(sum_i h_i + vn))``), so distant atoms exchange information in 3 layers.
     """
 
     def __init__(self, atom_dim: int = DEFAULT_ATOM_DIM, hidden: int = 128, layers: int = 4,
                  num_bond_codes: int = DEFAULT_BOND_CODES, dropout: float = 0.0, readout: str = "nodes",
-                 num_tokens: int = 1):
+                 num_tokens: int = 1, virtual_node: bool = False):
         super().__init__()
         if readout not in ("nodes", "graph"):
             raise ValueError(f"readout must be 'nodes' or 'graph', got '{readout}'")
         self.atom_dim, self.readout = atom_dim, readout
         self.embed = nn.Linear(atom_dim, hidden)
         self.layers = nn.ModuleList(GINLayer(hidden, num_bond_codes, dropout) for _ in range(layers))
+        self.virtual_node = bool(virtual_node)
+        if self.virtual_node:
+            self.vn = nn.Parameter(torch.zeros(1, hidden))  # the virtual node's state before the first layer
+            self.vn_mlps = nn.ModuleList(
+                nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Dropout(dropout),
+                              nn.Linear(2 * hidden, hidden)) for _ in range(max(0, layers - 1)))
         self.norm = nn.LayerNorm(hidden)
         if readout == "graph":
             self.pool = nn.Linear(2 * hidden * (layers + 1), hidden * num_tokens)
@@ -143,8 +153,13 @@ class MolGIN(nn.Module):
         h = self.embed(feats) * m  # (B, N, D)
         states = [h]
         bonds = bond_list(adj)  # read once, shared by every layer
-        for layer in self.layers:
+        vn = self.vn.expand(h.shape[0], -1) if self.virtual_node else None  # (B, D)
+        for i, layer in enumerate(self.layers):
+            if vn is not None:
+                h = (h + vn.unsqueeze(1)) * m  # every real atom hears the virtual node
             h = layer(h, adj, mask, bonds)
+            if vn is not None and i < len(self.vn_mlps):
+                vn = vn + self.vn_mlps[i](h.sum(1) + vn)  # h is zero on padding: a sum over the real atoms
             states.append(h)
         if self.readout == "nodes":
             return EncoderOutput(self.norm(h), mask)
@@ -160,9 +175,10 @@ class MolGIN(nn.Module):
 @register_encoder("mol_gin", modality="mol")
 def mol_gin(atom_dim: int = DEFAULT_ATOM_DIM, hidden: int = 128, layers: int = 4,
             num_bond_codes: int = DEFAULT_BOND_CODES, dropout: float = 0.0, readout: str = "nodes",
-            num_tokens: int = 1) -> nn.Module:
-    """GIN message-passing encoder over the molecular graph (input: the ``mol_graph`` loader's packed batch)."""
-    return MolGIN(atom_dim, hidden, layers, num_bond_codes, dropout, readout, num_tokens)
+            num_tokens: int = 1, virtual_node: bool = False) -> nn.Module:
+    """GIN message-passing encoder over the molecular graph (input: the ``mol_graph`` loader's packed batch);
+    ``virtual_node``: GIN-VN (a virtual node joined to every atom)."""
+    return MolGIN(atom_dim, hidden, layers, num_bond_codes, dropout, readout, num_tokens, virtual_node)
 
 
 @register_encoder("mol_gin_tiny", modality="mol")

@@ -434,6 +434,10 @@ class HeadStageConfig:
     def __post_init__(self):
         if self.encoder.trainable == "lora":
             raise ConfigError("head.encoder.trainable: head stages train the encoder 'full' or keep it 'frozen'")
+        for name in ("dropout", "feature_dropout"):
+            p = getattr(self, name)
+            if p is not None and not 0 <= p < 1:
+                raise ConfigError(f"head.{name} must be in [0, 1), got {p}")
         if self.data.split in ("scaffold", "scaffold_deterministic") and self.featuriser != "molecules":
             raise ConfigError(f"head.data.split={self.data.split} needs molecules (head.featuriser: molecules)")
         if self.data.label_cols and (self.objective != "binary" or self.featuriser != "molecules"):

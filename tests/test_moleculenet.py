@@ -261,7 +261,7 @@ def test_pretraining_corpus_excludes_every_benchmark_test_molecule():
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
-def test_pretraining_writes_encoder_and_finetuning_starts_from_it(tmp_path):
+def test_pretraining_writes_encoder_and_finetuning_starts_from_it(tmp_path, capsys):
     """``trainer.stage: mol_pretrain`` runs through train.py and writes encoder.safetensors; a head run with
     ``head.encoder.checkpoint`` starts from exactly those weights."""
     from safetensors.torch import load_file
@@ -273,13 +273,16 @@ def test_pretraining_writes_encoder_and_finetuning_starts_from_it(tmp_path):
     run = tmp_path / "pre"
     main(["--config", "configs/tasks/mol_pretrain.yaml", f"mol_pretrain.data_dir={MOLECULENET}",
           "mol_pretrain.datasets=[bace]", "mol_pretrain.exclude_test_of=[bace]", "mol_pretrain.limit=200",
-          "mol_pretrain.workers=0", "mol_pretrain.encoder.kwargs={hidden: 16, layers: 2, dropout: 0.0}",
+          "mol_pretrain.workers=0",
+          "mol_pretrain.encoder.kwargs={hidden: 16, layers: 2, dropout: 0.0, virtual_node: true}",
           f"trainer.output_dir={run}", "trainer.epochs=1", "trainer.micro_batch_size=32", "trainer.save_every=100000"])
     ckpt = run / "checkpoint"
     enc = load_file(str(ckpt / "encoder.safetensors"))
     meta = json.loads((ckpt / "mol_pretrain.json").read_text())
     corpus = json.loads((ckpt / "corpus.json").read_text())
-    assert meta["encoder"] == {"name": "mol_gin", "kwargs": {"hidden": 16, "layers": 2, "dropout": 0.0}}
+    assert meta["encoder"] == {"name": "mol_gin",
+                               "kwargs": {"hidden": 16, "layers": 2, "dropout": 0.0, "virtual_node": True}}
+    assert any(k.startswith("vn_mlps.") for k in enc)  # the virtual node's weights are pre-trained too
     assert corpus["datasets"]["bace"]["test_removed"] > 0 and corpus["kept"] == 200 - sum(
         corpus["datasets"]["bace"][k] for k in ("rejected", "test_removed", "duplicates"))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -288,7 +291,8 @@ def test_pretraining_writes_encoder_and_finetuning_starts_from_it(tmp_path):
     data = first_rows(MOLECULENET / "bace.csv", tmp_path / "bace200.csv", 200)
     ov = _tiny_overrides(tmp_path / "head", data, ["head.data.split=scaffold_deterministic", "head.data.input_col=mol",
                                                    "head.data.label_col=Class",
-                                                   "head.encoder.kwargs={hidden: 16, layers: 2, dropout: 0.0}",
+                                                   "head.encoder.kwargs={hidden: 16, layers: 2, dropout: 0.0, "
+                                                   "virtual_node: true}",
                                                    f"head.encoder.checkpoint={ckpt / 'encoder.safetensors'}"])
     cfg = load_config(TrainConfig, ov[1], ov[2:])
     state = build_head_model(cfg.head).encoder.state_dict()
@@ -296,6 +300,13 @@ def test_pretraining_writes_encoder_and_finetuning_starts_from_it(tmp_path):
     main(ov)  # and the fine-tuning run itself trains from them
     metrics = json.loads((tmp_path / "head" / "checkpoint" / "metrics.json").read_text())
     assert metrics["steps"] > 0 and metrics["val"]["raw"]["n"] > 0
+    # the benchmark takes the pre-trained encoder's virtual node and refuses to fine-tune it without one
+    from medmm.eval.benchmarks.moleculenet import main as bench_main
+
+    with pytest.raises(SystemExit):
+        bench_main(["--pretrained", str(ckpt), "--virtual-node", "false", "--collect-only", "--datasets", "bace",
+                    "--work", str(tmp_path / "w"), "--out", str(tmp_path / "w.json")])
+    assert "--virtual-node False differs from the pre-trained encoder's True" in capsys.readouterr().err
 
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -212,6 +212,48 @@ def test_gin_padding_and_atom_order_invariance(readout):
         torch.testing.assert_close(r, a, atol=1e-5, rtol=1e-4)
 
 
+def test_gin_virtual_node_reaches_beyond_the_layers_and_keeps_the_invariances():
+    from rdkit import Chem
+
+    from encoders import build_encoder
+    from medmm.config import PreprocessConfig
+    from medmm.data.loaders import MolGraphLoader, build_loader
+
+    loader = build_loader("mol_graph", PreprocessConfig())
+    def one(m):
+        b = loader.collate([MolGraphLoader.from_graph(mol_graph(m))])
+        return b["x"], b["mask"]
+    # two fragments: with 2 layers no message crosses from the second to the first, except through the virtual node
+    a_mol, b_mol = parse_smiles("CCO.c1ccccc1", max_heavy_atoms=100, standardise=False), \
+        parse_smiles("CCO.c1ccncc1", max_heavy_atoms=100, standardise=False)
+    for vn in (False, True):
+        torch.manual_seed(0)
+        enc = build_encoder("mol_gin", hidden=16, layers=2, virtual_node=vn).eval()
+        if vn:  # the virtual node starts at zero with its MLPs random: give it a state, as training would
+            torch.nn.init.normal_(enc.vn)
+        with torch.no_grad():
+            a, _ = enc(*one(a_mol))
+            b, _ = enc(*one(b_mol))
+        ethanol_moved = (a[0, :3] - b[0, :3]).abs().max().item()
+        assert (ethanol_moved > 1e-3) == vn, (vn, ethanol_moved)
+    # padding and atom order still change nothing, and the graph readout works with it
+    mol = parse_smiles("CC(=O)Oc1ccccc1C(=O)O")
+    for readout in ("nodes", "graph"):
+        torch.manual_seed(0)
+        enc = build_encoder("mol_gin", hidden=16, layers=3, virtual_node=True, readout=readout).eval()
+        torch.nn.init.normal_(enc.vn)
+        padded = loader.collate([MolGraphLoader.from_graph(mol_graph(mol)), loader.load("C" * 30)])
+        renum = Chem.RenumberAtoms(mol, list(reversed(range(mol.GetNumAtoms()))))
+        with torch.no_grad():
+            a, _ = enc(*one(mol))
+            p, _ = enc(padded["x"], padded["mask"])
+            r, _ = enc(*one(renum))
+        n = mol.GetNumAtoms()
+        torch.testing.assert_close(p[0, :n] if readout == "nodes" else p[0], a[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(r[0].flip(0) if readout == "nodes" else r, a[0] if readout == "nodes" else a,
+                                   atol=1e-5, rtol=1e-4)
+
+
 def test_descriptors_and_rule_report():
     aspirin = parse_smiles("CC(=O)Oc1ccccc1C(=O)O")
     d = descriptors(aspirin)
@@ -466,6 +508,9 @@ def test_head_stage_config_errors():
         config_from_dict(HeadStageConfig, {"encoder": {"name": "mol_gin", "trainable": "lora"}})
     with pytest.raises(ConfigError, match="two classes"):
         config_from_dict(HeadStageConfig, {"classes": ["a", "b", "c"]})
+    for key, bad in (("dropout", 1.0), ("feature_dropout", -0.1)):
+        with pytest.raises(ConfigError, match=rf"head.{key} must be in \[0, 1\), got {bad}"):
+            config_from_dict(HeadStageConfig, {key: bad})
 
 
 def test_molecule_featuriser_and_head_model_round_trip(tmp_path):
