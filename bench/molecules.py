@@ -116,7 +116,9 @@ def plain_rdkit_pool(smiles: list[str], workers: int) -> list[str | None]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    size = max(8, min(256, -(-len(smiles) // (16 * workers))))
+    from medmm.io.molecules import default_chunksize
+
+    size = default_chunksize(len(smiles), workers)  # the chunks medmm's pool is given
     chunks = [smiles[k: k + size] for k in range(0, len(smiles), size)]
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
         return [s for part in pool.map(plain_rdkit_loop, chunks) for s in part]

@@ -728,6 +728,12 @@ def _unpack_chunk(payload: dict, start: int, inputs: Sequence[str], sources: Seq
     return out
 
 
+def default_chunksize(n: int, workers: int) -> int:
+    """Rows per chunk sent to a worker for ``n`` rows: n / (16 x workers), kept within 8..256 (see
+    :func:`process_molecules`)."""
+    return max(8, min(256, -(-n // (16 * workers))))
+
+
 def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = None,
                       options: StandardiseOptions | None = None, features: Sequence[str] = ("graph",),
                       workers: int = 0, chunksize: int | None = None, fingerprint_bits: int = 2048,
@@ -770,7 +776,7 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
     todo = unique + [i for i, s in enumerate(smiles) if not isinstance(s, str)]
     todo_smiles, todo_sources = [smiles[i] for i in todo], [sources[i] for i in todo]
     if workers > 0 and len(todo) > 1:
-        size = chunksize or max(8, min(256, -(-len(todo) // (16 * workers))))
+        size = chunksize or default_chunksize(len(todo), workers)
         starts = list(range(0, len(todo), size))
         chunks = [(k, todo_smiles[k: k + size], todo_sources[k: k + size], kwargs) for k in starts]
         import multiprocessing as mp

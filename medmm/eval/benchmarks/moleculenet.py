@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not data_dir.is_absolute() and not data_dir.exists():
         data_dir = REPO / data_dir  # the default is relative to the repository root
     data_dir = data_dir.resolve()
-    sizes = {f: getattr(a, f) for f in ("hidden", "layers", "epochs", "batch_size") if getattr(a, f) is not None}
+    sizes = {f: getattr(a, f) for f in ("hidden", "layers", "epochs", "batch_size", "virtual_node")
+             if getattr(a, f) is not None}
     pretrained = None
     if a.pretrained:
         path = Path(a.pretrained).resolve()
@@ -454,20 +455,17 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"--pretrained {a.pretrained}: no encoder weights there (a mol_pretrain checkpoint folder or its "
                      "encoder.safetensors)")
         meta = path.parent / "mol_pretrain.json"
-        if meta.is_file():  # the pre-trained GNN's width and depth fix the fine-tuned one's
-            kw = json.loads(meta.read_text())["encoder"]["kwargs"]
-            for f in ("hidden", "layers"):
+        if meta.is_file():  # the pre-trained GNN's width, depth and virtual node fix the fine-tuned one's
+            # an encoder saved before the virtual node existed has none
+            kw = {"virtual_node": False, **json.loads(meta.read_text())["encoder"]["kwargs"]}
+            for f in ("hidden", "layers", "virtual_node"):
                 if f in kw and sizes.setdefault(f, kw[f]) != kw[f]:
-                    ap.error(f"--{f} {sizes[f]} differs from the pre-trained encoder's {kw[f]} ({meta})")
-            if a.virtual_node is not None and a.virtual_node != bool(kw.get("virtual_node", False)):
-                ap.error(f"--virtual-node {a.virtual_node} differs from the pre-trained encoder's "
-                         f"{bool(kw.get('virtual_node', False))} ({meta})")
-            sizes["virtual_node"] = bool(kw.get("virtual_node", False))
+                    ap.error(f"--{f.replace('_', '-')} {sizes[f]} differs from the pre-trained encoder's {kw[f]} "
+                             f"({meta})")
         pretrained = str(path)
     proto = Protocol(**sizes, as_written=not a.standardise, mol_features=a.mol_features, dropout=a.dropout,
                      lr_schedule=a.lr_schedule, gnn_dropout=a.gnn_dropout, head_hidden=a.head_hidden,
-                     feature_dropout=a.feature_dropout,
-                     **({} if "virtual_node" in sizes or a.virtual_node is None else {"virtual_node": a.virtual_node}))
+                     feature_dropout=a.feature_dropout)
     variant = "pretrained" if a.pretrained else "no_pretrain"
     work = Path(a.work).resolve() / variant
     results = run_moleculenet(names, a.seeds, data_dir, work, a.split, proto, pretrained, a.jobs,
