@@ -27,11 +27,12 @@ metal complexes, salts and charged species included). The ways through the same 
 The molecules are split into ``--blocks`` consecutive blocks (default 4), and each block goes every way in
 turn (the order rotated from block to block, the tautomer cache emptied before each cold run), so a change in
 the load of a shared machine falls on every way alike. Each way is timed from a block's list of SMILES to its
-list of featurised records (pool start-up included, once per block), summed over the blocks, by
-wall clock (``seconds``, ``speedup_vs_plain``) and by CPU time of the process and its workers
-(``cpu_seconds``, ``cpu_work_vs_plain``: the work done, which other jobs on a shared machine do not change).
-The canonical SMILES of the runs are compared. Writes ``bench/results/molecules.json``; the last printed
-line is the headline.
+list of featurised records (pool start-up included, once per block), summed over the blocks and over
+``--repeats`` runs of the whole schedule (default 3), by wall clock (``seconds``, ``speedup_vs_plain``; each
+repeat's in ``speedup_vs_plain_per_repeat``: on a shared 2-core machine they spread by about ±0.1) and by CPU
+time of the process and its workers (``cpu_seconds``, ``cpu_work_vs_plain``: the work done, which other jobs on
+a shared machine change less). The canonical SMILES of the first repeat's runs are compared. Writes
+``bench/results/molecules.json``; the last printed line is the headline.
 
 Run::
 
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--blocks", type=int, default=4,
                     help="the molecules are run in this many blocks, every way through each block in turn")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="the whole schedule is run this many times: the figures pool every repeat, and each "
+                         "repeat's speedups are listed (how much a shared machine moves them)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "molecules.json"))
     a = ap.parse_args(argv)
 
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict = {}
     cache = {"medmm_in_process": {"hits": 0, "misses": 0}, wname: {"entries_sent_back_by_workers": 0}}
     outs: dict[str, list] = {}
+    per_repeat: dict[str, list[float]] = {}  # way -> seconds in each repeat
+    rep = [0]
 
     def timed(name, fn):
         t, cpu = time.perf_counter(), _cpu()
@@ -158,36 +164,44 @@ def main(argv: list[str] | None = None) -> dict:
         r = runs.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0, "ok": 0})
         r["seconds"] += time.perf_counter() - t
         r["cpu_seconds"] += _cpu() - cpu
-        r["ok"] += sum((s is not None) if isinstance(s, str | None) else s.ok for s in out)
-        outs.setdefault(name, []).extend(out)
+        per_repeat.setdefault(name, [0.0] * a.repeats)[rep[0]] += time.perf_counter() - t
+        if rep[0] == 0:  # outputs, counts: the first repeat's (the others compute the same)
+            r["ok"] += sum((s is not None) if isinstance(s, str | None) else s.ok for s in out)
+            outs.setdefault(name, []).extend(out)
 
     def in_process(block):
         clear_standardise_cache()
         timed("medmm_in_process", lambda: process_molecules(block, features=feats, workers=0))
         info = standardise_cache_info()
         for k in ("hits", "misses"):
-            cache["medmm_in_process"][k] += info[k]
+            cache["medmm_in_process"][k] += info[k] if rep[0] == 0 else 0
 
     def pooled(block):
         clear_standardise_cache()
         timed(wname, lambda: process_molecules(block, features=feats, workers=a.workers))
-        cache[wname]["entries_sent_back_by_workers"] += standardise_cache_info()["entries"]
+        cache[wname]["entries_sent_back_by_workers"] += standardise_cache_info()["entries"] if rep[0] == 0 else 0
         timed(f"{wname}_warm_cache", lambda: process_molecules(block, features=feats, workers=a.workers))
 
     units = [lambda b: timed("plain_rdkit_loop", lambda: plain_rdkit_loop(b)),
              lambda b: timed("plain_rdkit_loop_one_pass", lambda: plain_rdkit_loop(b, passes=1)),
              lambda b: timed(pname, lambda: plain_rdkit_pool(b, a.workers)), in_process, pooled]
     size = -(-len(smiles) // a.blocks)
-    for k, start in enumerate(range(0, len(smiles), size)):  # interleaved, order rotated: drift hits every way alike
-        for unit in units[k % len(units):] + units[:k % len(units)]:
-            unit(smiles[start: start + size])
+    for rep[0] in range(a.repeats):
+        for k, start in enumerate(range(0, len(smiles), size)):  # interleaved, order rotated: drift hits every way alike
+            k += rep[0] * a.blocks
+            for unit in units[k % len(units):] + units[:k % len(units)]:
+                unit(smiles[start: start + size])
+        print(f"  repeat {rep[0] + 1}/{a.repeats}: medmm with {a.workers} workers "
+              f"{per_repeat['plain_rdkit_loop'][rep[0]] / per_repeat[wname][rep[0]]:.2f}x the plain loop", flush=True)
     runs = {name: runs[name] for name in ("plain_rdkit_loop", "plain_rdkit_loop_one_pass", pname, "medmm_in_process",
                                           wname, f"{wname}_warm_cache")}
     plain, plain1, plainw, med0, medw, medw2 = (outs[name] for name in runs)
     base, base1 = runs["plain_rdkit_loop"]["seconds"], runs["plain_rdkit_loop_one_pass"]["seconds"]
     base_cpu = runs["plain_rdkit_loop"]["cpu_seconds"]
-    for r in runs.values():
-        r["molecules_per_s"] = round(len(smiles) / r["seconds"], 1)
+    for name, r in runs.items():
+        r["speedup_vs_plain_per_repeat"] = [round(p / m, 3) for p, m in zip(per_repeat["plain_rdkit_loop"],
+                                                                             per_repeat[name])]
+        r["molecules_per_s"] = round(len(smiles) * a.repeats / r["seconds"], 1)
         r["speedup_vs_plain"] = round(base / r["seconds"], 3)
         r["speedup_vs_plain_one_pass"] = round(base1 / r["seconds"], 3)
         r["cpu_work_vs_plain"] = round(r["cpu_seconds"] / base_cpu, 3)
@@ -203,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
             kinds[r.error["kind"]] = kinds.get(r.error["kind"], 0) + 1
     result = {
         "benchmark": "molecules", "molecules": len(smiles), "source": str(HIV.relative_to(ROOT.parent)),
-        "features": list(feats), "workers": a.workers, "blocks": a.blocks, "cpu_count": os.cpu_count(),
+        "features": list(feats), "workers": a.workers, "blocks": a.blocks, "repeats": a.repeats,
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "runs": runs,
         "canonical_smiles_agree_plain_vs_medmm": f"{sum(p == m for p, m in both)}/{len(both)}",
         "canonical_smiles_agree_plain_one_pass_vs_medmm": f"{sum(p == m for p, m in both1)}/{len(both1)}",
@@ -220,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "metal complexes whose enumeration is truncated), 58 one-hot atom features against the plain loop's "
                  "6 columns. Cold runs start from an empty tautomer cache; repeats within the input and passes that "
                  "meet an earlier result are still skipped (see tautomer_cache). _warm_cache repeats the call in the "
-                 "same process. The runs interleave block by block (--blocks). seconds = wall clock; cpu_seconds = CPU of the process and its workers (cpu_work_vs_plain: "
+                 "same process. The runs interleave block by block (--blocks), the whole schedule --repeats times (figures pooled, speedup_vs_plain_per_repeat per repeat). seconds = wall clock; cpu_seconds = CPU of the process and its workers (cpu_work_vs_plain: "
                  "the work done, insensitive to other jobs on the machine). Timings on a shared 2-core machine where "
                  "other jobs keep cores busy: wall-clock speedups are noisy."),
     }

@@ -646,6 +646,31 @@ def test_tautomer_cache_gives_the_uncached_records(shared_data):
     assert [r.smiles for r in cold[len(mix) + 8: len(mix) + 14]] == [r.smiles for r in cold[:6]]
 
 
+def test_tautomer_read_back_stands_for_sanitising_again(monkeypatch):
+    """A molecule read back from its canonical SMILES after the tautomer passes is not sanitised a second time; the
+    read's RDKit log takes the place of the second sanitisation's, so the records (warnings included) equal those
+    of a run that sanitises again (``remove_stereo`` does, and changes nothing in these stereo-free molecules)."""
+    from rdkit import Chem
+
+    from medmm.io.molecules import StandardiseOptions, clear_standardise_cache
+
+    smiles = ["O=[Cr](=O)([O-])O[Cr](=O)(=O)[O-]", "[O-][99Tc](=O)(=O)=O", "Oc1ccccn1", "CC(=O)CC(C)=O", "CCO"]
+    calls = []
+    real = Chem.SanitizeMol
+    monkeypatch.setattr(Chem, "SanitizeMol", lambda *a, **k: calls.append(1) or real(*a, **k))
+    clear_standardise_cache()
+    for workers in (0, 0, 2):  # cold cache, warm cache, a pool
+        n = len(calls)
+        fast = process_molecules(smiles, workers=workers)
+        fast_calls = len(calls) - n
+        again = process_molecules(smiles, options=StandardiseOptions(remove_stereo=True), workers=workers)
+        assert [(r.smiles, r.warnings) for r in fast] == [(r.smiles, r.warnings) for r in again]
+        assert fast[0].warnings == ["Unusual charge on atom 0 number of radical electrons set to zero"]
+        assert fast[2].smiles == "O=c1cccc[nH]1"
+        if workers == 0:  # parsing sanitises each input once; the tautomer path adds nothing, remove_stereo one more
+            assert (fast_calls, len(calls) - n - fast_calls) == (len(smiles), 2 * len(smiles))
+
+
 def test_repeated_smiles_are_processed_once_with_their_own_rows(monkeypatch):
     import medmm.io.molecules as io_mol
 

@@ -275,9 +275,11 @@ def _remember_tautomers(entries: dict) -> None:
 
 
 def _tautomer_step(smi: str, max_tautomers: int):
-    """One canonical-tautomer pass from a canonical SMILES: ``(SMILES out, log records, the Mol read from smi)``.
+    """One canonical-tautomer pass from a canonical SMILES: ``(SMILES out, log records, the Mol read from smi, the
+    log records of reading it)``.
 
-    The Mol is None on a cache hit, and the whole result is None when RDKit cannot read ``smi`` back.
+    The Mol (and its records) are None on a cache hit, and the whole result is None when RDKit cannot read ``smi``
+    back.
     """
     from rdkit import Chem
 
@@ -285,8 +287,8 @@ def _tautomer_step(smi: str, max_tautomers: int):
     hit = _TAUTOMERS.get(key)
     if hit is not None:
         _CACHE_STATS["hits"] += 1
-        return hit[0], hit[1], None
-    with captured_rdkit_log():  # re-reading repeats what the earlier steps logged: not kept
+        return hit[0], hit[1], None, None
+    with captured_rdkit_log() as read:  # re-reading repeats what the earlier steps logged: not kept in the pass's
         mol = Chem.MolFromSmiles(smi)
     if mol is None:
         return None
@@ -297,11 +299,13 @@ def _tautomer_step(smi: str, max_tautomers: int):
     _remember_tautomers({key: value})
     if _IN_WORKER[0]:
         _NEW_TAUTOMERS[key] = value
-    return out, value[1], mol
+    return out, value[1], mol, tuple(read.records)
 
 
 def _canonical_tautomer(mol, max_tautomers: int, passes: int = 3, log: _Capture | None = None):
-    """RDKit's canonical tautomer, repeated until the SMILES stops changing (at most ``passes`` times).
+    """RDKit's canonical tautomer, repeated until the SMILES stops changing (at most ``passes`` times), as
+    ``(Mol, read)``: ``read`` = the log records of reading the Mol back from its canonical SMILES (which sanitised
+    it: they are what sanitising it again would log), None when the Mol comes from the uncached fallback.
 
     One pass is not always a fixed point (e.g. a tetracycline's imidic acid ``C(=N)O`` becomes the amide
     only on a second pass, as enumeration stops at ``max_tautomers`` transforms), and canonical SMILES
@@ -315,23 +319,24 @@ def _canonical_tautomer(mol, max_tautomers: int, passes: int = 3, log: _Capture 
     from rdkit import Chem
 
     smi = Chem.MolToSmiles(mol)
-    last = None  # the Mol read from ``smi`` by the last pass computed, when it is still current
+    last = None  # the Mol read from ``smi`` by the last pass computed (and its read's records), when still current
     for _ in range(passes):
         step = _tautomer_step(smi, max_tautomers)
         if step is None:  # RDKit cannot read its own SMILES back: canonicalise the Mol itself, uncached
-            return _canonical_tautomer_uncached(mol, max_tautomers, passes)
-        new, records, parsed = step
+            return _canonical_tautomer_uncached(mol, max_tautomers, passes), None
+        new, records, parsed, read = step
         if log is not None:
             log.records.extend(records)
         if new == smi:
-            last = parsed
+            last = (parsed, read) if parsed is not None else None
             break
         smi = new
-    with captured_rdkit_log():  # as in _tautomer_step, the re-read's log is not kept
-        out = last if last is not None else Chem.MolFromSmiles(smi)
-    if out is None:
-        return _canonical_tautomer_uncached(mol, max_tautomers, passes)
-    return out
+    if last is None:
+        with captured_rdkit_log() as reread:  # as in _tautomer_step, the re-read's log is not kept in the passes'
+            last = (Chem.MolFromSmiles(smi), tuple(reread.records))
+    if last[0] is None:
+        return _canonical_tautomer_uncached(mol, max_tautomers, passes), None
+    return last
 
 
 def _canonical_tautomer_uncached(mol, max_tautomers: int, passes: int = 3):
@@ -360,11 +365,16 @@ def _standardise(mol, opts: StandardiseOptions, source: str, smiles: str, warnin
                 mol = rdMolStandardize.Cleanup(mol)
             if opts.neutralise:
                 mol = _uncharger().uncharge(mol)
+            read = None
             if opts.canonical_tautomer:
-                mol = _canonical_tautomer(mol, opts.max_tautomers, log=log)
+                mol, read = _canonical_tautomer(mol, opts.max_tautomers, log=log)
             if opts.remove_stereo:
                 Chem.RemoveStereochemistry(mol)
-            Chem.SanitizeMol(mol)
+                read = None
+            if read is None:
+                Chem.SanitizeMol(mol)
+            else:  # read back from its canonical SMILES, which sanitised it: that read's log stands for sanitising
+                log.records.extend(read)
         except Exception as e:  # RDKit raises its own types (e.g. AtomValenceException)
             reason = "; ".join(dict.fromkeys(log.lines())) or str(e)
             kind = ("valence" if isinstance(e, Chem.AtomValenceException) else
@@ -453,7 +463,8 @@ def atom_features(mol) -> np.ndarray:
     codes = np.array([(sym.get(a.GetAtomicNum(), len(ATOM_SYMBOLS)), min(a.GetDegree(), _DEGREES - 1),
                        max(-2, min(2, a.GetFormalCharge())) + 2, min(a.GetTotalNumHs(), _HS - 1),
                        hyb.get(int(a.GetHybridization()), len(_HYBRID)), a.GetIsAromatic(), a.IsInRing(),
-                       chi.get(int(a.GetChiralTag()), len(_CHIRAL))) for a in mol.GetAtoms()], dtype=np.int64)
+                       chi.get(int(a.GetChiralTag()), len(_CHIRAL))) for a in map(mol.GetAtomWithIdx, range(n))],
+                     dtype=np.int64)  # GetAtomWithIdx: GetAtoms()'s Python sequence wrapper costs more than the lookups
     rows = np.arange(n)
     for col, start in enumerate(_ONE_HOT_STARTS):
         if start is None:
@@ -514,7 +525,7 @@ def mol_graph(mol) -> MolGraph:
     """Atom and bond graph tensors of ``mol`` (heavy atoms only)."""
     bt = _bond_type_index()
     src, dst, code = [], [], []
-    for b in mol.GetBonds():
+    for b in map(mol.GetBondWithIdx, range(mol.GetNumBonds())):  # as atom_features: no sequence wrapper
         c = 1 + bt.get(int(b.GetBondType()), 0) + len(BOND_TYPES) * int(b.IsInRing())
         i, j = b.GetBeginAtomIdx(), b.GetEndAtomIdx()
         src += [i, j]
@@ -652,16 +663,21 @@ def process_one(index: int, smiles: str, source: str, options: StandardiseOption
     return rec
 
 
-def _init_worker(max_tautomers: int, features: tuple[str, ...], bits: int, radius: int) -> None:
-    """Pool initializer: build RDKit's enumerator, uncharger, generators and catalogs once per worker."""
-    _IN_WORKER[0] = True
-    _NEW_TAUTOMERS.clear()
+def _build_tools(max_tautomers: int, features: tuple[str, ...], bits: int, radius: int) -> None:
+    """Build (and keep, in their caches) the RDKit enumerator, uncharger, generators and catalogs a run uses."""
     _tautomer_enumerator(max_tautomers)
     _uncharger()
     if "fingerprint" in features:
         _morgan_generator(radius, bits)
     if "druglikeness" in features:
         _pains_catalog()
+
+
+def _init_worker(max_tautomers: int, features: tuple[str, ...], bits: int, radius: int) -> None:
+    """Pool initializer: the tools of :func:`_build_tools`, once per worker (inherited, built already, when forked)."""
+    _IN_WORKER[0] = True
+    _NEW_TAUTOMERS.clear()
+    _build_tools(max_tautomers, features, bits, radius)
 
 
 def _process_chunk(args) -> list[MoleculeRecord]:
@@ -784,7 +800,10 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
 
         opts = options or StandardiseOptions()
         init = (opts.max_tautomers, tuple(features), fingerprint_bits, fingerprint_radius)
-        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=mp.get_context(start_method),
+        context = mp.get_context(start_method)
+        if context.get_start_method() == "fork":  # built here once, the forked workers inherit them (~60 ms each)
+            _build_tools(*init)
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context,
                                  initializer=_init_worker, initargs=init) as pool:
             done = [r for k, payload in zip(starts, pool.map(_pack_chunk, chunks))
                     for r in _unpack_chunk(payload, k, todo_smiles[k: k + size], todo_sources[k: k + size])]
