@@ -198,6 +198,14 @@ def parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = True
     Raises:
         SmilesError: naming ``source`` and RDKit's reason; ``err.kind`` says which check failed.
     """
+    return _parse_smiles(smiles, source, standardise, max_heavy_atoms, options, warnings)[0]
+
+
+def _parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = True,
+                  max_heavy_atoms: int = MAX_HEAVY_ATOMS, options: StandardiseOptions | None = None,
+                  warnings: list[str] | None = None):
+    """:func:`parse_smiles` -> ``(Mol, its canonical SMILES or None)``: the SMILES when the tautomer passes
+    converged on it (the Mol was read from it; ``canonical_smiles`` of the Mol would write it again), else None."""
     from rdkit import Chem
 
     opts = options or StandardiseOptions(max_heavy_atoms=max_heavy_atoms)
@@ -235,13 +243,13 @@ def parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = True
     n = max(heavy) if opts.largest_fragment else sum(heavy)
     if n > opts.max_heavy_atoms:
         raise smiles_error(source, "too_large", f"{n} heavy atoms is over the limit of {opts.max_heavy_atoms}")
-    mol = _standardise(mol, opts, source, smiles, warnings)
+    mol, canonical = _standardise(mol, opts, source, smiles, warnings)
     n = mol.GetNumHeavyAtoms()
     if n == 0:
         raise smiles_error(source, "no_heavy_atoms", f"nothing but hydrogen left of '{_short(smiles)}'")
     if n > opts.max_heavy_atoms:
         raise smiles_error(source, "too_large", f"{n} heavy atoms is over the limit of {opts.max_heavy_atoms}")
-    return mol
+    return mol, canonical
 
 
 # The tautomer step is cached: one pass is a function of the canonical SMILES it starts from (the molecule is read
@@ -304,8 +312,9 @@ def _tautomer_step(smi: str, max_tautomers: int):
 
 def _canonical_tautomer(mol, max_tautomers: int, passes: int = 3, log: _Capture | None = None):
     """RDKit's canonical tautomer, repeated until the SMILES stops changing (at most ``passes`` times), as
-    ``(Mol, read)``: ``read`` = the log records of reading the Mol back from its canonical SMILES (which sanitised
-    it: they are what sanitising it again would log), None when the Mol comes from the uncached fallback.
+    ``(Mol, read, SMILES)``: ``read`` = the log records of reading the Mol back from its canonical SMILES (which
+    sanitised it: they are what sanitising it again would log), ``SMILES`` = that SMILES when the passes converged
+    on it; both None when the Mol comes from the uncached fallback (and the SMILES when the passes ran out).
 
     One pass is not always a fixed point (e.g. a tetracycline's imidic acid ``C(=N)O`` becomes the amide
     only on a second pass, as enumeration stops at ``max_tautomers`` transforms), and canonical SMILES
@@ -323,19 +332,22 @@ def _canonical_tautomer(mol, max_tautomers: int, passes: int = 3, log: _Capture 
     for _ in range(passes):
         step = _tautomer_step(smi, max_tautomers)
         if step is None:  # RDKit cannot read its own SMILES back: canonicalise the Mol itself, uncached
-            return _canonical_tautomer_uncached(mol, max_tautomers, passes), None
+            return _canonical_tautomer_uncached(mol, max_tautomers, passes), None, None
         new, records, parsed, read = step
         if log is not None:
             log.records.extend(records)
         if new == smi:
-            last = (parsed, read) if parsed is not None else None
+            last = (parsed, read, smi) if parsed is not None else None
+            converged = True
             break
         smi = new
+    else:
+        converged = False
     if last is None:
         with captured_rdkit_log() as reread:  # as in _tautomer_step, the re-read's log is not kept in the passes'
-            last = (Chem.MolFromSmiles(smi), tuple(reread.records))
+            last = (Chem.MolFromSmiles(smi), tuple(reread.records), smi if converged else None)
     if last[0] is None:
-        return _canonical_tautomer_uncached(mol, max_tautomers, passes), None
+        return _canonical_tautomer_uncached(mol, max_tautomers, passes), None, None
     return last
 
 
@@ -365,12 +377,12 @@ def _standardise(mol, opts: StandardiseOptions, source: str, smiles: str, warnin
                 mol = rdMolStandardize.Cleanup(mol)
             if opts.neutralise:
                 mol = _uncharger().uncharge(mol)
-            read = None
+            read = canonical = None
             if opts.canonical_tautomer:
-                mol, read = _canonical_tautomer(mol, opts.max_tautomers, log=log)
+                mol, read, canonical = _canonical_tautomer(mol, opts.max_tautomers, log=log)
             if opts.remove_stereo:
                 Chem.RemoveStereochemistry(mol)
-                read = None
+                read = canonical = None
             if read is None:
                 Chem.SanitizeMol(mol)
             else:  # read back from its canonical SMILES, which sanitised it: that read's log stands for sanitising
@@ -383,7 +395,7 @@ def _standardise(mol, opts: StandardiseOptions, source: str, smiles: str, warnin
             raise smiles_error(source, kind, f"RDKit cannot standardise '{_short(smiles)}': {reason}") from e
     if warnings is not None:
         warnings.extend(log.lines())
-    return mol
+    return mol, canonical
 
 
 def canonical_smiles(mol) -> str:
@@ -641,12 +653,12 @@ def process_one(index: int, smiles: str, source: str, options: StandardiseOption
     """Parse -> standardise -> featurise one SMILES; a failure becomes ``record.error`` (never raised)."""
     rec = MoleculeRecord(index, source, smiles if isinstance(smiles, str) else str(smiles))
     try:
-        mol = parse_smiles(smiles, source, options=options, warnings=rec.warnings)
+        mol, canonical = _parse_smiles(smiles, source, options=options, warnings=rec.warnings)
     except SmilesError as e:
         rec.error = {**e.to_record(), "kind": getattr(e, "kind", "standardise")}
         return rec
     with captured_rdkit_log() as log:  # featurising can log too (e.g. scaffolds of charged atoms)
-        rec.smiles = canonical_smiles(mol)
+        rec.smiles = canonical or canonical_smiles(mol)  # the tautomer passes' SMILES, when they converged on it
         if "graph" in features:
             rec.graph = mol_graph(mol)
         if "fingerprint" in features:
