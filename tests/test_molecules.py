@@ -671,6 +671,20 @@ def test_tautomer_read_back_stands_for_sanitising_again(monkeypatch):
             assert (fast_calls, len(calls) - n - fast_calls) == (len(smiles), 2 * len(smiles))
 
 
+def test_record_smiles_is_the_canonical_smiles_of_its_molecule(shared_data):
+    """A record's SMILES is taken from the tautomer pass that converged on it, not written again: it must equal
+    RDKit's canonical SMILES of the parsed molecule, on real salts, charged species, stereo and tautomers."""
+    from medmm.io.molecules import canonical_smiles, clear_standardise_cache, parse_smiles
+
+    rows, _ = _table(shared_data.joinpath(*MOLNET, "bbbp.csv"), "smiles")
+    smiles = _clintox_mix(shared_data, 8) + [r["smiles"] for _, r in rows[:150]] + ["Oc1ccccn1", "CC(=O)CC(C)=O"]
+    clear_standardise_cache()
+    recs = process_molecules(smiles, features=(), workers=0)
+    ok = [(r, s) for r, s in zip(recs, smiles) if r.ok]
+    assert len(ok) >= len(smiles) - 5
+    assert [r.smiles for r, _ in ok] == [canonical_smiles(parse_smiles(s)) for _, s in ok]
+
+
 def test_repeated_smiles_are_processed_once_with_their_own_rows(monkeypatch):
     import medmm.io.molecules as io_mol
 
