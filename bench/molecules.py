@@ -173,13 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
         clear_standardise_cache()
         timed("medmm_in_process", lambda: process_molecules(block, features=feats, workers=0))
         info = standardise_cache_info()
-        for k in ("hits", "misses"):
-            cache["medmm_in_process"][k] += info[k] if rep[0] == 0 else 0
+        if rep[0] == 0:  # counts: the first repeat's, as the outputs
+            for k in ("hits", "misses"):
+                cache["medmm_in_process"][k] += info[k]
 
     def pooled(block):
         clear_standardise_cache()
         timed(wname, lambda: process_molecules(block, features=feats, workers=a.workers))
-        cache[wname]["entries_sent_back_by_workers"] += standardise_cache_info()["entries"] if rep[0] == 0 else 0
+        if rep[0] == 0:
+            cache[wname]["entries_sent_back_by_workers"] += standardise_cache_info()["entries"]
         timed(f"{wname}_warm_cache", lambda: process_molecules(block, features=feats, workers=a.workers))
 
     units = [lambda b: timed("plain_rdkit_loop", lambda: plain_rdkit_loop(b)),
@@ -187,9 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
              lambda b: timed(pname, lambda: plain_rdkit_pool(b, a.workers)), in_process, pooled]
     size = -(-len(smiles) // a.blocks)
     for rep[0] in range(a.repeats):
-        for k, start in enumerate(range(0, len(smiles), size)):  # interleaved, order rotated: drift hits every way alike
-            k += rep[0] * a.blocks
-            for unit in units[k % len(units):] + units[:k % len(units)]:
+        for k, start in enumerate(range(0, len(smiles), size)):  # interleaved, order rotated: drift hits all alike
+            turn = (k + rep[0] * a.blocks) % len(units)
+            for unit in units[turn:] + units[:turn]:
                 unit(smiles[start: start + size])
         print(f"  repeat {rep[0] + 1}/{a.repeats}: medmm with {a.workers} workers "
               f"{per_repeat['plain_rdkit_loop'][rep[0]] / per_repeat[wname][rep[0]]:.2f}x the plain loop", flush=True)
@@ -235,8 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
                  "metal complexes whose enumeration is truncated), 58 one-hot atom features against the plain loop's "
                  "6 columns. Cold runs start from an empty tautomer cache; repeats within the input and passes that "
                  "meet an earlier result are still skipped (see tautomer_cache). _warm_cache repeats the call in the "
-                 "same process. The runs interleave block by block (--blocks), the whole schedule --repeats times (figures pooled, speedup_vs_plain_per_repeat per repeat). seconds = wall clock; cpu_seconds = CPU of the process and its workers (cpu_work_vs_plain: "
-                 "the work done, insensitive to other jobs on the machine). Timings on a shared 2-core machine where "
+                 "same process. The runs interleave block by block (--blocks), the whole schedule --repeats "
+                 "times (figures pooled, speedup_vs_plain_per_repeat per repeat). seconds = wall clock; "
+                 "cpu_seconds = CPU of the process and its workers (cpu_work_vs_plain: the work done, less "
+                 "sensitive to other jobs on the machine). Timings on a shared 2-core machine where "
                  "other jobs keep cores busy: wall-clock speedups are noisy."),
     }
     out = Path(a.out)

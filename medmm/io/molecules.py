@@ -20,7 +20,8 @@ The standardisation pipeline (:func:`parse_smiles`), in order, each step switcha
    way of writing it, the same compound in another MoleculeNet file -- is not canonicalised again, with
    the same result as a fresh run. The molecule kept is the one read back from the SMILES the passes
    converged on: that read sanitised it and that SMILES is its canonical SMILES, so neither is done again
-   (the records are identical to doing both on all 54,251 MoleculeNet SMILES). (The key is the canonical SMILES, not the InChIKey: computing an InChIKey
+   (the records are identical to doing both on all 54,251 MoleculeNet SMILES). (The key is the canonical
+   SMILES, not the InChIKey: computing an InChIKey
    costs ~5x a canonical SMILES, and a standard InChIKey is shared by mobile-H tautomers whose capped
    enumerations can pick different canonical tautomers, so sharing a result by it would not equal the
    uncached output.) This step is the costliest of the pipeline (~60% of the time); switch it
@@ -331,6 +332,7 @@ def _canonical_tautomer(mol, max_tautomers: int, passes: int = 3, log: _Capture 
 
     smi = Chem.MolToSmiles(mol)
     last = None  # the Mol read from ``smi`` by the last pass computed (and its read's records), when still current
+    converged = False
     for _ in range(passes):
         step = _tautomer_step(smi, max_tautomers)
         if step is None:  # RDKit cannot read its own SMILES back: canonicalise the Mol itself, uncached
@@ -343,8 +345,6 @@ def _canonical_tautomer(mol, max_tautomers: int, passes: int = 3, log: _Capture 
             converged = True
             break
         smi = new
-    else:
-        converged = False
     if last is None:
         with captured_rdkit_log() as reread:  # as in _tautomer_step, the re-read's log is not kept in the passes'
             last = (Chem.MolFromSmiles(smi), tuple(reread.records), smi if converged else None)
