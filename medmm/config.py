@@ -589,6 +589,9 @@ class MolPretrainConfig:
     """contrastive: NT-Xent temperature."""
     contrastive_weight: float = 1.0
     """contrastive: weight of the NT-Xent term beside the masking loss."""
+    supervised_weight: float = 1.0
+    """supervised: weight of the masked multi-task BCE on the label columns of ``datasets`` (validation and test
+    molecules of ``exclude_test_of`` unlabelled)."""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="mol_gin", trainable="full"))
     """The GNN being pre-trained (its weights are saved as ``encoder.safetensors`` for ``head.encoder.checkpoint``)."""
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(
@@ -596,9 +599,10 @@ class MolPretrainConfig:
     """Standardisation; default: the SMILES as written, as the MoleculeNet protocol (fine-tuning should match)."""
 
     def __post_init__(self):
-        bad = sorted(set(self.objectives) - {"attr_mask", "contrastive"})
+        bad = sorted(set(self.objectives) - {"attr_mask", "contrastive", "supervised"})
         if bad or not self.objectives:
-            raise ConfigError(f"mol_pretrain.objectives: choose from attr_mask, contrastive (got {self.objectives})")
+            raise ConfigError("mol_pretrain.objectives: choose from attr_mask, contrastive, supervised "
+                              f"(got {self.objectives})")
         for name in ("mask_rate", "drop_node_rate", "drop_edge_rate"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"mol_pretrain.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -249,7 +249,8 @@ def test_pretraining_corpus_excludes_every_benchmark_test_molecule():
 
     s = MolPretrainConfig(data_dir=str(MOLECULENET), datasets=["bace", "clintox"], exclude_test_of=["bace", "bbbp"],
                           limit=400, workers=0)
-    graphs, canonical, report = build_corpus(s)
+    graphs, canonical, report, labels = build_corpus(s)
+    assert labels is None and "supervised" not in report  # no labels read unless the supervised objective is on
     tests = benchmark_test_smiles(MOLECULENET, ["bace", "bbbp"])
     test_canon = {r.smiles for r in process_molecules(tests["bace"] + tests["bbbp"], options=standardise_options(
         s.preprocess)) if r.ok}
@@ -257,6 +258,78 @@ def test_pretraining_corpus_excludes_every_benchmark_test_molecule():
     assert not set(canonical) & test_canon
     assert report["datasets"]["bace"]["test_removed"] > 0  # BACE's first rows hold test molecules: the check bites
     assert report["test_rows"] == {"bace": len(tests["bace"]), "bbbp": len(tests["bbbp"])}
+
+
+def test_supervised_pretraining_loss_skips_missing_labels():
+    """The supervised objective's BCE covers the labels present only: a missing label (NaN) adds neither loss nor
+    gradient, and a batch without labels gives 0; the model's task head reads the molecule itself (not a view)."""
+    import dataclasses
+
+    from medmm.config import MolPretrainConfig
+    from medmm.io.molecules import mol_graph, parse_smiles
+    from medmm.training.stages.mol_pretrain import MolPretrainModel, PretrainDataset, collate_views, masked_bce
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([[1.0, float("nan"), 0.0], [0.0, 1.0, float("nan")], [float("nan")] * 3, [1.0, 1.0, 0.0]])
+    loss = masked_bce(logits, y)
+    present = ~torch.isnan(y)
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits[present], y[present])
+    assert torch.allclose(loss, ref)
+    loss.backward()
+    assert (logits.grad[~present] == 0).all() and (logits.grad[present] != 0).all()
+    empty = masked_bce(logits, torch.full((4, 3), float("nan")))
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
+
+    s = MolPretrainConfig(objectives=["attr_mask", "supervised"], encoder=dataclasses.replace(
+        MolPretrainConfig().encoder, kwargs={"hidden": 16, "layers": 2, "dropout": 0.0, "virtual_node": True}))
+    from encoders import build_encoder
+
+    model = MolPretrainModel(build_encoder("mol_gin", **s.encoder.kwargs), s, "mol_gin", s.encoder.kwargs, tasks=3)
+    graphs = [mol_graph(parse_smiles(x)) for x in ("CCO", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O")]
+    labels = np.array([[1, np.nan, 0], [np.nan, np.nan, np.nan], [0, 1, np.nan]], dtype=np.float32)
+    batch = collate_views([PretrainDataset(graphs, s, 0, labels)[i] for i in range(3)])
+    assert torch.equal(batch["x_c"][:, :3, :graphs[0].node_features.shape[1]][0],
+                       torch.from_numpy(graphs[0].node_features))  # the unmasked molecule
+    out = model(**batch)
+    assert torch.isfinite(out["task_loss"]) and "nce_loss" not in out
+    changed = dict(batch, y=batch["y"].clone())
+    changed["y"][1] = 1.0  # give the unlabelled molecule labels: the loss moves, so it was read as missing before
+    assert not torch.allclose(model(**changed)["task_loss"], out["task_loss"])
+
+
+@pytest.mark.slow
+def test_supervised_pretraining_labels_leave_out_validation_and_test_molecules():
+    """With ``supervised`` on, each corpus molecule carries its files' label cells, except every benchmark's
+    scaffold_deterministic validation molecules (kept in the corpus, unlabelled) and test molecules (removed)."""
+    from medmm.config import MolPretrainConfig
+    from medmm.data.featurisers.molecules import standardise_options
+    from medmm.io.molecules import process_molecules
+    from medmm.training.stages.mol_pretrain import benchmark_test_smiles, build_corpus
+
+    s = MolPretrainConfig(data_dir=str(MOLECULENET), datasets=["bace", "clintox"],
+                          exclude_test_of=["bace", "clintox"], limit=400, workers=0,
+                          objectives=["attr_mask", "supervised"])
+    graphs, canonical, report, y = build_corpus(s)
+    assert report["supervised"]["tasks"] == ["bace/Class", "clintox/FDA_APPROVED", "clintox/CT_TOX"]
+    assert y.shape == (len(canonical), 3) and y.dtype == np.float32
+    opts = standardise_options(s.preprocess)
+    vals = benchmark_test_smiles(MOLECULENET, ["bace", "clintox"], part="val")
+    val_canon = {r.smiles for r in process_molecules(vals["bace"] + vals["clintox"], options=opts) if r.ok}
+    in_val = [k for k, c in enumerate(canonical) if c in val_canon]
+    assert in_val and np.isnan(y[in_val]).all()  # BACE's first rows hold validation molecules: the check bites
+    assert report["supervised"]["validation_molecules_unlabelled"] > 0
+    with open(MOLECULENET / "bace.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:400]
+    recs = process_molecules([r["mol"] for r in rows], options=opts)
+    where = {c: k for k, c in enumerate(canonical)}
+    checked = 0
+    for row, rec in zip(rows, recs):
+        k = where.get(rec.smiles)
+        if k is not None and rec.smiles not in val_canon:
+            assert y[k, 0] == float(row["Class"])
+            checked += 1
+    assert checked > 100 and report["supervised"]["labelled_molecules"] == int((~np.isnan(y)).any(1).sum())
 
 
 @pytest.mark.slow
@@ -273,7 +346,7 @@ def test_pretraining_writes_encoder_and_finetuning_starts_from_it(tmp_path, caps
     run = tmp_path / "pre"
     main(["--config", "configs/tasks/mol_pretrain.yaml", f"mol_pretrain.data_dir={MOLECULENET}",
           "mol_pretrain.datasets=[bace]", "mol_pretrain.exclude_test_of=[bace]", "mol_pretrain.limit=200",
-          "mol_pretrain.workers=0",
+          "mol_pretrain.workers=0", "mol_pretrain.objectives=[attr_mask, contrastive, supervised]",
           "mol_pretrain.encoder.kwargs={hidden: 16, layers: 2, dropout: 0.0, virtual_node: true}",
           f"trainer.output_dir={run}", "trainer.epochs=1", "trainer.micro_batch_size=32", "trainer.save_every=100000"])
     ckpt = run / "checkpoint"
@@ -286,7 +359,8 @@ def test_pretraining_writes_encoder_and_finetuning_starts_from_it(tmp_path, caps
     assert corpus["datasets"]["bace"]["test_removed"] > 0 and corpus["kept"] == 200 - sum(
         corpus["datasets"]["bace"][k] for k in ("rejected", "test_removed", "duplicates"))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    assert any("attr_loss" in r and "nce_loss" in r for r in lines)
+    assert any("attr_loss" in r and "nce_loss" in r and "task_loss" in r for r in lines)
+    assert corpus["supervised"]["tasks"] == ["bace/Class"] and corpus["supervised"]["labelled_molecules"] > 0
     # fine-tuning: the head's encoder starts from the pre-trained weights (and a fresh one would not)
     data = first_rows(MOLECULENET / "bace.csv", tmp_path / "bace200.csv", 200)
     ov = _tiny_overrides(tmp_path / "head", data, ["head.data.split=scaffold_deterministic", "head.data.input_col=mol",
