@@ -783,7 +783,9 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
         features: any of ``graph, fingerprint, descriptors, druglikeness, scaffold, rdkit2d``.
         workers: worker processes (0 = this process). The pool starts once per call; each worker returns a
             chunk's records as one compact payload (graphs concatenated, fingerprints as packed bits, its new
-            tautomer-cache entries), rebuilt into records here.
+            tautomer-cache entries), rebuilt into records here. The chunks go out longest SMILES first, so the
+            last ones are cheap and the workers finish together (2,000 HIV molecules in blocks of 500, 2 workers:
+            3.5 % less time than in file order; the records are the same).
         chunksize: rows per chunk sent to a worker (default: the unique SMILES / (16 x workers), kept within
             8..256: small enough that the last chunks leave no worker idle for long, large enough that sending
             them costs little; on 2 cores, 500 HIV molecules took 11 % less time than with chunks 4x as large).
@@ -807,8 +809,13 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
     todo_smiles, todo_sources = [smiles[i] for i in todo], [sources[i] for i in todo]
     if workers > 0 and len(todo) > 1:
         size = chunksize or default_chunksize(len(todo), workers)
-        starts = list(range(0, len(todo), size))
-        chunks = [(k, todo_smiles[k: k + size], todo_sources[k: k + size], kwargs) for k in starts]
+        # longest SMILES first (length goes with the work: Pearson r = 0.6 on HIV), so the last chunks sent are the
+        # cheap ones and neither worker waits long for the other at the end
+        order = sorted(range(len(todo)), key=lambda j: -len(todo_smiles[j]))
+        parts = [order[k: k + size] for k in range(0, len(order), size)]
+        part_smiles = [[todo_smiles[j] for j in p] for p in parts]
+        part_sources = [[todo_sources[j] for j in p] for p in parts]
+        chunks = [(0, s, src, kwargs) for s, src in zip(part_smiles, part_sources)]
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -819,8 +826,10 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
             _build_tools(*init)
         with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context,
                                  initializer=_init_worker, initargs=init) as pool:
-            done = [r for k, payload in zip(starts, pool.map(_pack_chunk, chunks))
-                    for r in _unpack_chunk(payload, k, todo_smiles[k: k + size], todo_sources[k: k + size])]
+            done = [None] * len(todo)
+            for p, s, src, payload in zip(parts, part_smiles, part_sources, pool.map(_pack_chunk, chunks)):
+                for j, rec in zip(p, _unpack_chunk(payload, 0, s, src)):  # indices: set below
+                    done[j] = rec
     else:
         done = _process_chunk((0, todo_smiles, todo_sources, kwargs))
     by_row = dict(zip(todo, done))
