@@ -91,6 +91,28 @@ def test_size_limit_is_a_setting_and_checked_before_standardising():
         parse_smiles("C" * 5000)  # rejected before RDKit parses it
 
 
+def test_rdkit_log_channels_left_as_found():
+    """Capturing leaves RDKit's info and debug channels off (``LogToPythonLogger`` alone would switch them on for the
+    rest of the process) and still captures warnings; the scaffold helper silences RDKit and then restores each
+    channel as it was, instead of switching every channel on."""
+    from rdkit import rdBase
+
+    from medmm.io.molecules import _rdkit_log_status, scaffolds_as_written
+
+    rdBase.EnableLog("rdApp.warning")
+    warnings: list[str] = []
+    parse_smiles("[Tc](=O)(=O)(=O)[O-]", warnings=warnings)  # pertechnetate: RDKit warns about the charge
+    assert warnings and _rdkit_log_status() == {"rdApp.debug": False, "rdApp.info": False, "rdApp.warning": True,
+                                                "rdApp.error": True}
+    rdBase.DisableLog("rdApp.warning")
+    try:
+        assert scaffolds_as_written(["c1ccccc1CC", "not a smiles"]) == ["c1ccccc1", None]
+        assert _rdkit_log_status() == {"rdApp.debug": False, "rdApp.info": False, "rdApp.warning": False,
+                                       "rdApp.error": True}
+    finally:
+        rdBase.EnableLog("rdApp.warning")
+
+
 def test_rdkit_log_is_captured_not_printed(capfd):
     for bad in ("C1CC", "c1cccn1", "C(C)(C)(C)(C)C", "CC(C"):
         with pytest.raises(SmilesError):

@@ -105,10 +105,17 @@ class _Capture(logging.Handler):
 
 @contextlib.contextmanager
 def captured_rdkit_log():
-    """Route RDKit's C++ log into a buffer for the block (yields the handler; ``.lines()`` gives the text)."""
+    """Route RDKit's C++ log into a buffer for the block (yields the handler; ``.lines()`` gives the text).
+
+    Only RDKit's warning and error channels are on inside: ``LogToPythonLogger`` switches every channel on, and
+    info and debug (which the buffer never keeps) would then stay on for the rest of the process, routed to Python's
+    ``rdkit`` logger. They are switched back off, as RDKit starts.
+    """
     from rdkit import rdBase
 
     rdBase.LogToPythonLogger()
+    rdBase.DisableLog("rdApp.info")
+    rdBase.DisableLog("rdApp.debug")
     logger = logging.getLogger("rdkit")
     saved, saved_prop = logger.handlers[:], logger.propagate
     cap = _Capture()
@@ -118,6 +125,22 @@ def captured_rdkit_log():
         yield cap
     finally:
         logger.handlers, logger.propagate = saved, saved_prop
+
+
+def _rdkit_log_status() -> dict[str, bool]:
+    """``{"rdApp.warning": True, ...}``: which of RDKit's log channels are on."""
+    from rdkit import rdBase
+
+    return {name: state.strip() == "enabled" for name, state in
+            (line.split(":", 1) for line in rdBase.LogStatus().splitlines() if ":" in line)}
+
+
+def _restore_rdkit_log(status: dict[str, bool]) -> None:
+    """Switch RDKit's log channels back to ``status`` (from :func:`_rdkit_log_status`)."""
+    from rdkit import rdBase
+
+    for name, on in status.items():
+        (rdBase.EnableLog if on else rdBase.DisableLog)(name)
 
 
 # ----------------------------------------------------------------------------- parsing and standardising
@@ -423,6 +446,7 @@ def scaffolds_as_written(smiles: Sequence[str]) -> list[str | None]:
     from rdkit import Chem, RDLogger
     from rdkit.Chem.Scaffolds import MurckoScaffold
 
+    status = _rdkit_log_status()
     RDLogger.DisableLog("rdApp.*")  # unparseable rows are reported by the caller, not on stderr
     try:
         out: list[str | None] = []
@@ -431,7 +455,7 @@ def scaffolds_as_written(smiles: Sequence[str]) -> list[str | None]:
             out.append(None if mol is None else MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=True))
         return out
     finally:
-        RDLogger.EnableLog("rdApp.*")
+        _restore_rdkit_log(status)
 
 
 # ----------------------------------------------------------------------------- fingerprints and graphs
