@@ -563,7 +563,8 @@ class ValueStageConfig:
 
 @dataclass
 class MolPretrainConfig:
-    """The ``mol_pretrain`` stage: self-supervised GNN pre-training on unlabelled SMILES (no labels, no LLM)."""
+    """The ``mol_pretrain`` stage: GNN pre-training on SMILES (self-supervised; ``supervised`` adds the files' labels; no
+    LLM)."""
 
     data_dir: str = "../shared/data/molecules/moleculenet"
     """Folder of the MoleculeNet files whose SMILES are pooled (chemprop's copies: bbbp.csv, hiv.csv.gz, ...)."""
@@ -577,8 +578,8 @@ class MolPretrainConfig:
     workers: int = 2
     """Featurisation worker processes (0 = in this process)."""
     objectives: list[str] = field(default_factory=lambda: ["attr_mask", "contrastive"])
-    """attr_mask (Hu et al. 2020: predict the element of masked atoms) and/or contrastive (GraphCL: NT-Xent
-    between two augmented views of each molecule)."""
+    """attr_mask (Hu et al. 2020: predict the element of masked atoms), contrastive (GraphCL: NT-Xent between two
+    augmented views of each molecule) and/or supervised (the label columns of ``datasets``, missing ones masked)."""
     mask_rate: float = 0.15
     """attr_mask: share of each molecule's atoms whose element is hidden (at least one atom)."""
     drop_node_rate: float = 0.2

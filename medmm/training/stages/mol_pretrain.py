@@ -1,4 +1,5 @@
-"""``trainer.stage: mol_pretrain``: self-supervised pre-training of a molecular GNN on unlabelled SMILES.
+"""``trainer.stage: mol_pretrain``: pre-training of a molecular GNN on SMILES, self-supervised (and, optionally,
+supervised on the files' labels).
 
 Section ``mol_pretrain`` (:class:`medmm.config.MolPretrainConfig`). Corpus: the union of the SMILES of the
 MoleculeNet files in ``mol_pretrain.data_dir`` (``datasets``), standardised as ``mol_pretrain.preprocess`` says,
@@ -160,8 +161,8 @@ def build_corpus(settings) -> tuple[list, list[str], dict, np.ndarray | None]:
     missing = np.full(len(tasks), np.nan, dtype=np.float32)
     y = np.stack([labels.get(c, missing) for c in canonical])
     report["supervised"] = {"tasks": tasks, "labelled_molecules": int((~np.isnan(y)).any(1).sum()),
-                            "labels": int((~np.isnan(y)).sum()), "validation_molecules_unlabelled":
-                            len(unlabelled - banned)}
+                            "labels": int((~np.isnan(y)).sum()),
+                            "validation_molecules_unlabelled": len(unlabelled - banned)}  # of the benchmarks
     return graphs, canonical, report, y
 
 
@@ -269,7 +270,8 @@ def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class MolPretrainModel(nn.Module):
-    """A node-readout GNN + an element classifier on atom states + a projection MLP on pooled graph states."""
+    """A node-readout GNN + an element classifier on atom states + a projection MLP on pooled graph states (+ a
+    linear task head on them, with the ``supervised`` objective)."""
 
     def __init__(self, encoder: nn.Module, settings, encoder_name: str, encoder_kwargs: dict, tasks: int = 0):
         super().__init__()
@@ -330,7 +332,8 @@ class MolPretrainModel(nn.Module):
 # ----------------------------------------------------------------------------- the stage
 @register_stage("mol_pretrain")
 class MolPretrainStage(Stage):
-    """Unlabelled MoleculeNet SMILES (benchmark test molecules removed) -> attribute masking + GraphCL NT-Xent."""
+    """MoleculeNet SMILES (benchmark test molecules removed) -> attribute masking + GraphCL NT-Xent (+ their labels'
+    masked BCE, with ``supervised``)."""
 
     section = "mol_pretrain"
     metrics = ("attr_loss", "attr_acc", "nce_loss", "task_loss")
