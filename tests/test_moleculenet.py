@@ -245,13 +245,13 @@ def test_pretraining_corpus_excludes_every_benchmark_test_molecule():
     from medmm.config import MolPretrainConfig
     from medmm.data.featurisers.molecules import standardise_options
     from medmm.io.molecules import process_molecules
-    from medmm.training.stages.mol_pretrain import benchmark_test_smiles, build_corpus
+    from medmm.training.stages.mol_pretrain import benchmark_split_smiles, build_corpus
 
     s = MolPretrainConfig(data_dir=str(MOLECULENET), datasets=["bace", "clintox"], exclude_test_of=["bace", "bbbp"],
                           limit=400, workers=0)
     graphs, canonical, report, labels = build_corpus(s)
     assert labels is None and "supervised" not in report  # no labels read unless the supervised objective is on
-    tests = benchmark_test_smiles(MOLECULENET, ["bace", "bbbp"])
+    tests = benchmark_split_smiles(MOLECULENET, ["bace", "bbbp"])["test"]
     test_canon = {r.smiles for r in process_molecules(tests["bace"] + tests["bbbp"], options=standardise_options(
         s.preprocess)) if r.ok}
     assert len(graphs) == len(canonical) == report["kept"] > 100 and len(set(canonical)) == len(canonical)
@@ -305,7 +305,7 @@ def test_supervised_pretraining_labels_leave_out_validation_and_test_molecules()
     from medmm.config import MolPretrainConfig
     from medmm.data.featurisers.molecules import standardise_options
     from medmm.io.molecules import process_molecules
-    from medmm.training.stages.mol_pretrain import benchmark_test_smiles, build_corpus
+    from medmm.training.stages.mol_pretrain import benchmark_split_smiles, build_corpus
 
     s = MolPretrainConfig(data_dir=str(MOLECULENET), datasets=["bace", "clintox"],
                           exclude_test_of=["bace", "clintox"], limit=400, workers=0,
@@ -314,7 +314,7 @@ def test_supervised_pretraining_labels_leave_out_validation_and_test_molecules()
     assert report["supervised"]["tasks"] == ["bace/Class", "clintox/FDA_APPROVED", "clintox/CT_TOX"]
     assert y.shape == (len(canonical), 3) and y.dtype == np.float32
     opts = standardise_options(s.preprocess)
-    vals = benchmark_test_smiles(MOLECULENET, ["bace", "clintox"], part="val")
+    vals = benchmark_split_smiles(MOLECULENET, ["bace", "clintox"], ("val",))["val"]
     val_canon = {r.smiles for r in process_molecules(vals["bace"] + vals["clintox"], options=opts) if r.ok}
     in_val = [k for k, c in enumerate(canonical) if c in val_canon]
     assert in_val and np.isnan(y[in_val]).all()  # BACE's first rows hold validation molecules: the check bites

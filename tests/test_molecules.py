@@ -97,7 +97,10 @@ def test_rdkit_log_channels_left_as_found():
     channel as it was, instead of switching every channel on."""
     from rdkit import rdBase
 
-    from medmm.io.molecules import _rdkit_log_status, scaffolds_as_written
+    from medmm.io.molecules import scaffolds_as_written
+
+    def _rdkit_log_status() -> dict[str, bool]:
+        return {name: state == "enabled" for name, state in (x.split(":") for x in rdBase.LogStatus().split())}
 
     rdBase.EnableLog("rdApp.warning")
     warnings: list[str] = []

@@ -127,22 +127,6 @@ def captured_rdkit_log():
         logger.handlers, logger.propagate = saved, saved_prop
 
 
-def _rdkit_log_status() -> dict[str, bool]:
-    """``{"rdApp.warning": True, ...}``: which of RDKit's log channels are on."""
-    from rdkit import rdBase
-
-    return {name: state.strip() == "enabled" for name, state in
-            (line.split(":", 1) for line in rdBase.LogStatus().splitlines() if ":" in line)}
-
-
-def _restore_rdkit_log(status: dict[str, bool]) -> None:
-    """Switch RDKit's log channels back to ``status`` (from :func:`_rdkit_log_status`)."""
-    from rdkit import rdBase
-
-    for name, on in status.items():
-        (rdBase.EnableLog if on else rdBase.DisableLog)(name)
-
-
 # ----------------------------------------------------------------------------- parsing and standardising
 def smiles_error(source: str, kind: str, detail: str) -> SmilesError:
     """A SmilesError whose message starts with the kind's label; ``err.kind`` holds the kind."""
@@ -443,19 +427,15 @@ def scaffolds_as_written(smiles: Sequence[str]) -> list[str | None]:
     The scaffold of the ``scaffold_deterministic`` split (Hu et al. 2020, DeepChem, OGB):
     ``MurckoScaffoldSmiles(smiles=s, includeChirality=True)``, over the SMILES ``Chem.MolFromSmiles`` accepts.
     """
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem, rdBase
     from rdkit.Chem.Scaffolds import MurckoScaffold
 
-    status = _rdkit_log_status()
-    RDLogger.DisableLog("rdApp.*")  # unparseable rows are reported by the caller, not on stderr
-    try:
+    with rdBase.BlockLogs():  # unparseable rows are reported by the caller, not on stderr; each channel restored
         out: list[str | None] = []
         for s in smiles:
             mol = Chem.MolFromSmiles(s) if s else None
             out.append(None if mol is None else MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=True))
         return out
-    finally:
-        _restore_rdkit_log(status)
 
 
 # ----------------------------------------------------------------------------- fingerprints and graphs

@@ -54,19 +54,22 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 # ----------------------------------------------------------------------------- the corpus
-def benchmark_test_smiles(data_dir: Path, names: list[str], part: str = "test") -> dict[str, list[str]]:
-    """``{dataset: SMILES as written}`` of each benchmark's ``scaffold_deterministic`` (0.8/0.1/0.1) test rows
-    (``part="val"``: its validation rows), over the whole file (the rows ``head.data.split: scaffold_deterministic``
-    tests on)."""
+def benchmark_split_smiles(data_dir: Path, names: list[str], parts: tuple[str, ...] = ("test",)
+                           ) -> dict[str, dict[str, list[str]]]:
+    """``{part: {dataset: SMILES as written}}`` of each benchmark's ``scaffold_deterministic`` (0.8/0.1/0.1) rows of
+    ``parts`` ("test", "val"), over the whole file (the rows ``head.data.split: scaffold_deterministic`` uses); one
+    split per file, whatever the parts."""
     from ...data.featurisers import read_table
     from ...data.featurisers.molecules import MOLECULENET
     from ...data.splits import scaffold_deterministic_rows
 
-    out = {}
+    out: dict[str, dict[str, list[str]]] = {part: {} for part in parts}
     for name in names:
         spec = MOLECULENET[name]
         smiles = [row.get(spec["smiles"]) or "" for _, row in read_table(data_dir / spec["file"], spec["smiles"])]
-        out[name] = [smiles[k] for k in scaffold_deterministic_rows(smiles)[part]]
+        rows = scaffold_deterministic_rows(smiles)
+        for part in parts:
+            out[part][name] = [smiles[k] for k in rows[part]]
     return out
 
 
@@ -100,18 +103,18 @@ def build_corpus(settings) -> tuple[list, list[str], dict, np.ndarray | None]:
         raise ConfigError(f"mol_pretrain.datasets / exclude_test_of: unknown {unknown}; known: {sorted(MOLECULENET)}")
     data_dir = Path(settings.data_dir)
     opts = standardise_options(settings.preprocess)
-    tests = benchmark_test_smiles(data_dir, settings.exclude_test_of)
+    supervised = "supervised" in settings.objectives
+    split = benchmark_split_smiles(data_dir, settings.exclude_test_of, ("test", "val") if supervised else ("test",))
+    tests = split["test"]
     test_smiles = [s for name in settings.exclude_test_of for s in tests[name]]
     test_recs = cached_process_molecules(test_smiles, [f"test {i}" for i in range(len(test_smiles))], opts,
                                          features=(), workers=settings.workers)
     banned = {r.smiles for r in test_recs if r.ok}
     banned_raw = set(test_smiles)  # rows RDKit can parse but the standardisation rejects are removed by their text
-    supervised = "supervised" in settings.objectives
     tasks = supervised_tasks(settings.datasets) if supervised else []
     unlabelled, unlabelled_raw = set(banned), set(banned_raw)  # molecules whose labels are never used
     if supervised:  # validation molecules stay in the corpus, without labels: model selection never saw them
-        vals = benchmark_test_smiles(data_dir, settings.exclude_test_of, part="val")
-        val_smiles = [s for name in settings.exclude_test_of for s in vals[name]]
+        val_smiles = [s for name in settings.exclude_test_of for s in split["val"][name]]
         val_recs = cached_process_molecules(val_smiles, [f"val {i}" for i in range(len(val_smiles))], opts,
                                             features=(), workers=settings.workers)
         unlabelled |= {r.smiles for r in val_recs if r.ok}
