@@ -12,7 +12,8 @@
     medmm pacs pull-run-push --dicomweb URL --study UID --checkpoint C  WADO-RS -> model -> STOW-RS
     medmm pacs listen --aet AET --port P --allowed-aets A,B --checkpoint C [--forward-to AET@host:port|URL]
     medmm pacs resend DIR --to AET@host:port|URL [--retry-seconds 60]   deliver the SRs the listener kept
-    medmm pacs http --checkpoint C [--port 8080] [--token-file F]       HTTP API (token, loopback, size limit)
+    medmm pacs http --checkpoint C [--port 8080] [--tokens-file F] [--tls-cert F --tls-key F] [--audit-log F]
+                                                                        HTTP API (tokens, loopback, limits; SECURITY.md)
     medmm demo [--out runs/demo]
     medmm prepare molecules CSV --smiles-col S [--label-col L] [--split scaffold] [--qa] --out OUT
     medmm prepare variants --vcf V --reference FA --out OUT [--flank 50] [--label-info KEY]
@@ -50,6 +51,9 @@ def _prepare(argv: list[str]) -> None:
     v = sub.add_parser("vqa", help="VQA-RAD-style JSON + image folder")
     v.add_argument("questions")
     v.add_argument("--images", required=True)
+    v.add_argument("--allow-outside-images", action="store_true",
+                   help="read an image_name that resolves outside --images (.., absolute, a link out) instead of "
+                        "refusing it; records still hold paths relative to --out")
     m = sub.add_parser("molecules", help="CSV of SMILES (+ 0/1 label)")
     m.add_argument("csv")
     m.add_argument("--smiles-col", default="smiles")
@@ -195,7 +199,8 @@ def _prepare(argv: list[str]) -> None:
                          ensure_ascii=False))
         return
     if a.kind == "vqa":
-        res = P.prepare_vqa(a.questions, a.images, a.out, a.eval_fraction, name=a.name or "vqa")
+        res = P.prepare_vqa(a.questions, a.images, a.out, a.eval_fraction, name=a.name or "vqa",
+                            allow_outside=a.allow_outside_images)
     elif a.kind == "molecules":
         from .io.molecules import StandardiseOptions
 
@@ -459,6 +464,10 @@ def _pacs(argv: list[str]) -> None:
                      help="retry SR delivery this long (back-off) before keeping it in OUT/undelivered")
     lis.add_argument("--amend-window", type=float, default=3600.0,
                      help="keep a study's instances this long after its SR, so a later burst is reported with them")
+    lis.add_argument("--tls-cert", help="PEM certificate: speak DICOM TLS only (with --tls-key)")
+    lis.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    lis.add_argument("--tls-ca", help="PEM CA bundle: require client certificates signed by it")
+    lis.add_argument("--audit-log", help="one JSON line per association and C-STORE/C-ECHO (0600; no PHI, no UIDs)")
     rs = sub.add_parser("resend", help="deliver kept SRs (OUT/undelivered); delivered files move to DIR/delivered")
     rs.add_argument("dir", help="a folder of SR files (its *.dcm) or one SR file")
     rs.add_argument("--to", required=True, help="AET@host:port (C-STORE) or http(s)://.../dicom-web (STOW-RS)")
@@ -468,18 +477,40 @@ def _pacs(argv: list[str]) -> None:
     web = sub.add_parser("http", help="HTTP API (FastAPI): token required, loopback by default")
     web.add_argument("--host", default="127.0.0.1")
     web.add_argument("--port", type=int, default=8080)
-    web.add_argument("--token-file", help="file holding the API token (default: $MEDMM_API_TOKEN)")
+    web.add_argument("--token-file", help="file holding the API token, named 'default' (default: $MEDMM_API_TOKEN)")
+    web.add_argument("--tokens-file", help="named tokens instead: one 'name token' per line, '#' comment lines; "
+                                           "names key the audit log and the rate limit")
     web.add_argument("--max-request-mb", type=float, default=256.0)
     web.add_argument("--openapi", help="write the OpenAPI spec to this file and exit")
+    web.add_argument("--docs", action="store_true",
+                     help="serve /docs, /redoc and /openapi.json behind the token (default: off, 404)")
     web.add_argument("--batching", choices=["continuous", "window", "off"], default="continuous",
                      help="concurrent /v1/ask: continuous (HF continuous batching for text-only greedy questions, "
                           "window for the rest), window (static batches per time window) or off")
+    web.add_argument("--tls-cert", help="PEM certificate (chain): serve HTTPS (default: plain HTTP)")
+    web.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    web.add_argument("--tls-ca", help="PEM CA: require client certificates it signed (default: none asked)")
+    web.add_argument("--rate-limit", metavar="N/min",
+                     help="requests per token name, a sliding window (N/s and N/h too); beyond it 429 with "
+                          "Retry-After (default: no limit)")
+    web.add_argument("--audit-log", metavar="FILE",
+                     help="append one JSON line per request (time, token_name, endpoint, status, bytes, duration_s; "
+                          "never a token, query string or body); created 0600 (default: none)")
+    web.add_argument("--auth-failure-limit", metavar="N/min", default="30/min",
+                     help="requests with a missing or wrong token per client address before it gets 429 for the "
+                          "rest of the window (throttles token guessing; 'off' for none; default: 30/min)")
+    web.add_argument("--helper-model", action="append", default=[], metavar="NAME=PATH",
+                     help="(repeatable) a draft/amateur model /v1/ask may name as params {draft: NAME}, loaded once "
+                          "at start-up; over HTTP a helper model is never a path (default: none)")
     for p in (rep, pull, lis, web):
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--question", default="Describe the findings.")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--min-volume-slices", type=int, default=8)
         p.add_argument("--series-modalities", help="only series of these DICOM modalities, e.g. CT,MR")
+        p.add_argument("--max-decoded-mib", type=int, default=512, metavar="MIB",
+                       help="pixel budget per study: the float32 arrays its headers declare, checked before any "
+                            "decoding or inflation; a larger study is refused (default: 512)")
         p.add_argument("--device", default="auto")
         add_decoding_flags(p, common=False)  # --strategy and its settings, from the strategy registry
     a = ap.parse_args(argv)
@@ -502,36 +533,55 @@ def _pacs(argv: list[str]) -> None:
     from .export.study import ReportConfig, ReportPipeline
 
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines narrate every attribute copy
-    cfg = ReportConfig(question=a.question, decoding=DecodingConfig(max_new_tokens=a.max_new_tokens),
-                       min_volume_slices=a.min_volume_slices,
-                       series_modalities=a.series_modalities.split(",") if a.series_modalities else None)
     try:
+        cfg = ReportConfig(question=a.question, decoding=DecodingConfig(max_new_tokens=a.max_new_tokens),
+                           min_volume_slices=a.min_volume_slices,
+                           series_modalities=a.series_modalities.split(",") if a.series_modalities else None,
+                           max_decoded_mib=a.max_decoded_mib)
         apply_decoding_flags(a, cfg.decoding)
     except ConfigError as e:
         raise SystemExit(f"medmm pacs: {e}") from e
     if a.kind == "http":
-        from .export.http import create_app, resolve_token, serve
+        from .export.http import create_app, parse_helper_models, parse_rate_limit, resolve_tokens, serve, tls_options
 
-        token = resolve_token(a.token_file)
+        try:  # every flag checked before the model loads
+            tokens = resolve_tokens(a.token_file, a.tokens_file)
+            helpers = parse_helper_models(a.helper_model)
+            for limit in (a.rate_limit, a.auth_failure_limit):
+                if limit and limit != "off":
+                    parse_rate_limit(limit)
+            tls_options(a.tls_cert, a.tls_key, a.tls_ca)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"medmm pacs http: {e}") from e
         pipeline = ReportPipeline(a.checkpoint, cfg, device=a.device)
         if a.openapi:
             from pathlib import Path
 
-            app = create_app(pipeline, token, batching="off")  # the spec only: no decoding loop to start
+            app = create_app(pipeline, tokens, batching="off")  # the spec only: no decoding loop to start
             Path(a.openapi).write_text(json.dumps(app.openapi(), indent=2))
             app.state.batcher.close()
             print(json.dumps({"openapi": a.openapi}))
             return
-        serve(pipeline, token, a.host, a.port, int(a.max_request_mb * (1 << 20)), a.batching)
+        serve(pipeline, tokens, a.host, a.port, int(a.max_request_mb * (1 << 20)), a.batching, tls_cert=a.tls_cert,
+              tls_key=a.tls_key, tls_ca=a.tls_ca, helper_models=helpers, rate_limit=a.rate_limit,
+              audit_log=a.audit_log, docs=a.docs,
+              auth_failure_limit=None if a.auth_failure_limit == "off" else a.auth_failure_limit)
         return
     if a.kind == "listen":
-        from .export.listener import ListenerConfig, StudyListener
+        from .export.listener import ListenerConfig, StudyListener, server_tls_context
 
-        lcfg = ListenerConfig(aet=a.aet, host=a.host, port=a.port, allowed_aets=a.allowed_aets.split(","),
-                              study_timeout_s=a.study_timeout, max_queue=a.max_queue, max_batch=a.max_batch,
-                              forward_to=a.forward_to,
-                              out_dir=a.out, keep_studies=a.keep_studies, retry_s=a.retry_seconds,
-                              amend_window_s=a.amend_window)
+        try:
+            lcfg = ListenerConfig(aet=a.aet, host=a.host, port=a.port, allowed_aets=a.allowed_aets.split(","),
+                                  study_timeout_s=a.study_timeout, max_queue=a.max_queue, max_batch=a.max_batch,
+                                  forward_to=a.forward_to,
+                                  out_dir=a.out, keep_studies=a.keep_studies, retry_s=a.retry_seconds,
+                                  amend_window_s=a.amend_window, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                                  tls_ca=a.tls_ca, audit_log=a.audit_log)
+            if lcfg.tls_cert:  # before the model loads
+                server_tls_context(lcfg.tls_cert, lcfg.tls_key, lcfg.tls_ca)
+        except ValueError as e:
+            raise SystemExit(f"medmm pacs listen: {e}") from e
+        os.umask(0o077)  # everything this process writes is its owner's alone (the listener also sets modes)
         StudyListener(ReportPipeline(a.checkpoint, cfg, device=a.device), lcfg).serve_forever()
         return
     pipeline = ReportPipeline(a.checkpoint, cfg, device=a.device)

@@ -777,10 +777,16 @@ class ReportConfig:
     """Series Description of the SR series."""
     institution_name: str | None = None
     """Institution Name written into the SR."""
+    max_decoded_mib: int = 512
+    """Pixel budget of one study: MiB of decoded pixels (float32, computed from the headers before anything is
+    decoded) the files the model reads may need; over it the study is a DicomError (HTTP 422). It also bounds
+    what a Deflated file may inflate to. Raise it for thin-slice CT (512x512 slices: 1 MiB each)."""
 
     def __post_init__(self):
         if self.min_volume_slices < 2:
             raise ValueError("min_volume_slices must be at least 2")
+        if self.max_decoded_mib < 1:
+            raise ValueError("max_decoded_mib must be at least 1")
         if not self.question.strip():
             raise ValueError("question must not be empty")
 
@@ -820,9 +826,21 @@ class ListenerConfig:
     """Where received instances wait for inference (default ``out_dir/spool``); emptied after ``amend_window_s``."""
     keep_studies: bool = False
     """Keep received instances after processing, forever (default: delete them after ``amend_window_s``)."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) of the listener: with ``tls_key``, it speaks DICOM TLS only; None: plain DIMSE."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_ca: str | None = None
+    """PEM CA bundle: callers must present a client certificate signed by it (mutual TLS); needs ``tls_cert``."""
+    audit_log: str | None = None
+    """One JSON line per association and per C-STORE/C-ECHO (no header values, no UIDs), created 0600."""
 
     def __post_init__(self):
         self.aet = check_aet(self.aet, "--aet")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
         self.allowed_aets = [check_aet(a, "--allowed-aets") for a in self.allowed_aets if a.strip()]
         if not self.allowed_aets:
             raise ValueError("--allowed-aets: list the calling AE titles that may send studies (e.g. CT01,PACS)")

@@ -5,6 +5,16 @@ Batch jobs catch :class:`InvalidInputError`, record it in ``errors.jsonl`` and g
 
 from __future__ import annotations
 
+EXCERPT_CHARS = 64  # the most of an offending input an error message repeats
+
+
+def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
+    """A short, printable prefix of an input for an error message: errors never echo a whole (possibly huge or
+    identifying) value back. Longer values end with ``... (N chars)``; control characters are escaped."""
+    text = str(value)
+    head = text[:limit].encode("unicode_escape").decode("ascii")
+    return head if len(text) <= limit else f"{head}... ({len(text)} chars)"
+
 
 class MedmmError(Exception):
     """Base class of every error medmm raises on purpose."""

@@ -20,7 +20,6 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "dicomweb_client": "pacs",
     "urllib3": "pacs",
     "fastapi": "serve",
-    "starlette": "serve",
     "pydantic": "serve",
     "uvicorn": "serve",
     "multipart": "serve",

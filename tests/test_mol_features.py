@@ -261,7 +261,7 @@ def test_benchmark_featurises_once_into_the_cache_its_runs_read(tmp_path, monkey
     first_rows(MOLECULENET / "bace.csv", data / "bace.csv", 120)
     ov = run_overrides("bace", 0, data, tmp_path / "run", "scaffold_deterministic", Protocol())
     featurise_once(ov, workers=2, cache=str(tmp_path / "cache"))
-    assert len(list((tmp_path / "cache").glob("molecules-*.pkl"))) == 1
+    assert len(list((tmp_path / "cache").glob("molecules-*.npz"))) == 1
 
     def refuse(*a, **k):
         raise AssertionError("featurised again instead of reading the cache")

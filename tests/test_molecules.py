@@ -601,7 +601,7 @@ def test_featurisation_cache_returns_the_same_records_without_recomputing(tmp_pa
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     smiles, sources = ["CCO", "c1ccccc1O", "C1CC"], ["a:2", "a:3", "a:4"]
     first = cached_process_molecules(smiles, sources, StandardiseOptions(), features=("graph",), workers=0)
-    assert len(list(tmp_path.glob("*.pkl"))) == 1 and [r.ok for r in first] == [True, True, False]
+    assert len(list(tmp_path.glob("*.npz"))) == 1 and [r.ok for r in first] == [True, True, False]
     monkeypatch.setattr(io_mol, "process_molecules", lambda *a, **k: pytest.fail("recomputed"))
     again = cached_process_molecules(smiles, sources, StandardiseOptions(), features=("graph",), workers=2)
     assert [r.smiles for r in again] == [r.smiles for r in first] and again[1].graph.num_nodes == 7

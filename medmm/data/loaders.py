@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PreprocessConfig
-from ..errors import InvalidInputError, SequenceError
+from ..errors import DicomError, ImageError, InvalidInputError, SequenceError, SlideError, excerpt
+from ..io.files import check_regular_file
 
 Item = dict[str, torch.Tensor]
 
 
 def _resolve(value: str, base_dir: Path | None) -> Path:
+    """A manifest value as a path (relative ones against the manifest's folder). Loaders then check with
+    :func:`medmm.io.files.check_regular_file` before opening: ``open()`` on a FIFO blocks for ever."""
     p = Path(value).expanduser()
     if not p.is_absolute() and base_dir is not None:
         p = base_dir / p
@@ -75,7 +78,7 @@ class ImageLoader(ModalityLoader):
         if _is_array_ref(value):  # preprocessed by `prepare dicom`: [0, 1], (H, W) or (H, W, 3)
             arr = _read_array(value, base_dir)
             return {"x": self.to_tensor(arr[..., None] if arr.ndim == 2 else arr)}
-        path = _resolve(str(value), base_dir)
+        path = check_regular_file(_resolve(str(value), base_dir), ImageError, missing_ok=True)
         if is_dicom_file(path):
             img = read_dicom(path, apply_voi=self.pre.window is None)
             frame = img.pixels[img.pixels.shape[0] // 2]
@@ -113,15 +116,18 @@ class VolumeLoader(ModalityLoader):
     name = "volume"
 
     def load(self, value: Any, base_dir: Path | None = None) -> Item:
-        from monai.transforms import Resize
-
-        from ..io.dicom import read_series, window
-
         if _is_array_ref(value):  # preprocessed by `prepare dicom`: (D, H, W) in [0, 1]
             arr = _read_array(value, base_dir).astype(np.float32)
         else:
-            vol, _report = read_series(_resolve(str(value), base_dir))
+            path = _resolve(str(value), base_dir)
+            if not path.is_dir():  # a series folder, else one (multi-frame) file
+                check_regular_file(path, DicomError, missing_ok=True)
+            from ..io.dicom import read_series, window
+
+            vol, _report = read_series(path)
             arr = window(vol.numpy()[0], self.pre.window)  # (D, H, W) in [0, 1]
+        from monai.transforms import Resize
+
         t = Resize(tuple(self.pre.volume_size), mode="trilinear")(torch.from_numpy(arr)[None])
         return {"x": torch.as_tensor(t).float()}
 
@@ -137,7 +143,7 @@ class FingerprintLoader(ModalityLoader):
     def load(self, value: Any, base_dir: Path | None = None) -> Item:
         from ..io.molecules import morgan_fingerprint, parse_smiles
 
-        mol = parse_smiles(str(value), source=f"SMILES '{value}'")
+        mol = parse_smiles(str(value), source=f"SMILES '{excerpt(value)}'")
         fp = morgan_fingerprint(mol, self.pre.fingerprint_bits, self.pre.fingerprint_radius)
         return {"x": torch.from_numpy(fp)}
 
@@ -160,6 +166,7 @@ class DnaLoader(ModalityLoader):
                                  FASTA_SUFFIXES) :
             if not path.exists():
                 raise SequenceError(path, "FASTA file not found")
+            check_regular_file(path, SequenceError)
             source, text = str(path), read_fasta(path)[0][1]
         ids = torch.from_numpy(tokenize(text, self.pre.kmer, self.pre.max_length, source=source))
         return {"x": ids, "mask": torch.ones_like(ids, dtype=torch.bool)}
@@ -222,7 +229,7 @@ class MolGraphLoader(ModalityLoader):
     def load(self, value: Any, base_dir: Path | None = None) -> Item:
         from ..io.molecules import mol_graph, parse_smiles
 
-        return self.from_graph(mol_graph(parse_smiles(str(value), source=f"SMILES '{value}'", options=self.options())))
+        return self.from_graph(mol_graph(parse_smiles(str(value), source=f"SMILES '{excerpt(value)}'", options=self.options())))
 
     @staticmethod
     def from_graph(graph) -> Item:
@@ -258,14 +265,13 @@ class SlideFeatureLoader(ModalityLoader):
     name = "slide_features"
 
     def load(self, value: Any, base_dir: Path | None = None) -> Item:
-        from ..errors import SlideError
         from ..io.wsi import evenly_spaced
         from .slides import load_slide_features
 
         if isinstance(value, np.ndarray):  # a streamed feature-shard sample's (N, D) bag
             path, feats, coords, meta = "<shard sample>", np.asarray(value, np.float32), None, {}
         else:
-            path = _resolve(str(value), base_dir)
+            path = check_regular_file(_resolve(str(value), base_dir), SlideError, missing_ok=True)
             feats, coords, meta = load_slide_features(path)
         if feats.shape[0] == 0:
             raise SlideError(path, "the slide has no tiles (no tissue found?)")
@@ -302,10 +308,9 @@ class SlideTileLoader(SlideFeatureLoader):
     name = "slide_tiles"
 
     def load(self, value: Any, base_dir: Path | None = None) -> Item:
-        from ..errors import SlideError
         from ..io.wsi import evenly_spaced, open_slide, read_tile, select_level, tile_grid, tissue_mask
 
-        path = _resolve(str(value), base_dir)
+        path = check_regular_file(_resolve(str(value), base_dir), SlideError, missing_ok=True)
         with open_slide(path) as slide:
             choice = select_level(slide, self.pre.slide_mpp, self.pre.slide_tile)
             grid = tile_grid(slide, choice, tissue_mask(slide), self.pre.slide_min_tissue)

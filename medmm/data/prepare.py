@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import random
 from pathlib import Path
 
-from ..errors import InvalidInputError
+from ..errors import ImageError, InvalidInputError, excerpt
+from ..io.images import read_image
 from ..utils import atomic_write_text, write_jsonl
+
+log = logging.getLogger(__name__)
 
 
 def _split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -43,42 +48,77 @@ def _write(out: Path, name: str, train: list[dict], evals: list[dict], errors: l
 
 
 def prepare_vqa(questions: str | Path, images: str | Path, out: str | Path, eval_fraction: float = 0.2,
-                seed: int = 0, name: str = "vqa") -> dict:
-    """VQA-RAD-style JSON list (image_name, question, answer, answer_type) -> image conversations."""
-    from ..io.images import read_image
+                seed: int = 0, name: str = "vqa", allow_outside: bool = False) -> dict:
+    """VQA-RAD-style JSON list (image_name, question, answer, answer_type) -> image conversations.
 
+    Images are written relative to ``out`` (training and evaluation resolve a record's paths against its JSONL's
+    folder), never as absolute paths. An ``image_name`` that resolves outside ``images`` (``..``, an absolute path,
+    a link out; links are followed) is refused with a line in ``errors.jsonl``, unless ``allow_outside``: then it is
+    read, with a warning, and still written as a relative path. Each image is read once; an unreadable one (a
+    decompression bomb, a FIFO, a truncated file) rejects its rows with a line each and the job goes on.
+    """
     questions, images, out = Path(questions), Path(images), Path(out)
     rows = json.loads(questions.read_text())
+    if not isinstance(rows, list):
+        raise InvalidInputError(questions, "the question file must hold a JSON list")
+    root, base = images.resolve(), out.resolve()
     errors, by_image = [], {}
-    ok_images: dict[str, bool] = {}
+    checked: dict[str, str | None] = {}  # reference -> None when the image reads, else why not
     for i, q in enumerate(rows):
-        src = f"{questions}:{i} (qid={q.get('qid')})"
+        src = f"{questions.name}:{i}" + (f" (qid={excerpt(q.get('qid'))})" if isinstance(q, dict) else "")
         try:
+            if not isinstance(q, dict):
+                raise InvalidInputError(src, "a question must be a JSON object")
             for k in ("image_name", "question", "answer"):
                 if not str(q.get(k, "")).strip():
                     raise InvalidInputError(src, f"missing '{k}'")
-            img = images / q["image_name"]
-            if q["image_name"] not in ok_images:
-                read_image(img)  # validate once per image
-                ok_images[q["image_name"]] = True
-            by_image.setdefault(q["image_name"], []).append(q)
+            image, rel = _vqa_image(str(q["image_name"]), images, root, src, allow_outside)
+            ref = os.path.relpath(image, base)
+            if ref not in checked:
+                try:
+                    read_image(image)  # validate once per image
+                    checked[ref] = None
+                except ImageError as e:
+                    checked[ref] = e.reason
+            if checked[ref] is not None:  # the image is named (relative to --images), the row that wanted it too
+                errors.append({**ImageError(rel, checked[ref]).to_record(), "row": src})
+                continue
+            by_image.setdefault(ref, []).append(q)
         except InvalidInputError as e:
             errors.append(e.to_record())
     train_imgs, eval_imgs = _split(sorted(by_image), eval_fraction, seed)
 
-    def recs(names):
+    def recs(refs):
         out_recs = []
-        for n in names:
-            for q in by_image[n]:
+        for ref in refs:
+            for q in by_image[ref]:
                 out_recs.append({"id": f"{name}-{q.get('qid', len(out_recs))}",
-                                 "modalities": {"image": str((images / n).resolve())},
+                                 "modalities": {"image": Path(ref).as_posix()},
                                  "answer_type": q.get("answer_type"),
                                  "conversations": [{"from": "human", "value": f"<image>\n{q['question']}"},
                                                    {"from": "gpt", "value": str(q["answer"])}]})
         return out_recs
 
     return _write(out, name, recs(train_imgs), recs(eval_imgs), errors,
-                  {"source": str(questions), "images": len(by_image)})
+                  {"source": questions.name, "images": len(by_image)})
+
+
+def _vqa_image(image_name: str, images: Path, root: Path, src: str, allow_outside: bool) -> tuple[Path, str]:
+    """``(resolved path, name for messages)`` of a question's image; ImageError when it lies outside ``--images``
+    (unless ``allow_outside``) or the name cannot be a path. Messages repeat a relative name as given, never an
+    absolute path."""
+    # an absolute name is not repeated: outputs hold no absolute path
+    said = "an absolute image_name" if os.path.isabs(image_name) else f"image_name {excerpt(image_name)!r}"
+    try:
+        image = (images / image_name).resolve()  # links followed: a link out of --images is outside
+    except (OSError, RuntimeError, ValueError) as e:  # a link loop (RuntimeError before 3.13), a NUL byte
+        raise ImageError(src, f"{said} cannot be resolved ({type(e).__name__})") from e
+    if image.is_relative_to(root):
+        return image, image.relative_to(root).as_posix()
+    if not allow_outside:
+        raise ImageError(src, f"{said} lies outside --images; refused (--allow-outside-images reads it)")
+    log.warning("%s: %s lies outside --images; read because of --allow-outside-images", src, said)
+    return image, said
 
 
 def _read_rows(path: Path, columns: list[str], delimiter: str = ",") -> list[tuple[int, dict]]:

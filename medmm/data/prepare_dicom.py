@@ -5,6 +5,8 @@ Stages (each with a progress bar; stages 1 and 2 run in ``--workers`` processes)
 1. scan: read every file's header (through :class:`~medmm.io.dicom.HeaderReader`); a file that is not
    DICOM or is truncated goes to ``errors.jsonl`` (path, error, message) and the job goes on; objects
    without pixels (DICOMDIR, SR, RT plans) and ``BurnedInAnnotation=YES`` images are skipped and listed;
+   what is not a regular file (a FIFO, device, socket, dangling link, link loop) is rejected without being
+   opened, and a link to a folder is listed as skipped, not followed (:func:`medmm.io.files.walk_entries`);
 2. series: group by SeriesInstanceUID + frame of reference; :func:`~medmm.io.dicom.assemble_series` keeps
    exact duplicates once, splits slices sharing positions by acquisition/echo/temporal position, splits
    orientations, and reports missing slices (``on_gap``: keep, split, reject). A stack of slices becomes a
@@ -48,6 +50,7 @@ import numpy as np
 
 from ..config import DicomPrepareOptions  # noqa: F401  (defined in medmm.config; imported from here too)
 from ..errors import ConfigError, DicomError, InvalidInputError
+from ..io.files import LINK_TO_FOLDER, check_regular_file, not_regular_reason, walk_entries
 from ..utils import atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ def _header(path: str) -> dict:
     from ..io.dicom import ends_mid_element, has_pixels, is_dicomdir, pixel_data_unreached, read_header
 
     try:
+        check_regular_file(path, DicomError)  # again here: the walk and this read are apart in time
         ds, reader = read_header(path)  # large values (pixel data) stay on disk
         if is_dicomdir(ds, reader):
             return {"path": path, "skip": "DICOMDIR: a media directory, it holds no image"}
@@ -391,23 +395,36 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
             log.warning("no --salt or $MEDMM_DEID_SALT: reusing the secret salt in %s", out / SALT_FILE)
         if opts.keep_report_phi:
             log.warning("--keep-report-phi: report text is written as given, with any identifiers it names")
-    files = sorted(str(p) for p in src.rglob("*") if p.is_file()) if src.is_dir() else [str(src)]
+    # every entry gets its files.jsonl line: a FIFO, device, socket, dangling link or link loop is never opened (a
+    # FIFO would block the scan) and is rejected with why; links to folders are listed, not followed
+    entries = walk_entries(src) if src.is_dir() else [(src, not_regular_reason(src))]
+    files = [str(p) for p, _ in entries]
+    odd = {str(p): why for p, why in entries if why}
     pairs = _read_pairs(Path(reports) if reports else None, opts.task)
 
     # stage 1: headers, in chunks (one task per chunk); a file's problem becomes its record
-    chunks = [files[i:i + 32] for i in range(0, len(files), 32)]
+    regular = [p for p in files if p not in odd]
+    chunks = [regular[i:i + 32] for i in range(0, len(regular), 32)]
 
     def chunk_failed(chunk, e):
         return [{"path": p, "error": "DicomError", "message": f"header scan failed ({_unexpected(e)})"} for p in chunk]
 
     headers = []
-    with tqdm(total=len(files), desc="scan", unit="file") as bar:
+    with tqdm(total=len(regular), desc="scan", unit="file") as bar:
         for recs in _run_jobs(_headers, chunks, opts.workers, chunk_failed):
             headers.extend(recs)
             bar.update(len(recs))
     errors: list[dict] = []
     file_lines: dict[str, dict] = {}
     groups: dict[tuple, list[str]] = defaultdict(list)
+    for p, why in odd.items():
+        if why == LINK_TO_FOLDER:
+            file_lines[p] = {"path": p, "outcome": "skipped", "series": None, "reason": why}
+        else:
+            rec = DicomError(p, why).to_record()
+            errors.append(rec)
+            file_lines[p] = {"path": p, "outcome": "rejected", "series": None, "error": rec["error"],
+                             "message": rec["message"]}
     for h in headers:
         p = h["path"]
         if "skip" in h:
@@ -525,6 +542,7 @@ def read_shard_array(ref: str, base_dir: Path | None = None) -> np.ndarray:
         p = base_dir / p
     if not p.exists():
         raise InvalidInputError(p, "array file not found")
+    check_regular_file(p)  # a FIFO named like a shard would block the read below
     if member:
         index = _TAR_INDEX.get(str(p))
         if index is None:

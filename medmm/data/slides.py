@@ -52,6 +52,7 @@ import numpy as np
 
 from ..config import WsiSettings  # noqa: F401  (defined in medmm.config; imported from here too)
 from ..errors import InvalidInputError, SlideError
+from ..io.files import check_regular_file
 
 log = logging.getLogger(__name__)
 FEATURES_FORMAT = "medmm.slide_features/1"
@@ -99,6 +100,7 @@ def load_slide_features(path: str | Path) -> tuple[np.ndarray, np.ndarray | None
     path = Path(path)
     if not path.exists():
         raise SlideError(path, "feature file not found")
+    check_regular_file(path, SlideError)  # a FIFO would block the read
     try:
         if path.suffix == ".npy":
             feats, coords, meta = np.load(path, allow_pickle=False), None, {}

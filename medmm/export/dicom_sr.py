@@ -24,13 +24,14 @@ rather than unrelated documents.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..errors import DicomError
+from ..io.dicom import HeaderReader, quiet_pydicom, valid_copy
 
 SERIES_DESCRIPTION = "medmm AI report (UNVERIFIED)"
 # Hash whole weight files up to this size; above it, size + first and last MiB (a 14 GB LLM stays fast).
@@ -98,8 +99,14 @@ def _codes():
 
 def build_report_sr(evidence: Sequence, referenced: Sequence, text: str, question: str, algorithm: AlgorithmInfo,
                     series_number: int = 9901, series_description: str = SERIES_DESCRIPTION,
-                    institution_name: str | None = None, predecessors: Sequence = ()):
+                    institution_name: str | None = None, predecessors: Sequence = (),
+                    fallbacks: list[dict] | None = None):
     """A highdicom ComprehensiveSR carrying ``text``.
+
+    Patient and study attributes are copied from the first evidence instance only when their values are valid
+    for their VR (:func:`medmm.io.dicom.valid_copy`: a calendar date, a time, a person name of at most five
+    components, an age, ``M``/``F``/``O`` for PatientSex ...). Fallback: an invalid one is left out (a type 2
+    attribute is written empty) and recorded in ``fallbacks`` by keyword, never by value; UIDs must be valid.
 
     Args:
         evidence: every source instance's header (pydicom Datasets of one study; pixel data not needed).
@@ -110,16 +117,35 @@ def build_report_sr(evidence: Sequence, referenced: Sequence, text: str, questio
         series_number, series_description, institution_name: the new SR series' attributes.
         predecessors: earlier SRs of this study that this one amends (datasets or headers with the Study,
             Series, SOP Class and SOP Instance UIDs), written to the Predecessor Documents Sequence.
+        fallbacks: receives ``{"attribute", "problem", "fallback": None}`` per source attribute left out.
+
+    Raises:
+        DicomError: a source instance's UIDs are missing or invalid, or highdicom refuses what is left (the
+            message names no value).
     """
+    if not evidence:
+        raise ValueError("an SR needs at least one source instance as evidence")
+    fallbacks = fallbacks if fallbacks is not None else []
+    with quiet_pydicom():  # pydicom's value warnings quote the values; the copies below are validated instead
+        study_uid = _uid(evidence[0], "StudyInstanceUID")
+        for pre in predecessors:
+            if _uid(pre, "StudyInstanceUID") != study_uid:
+                raise ValueError(f"predecessor SR {_uid(pre, 'SOPInstanceUID')} belongs to another study")
+        try:
+            return _build_report_sr(evidence, referenced, text, question, algorithm, series_number,
+                                    series_description, institution_name, predecessors, fallbacks)
+        except DicomError:
+            raise
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            # highdicom's and pydicom's messages quote the offending value: only its type is kept
+            raise DicomError("SR", f"the SR cannot be written ({type(e).__name__})") from None
+
+
+def _build_report_sr(evidence, referenced, text, question, algorithm, series_number, series_description,
+                     institution_name, predecessors, fallbacks):
     import highdicom as hd
     from pydicom.uid import generate_uid
 
-    if not evidence:
-        raise ValueError("an SR needs at least one source instance as evidence")
-    study_uid = str(evidence[0].StudyInstanceUID)
-    for pre in predecessors:
-        if str(pre.StudyInstanceUID) != study_uid:
-            raise ValueError(f"predecessor SR {pre.SOPInstanceUID} belongs to another study")
     c = _codes()
     device = hd.sr.ObserverContext(
         observer_type=c["device"],
@@ -127,8 +153,9 @@ def build_report_sr(evidence: Sequence, referenced: Sequence, text: str, questio
             uid=algorithm.uid, name=algorithm.name[:64], manufacturer_name="medmm", model_name=algorithm.name[:64]))
     finding = hd.sr.TextContentItem(name=c["finding"], value=clean_text(text) or "(the model generated no text)",
                                     relationship_type="CONTAINS")
-    children = [hd.sr.ImageContentItem(name=c["source_image"], referenced_sop_class_uid=ds.SOPClassUID,
-                                       referenced_sop_instance_uid=ds.SOPInstanceUID, relationship_type="INFERRED FROM")
+    children = [hd.sr.ImageContentItem(name=c["source_image"], referenced_sop_class_uid=_uid(ds, "SOPClassUID"),
+                                       referenced_sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+                                       relationship_type="INFERRED FROM")
                 for ds in referenced]
     params = [f"{k}={v}" for k, v in algorithm.parameters.items()]
     children += list(hd.sr.AlgorithmIdentification(algorithm.name, algorithm.version, params or None,
@@ -145,14 +172,16 @@ def build_report_sr(evidence: Sequence, referenced: Sequence, text: str, questio
          *hd.sr.ObservationContext(observer_device_context=device), request, findings])
     source = evidence[0]
     sr = hd.sr.ComprehensiveSR(
-        evidence=[_first_evidence(source), *evidence[1:]], content=root, series_instance_uid=generate_uid(),
+        evidence=[_first_evidence(source, fallbacks), *(_uids(ds) for ds in evidence[1:])], content=root,
+        series_instance_uid=generate_uid(),
         series_number=series_number, sop_instance_uid=generate_uid(), instance_number=1, manufacturer="medmm",
         is_complete=True, is_final=False, is_verified=False, institution_name=institution_name,
         series_description=series_description, specific_character_set="ISO_IR 192",  # UTF-8: free text
         previous_versions=[_uids(p) for p in predecessors] or None)
     for kw in PATIENT_KEYWORDS:  # the whole patient module, not only the four attributes highdicom copies
-        if kw in source:
-            sr[kw] = copy.deepcopy(source[kw])
+        elem = valid_copy(source, kw, fallbacks)
+        if elem is not None:
+            sr[elem.tag] = elem
     sr.ManufacturerModelName = algorithm.name[:64]
     sr.SoftwareVersions = algorithm.version[:64]
     return sr
@@ -172,26 +201,31 @@ _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Accessi
           "StudyTime", "ReferringPhysicianName")
 
 
-def _first_evidence(ds):
-    """A copy of the study-level header of ``ds`` with empty type 2 attributes where the source has none."""
-    from pydicom.dataset import Dataset
-
-    head = Dataset()
-    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", *_TYPE2):
-        if kw in ds:
-            setattr(head, kw, copy.deepcopy(ds[kw].value))
-        elif kw in _TYPE2:
+def _first_evidence(ds, fallbacks: list[dict]):
+    """A copy of the study-level header of ``ds``: its UIDs, and the type 2 attributes whose values are valid
+    (empty where the source has none or an invalid one, which is recorded in ``fallbacks``)."""
+    head = _uids(ds)
+    for kw in _TYPE2:
+        elem = valid_copy(ds, kw, fallbacks)
+        if elem is not None:
+            head[elem.tag] = elem
+        else:
             setattr(head, kw, None)
     return head
 
 
+def _uid(ds, keyword: str) -> str:
+    """A UID of a source instance; DicomError (naming the attribute, not the value) when missing or invalid."""
+    return HeaderReader(ds, "SR source").uid(keyword, required=True)
+
+
 def _uids(ds):
-    """The four UIDs a Predecessor Documents Sequence item needs, from a dataset or a file header."""
+    """The four UIDs an evidence or Predecessor Documents Sequence item needs, from a dataset or a file header."""
     from pydicom.dataset import Dataset
 
     out = Dataset()
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
-        setattr(out, kw, ds[kw].value)
+        setattr(out, kw, _uid(ds, kw))
     return out
 
 

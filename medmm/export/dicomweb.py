@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import DicomError
+from ..io.dicom import quiet_pydicom
 from ..utils import optional_import
 
 log = logging.getLogger("medmm.pacs")
@@ -154,12 +156,26 @@ def store_sr(client, sr) -> None:
 
 
 def latest_medmm_sr(instances):
-    """The newest medmm Comprehensive SR among ``instances`` (by content date and time), or None."""
+    """The newest medmm Comprehensive SR among ``instances`` (by content date and time), or None.
+
+    The values are compared as text without pydicom's validation (its warnings would quote them); an instance
+    whose values cannot be decoded is not a medmm SR."""
     from pydicom.uid import ComprehensiveSRStorage
 
-    ours = [ds for ds in instances if ds.get("SOPClassUID") == ComprehensiveSRStorage
-            and str(ds.get("Manufacturer", "")) == "medmm"]
-    return max(ours, key=lambda ds: (str(ds.get("ContentDate", "")), str(ds.get("ContentTime", ""))), default=None)
+    def ours(ds) -> bool:
+        try:
+            return ds.get("SOPClassUID") == ComprehensiveSRStorage and str(ds.get("Manufacturer", "")) == "medmm"
+        except Exception:  # noqa: BLE001  (an undecodable value: not one of ours)
+            return False
+
+    def when(ds) -> tuple[str, str]:
+        try:
+            return str(ds.get("ContentDate", "")), str(ds.get("ContentTime", ""))
+        except Exception:  # noqa: BLE001
+            return "", ""
+
+    with quiet_pydicom():
+        return max((ds for ds in instances if ours(ds)), key=when, default=None)
 
 
 def pull_run_push(url: str, study_uid: str, pipeline, push: bool = True, token_file: str | Path | None = None,
@@ -169,14 +185,16 @@ def pull_run_push(url: str, study_uid: str, pipeline, push: bool = True, token_f
     A medmm SR already in the study becomes the new SR's predecessor (``predecessor_sr`` in the record).
     ``retry_s``: how long failed requests are retried (see :func:`dicomweb_client`).
 
+    The instances are written to the pipeline's work folder under names it chooses (``incoming/000000.dcm``),
+    never under their UIDs, and are held to the pipeline's pixel budget (``ReportConfig.max_decoded_mib``)
+    before anything is decoded (:func:`~medmm.export.study.load_study`).
+
     Returns the study's audit record with the report text under ``report`` and the SR's UIDs.
     """
     client = client or dicomweb_client(url, token_file, retry_s=retry_s)
     instances = client.retrieve_study(study_uid)  # WADO-RS: list of pydicom Datasets
     log.info("retrieved study %s: %d instance(s)", study_uid, len(instances))
     if not instances:
-        from ..errors import DicomError
-
         raise DicomError(f"study {study_uid}", f"{url} returned no instances")
     res = pipeline.run(instances, predecessor=latest_medmm_sr(instances))
     if push:

@@ -26,6 +26,26 @@ A failing study (unreadable pixels, no image series, a crash inside the model) i
 Without ``--forward-to`` the SRs stay in ``out/sr/`` (DIMSE has no way back to a caller whose port is not
 configured).
 
+What a stranger on the network can do is bounded before any AE title is checked: each PDU's declared length
+is read from its 6-byte header and a PDU longer than :data:`MAX_PDU_BYTES` ends the connection before its body is
+read (pynetdicom itself reads whatever length is declared; ``maximum_pdu_size`` only negotiates P-DATA); at most
+:data:`MAX_CONNECTIONS` connections are open at once (more are closed unread) and :data:`MAX_ASSOCIATIONS`
+associations (more get A-ASSOCIATE-RJ); a peer silent for ``network_timeout`` seconds in the middle of a PDU is
+dropped. With ``--tls-cert/--tls-key`` the listener speaks DICOM TLS only (``--tls-ca``: client certificates
+signed by that CA are required). ``--audit-log FILE`` gets one JSON line per association and per C-STORE/C-ECHO
+(time, calling AE, endpoint, status, bytes, seconds; never header values or UIDs).
+
+Everything the listener writes (spool, SRs, ``studies.jsonl``, the audit log) is 0600 in 0700 folders, and
+neither its log nor ``studies.jsonl`` holds header values: UIDs only when they are well-formed, error messages
+reduced to lower-case words and DICOM keywords (a quoted value, a name or a date never gets through), and
+pydicom's reading validation, whose warnings quote the values, is off while the listener runs.
+
+The spool survives a crash: each study folder holds a ``.study`` record (its Study Instance UID), and on start-up
+the listener deletes every folder whose newest file is older than ``--amend-window`` and adopts the others,
+which a later burst of the study then amends and which are deleted when their window ends. Instances received
+but not yet reported when the listener was killed are not reported after the restart (the sender was told they
+were stored; send the study again); they are kept for the window like the rest.
+
     medmm pacs listen --aet MEDMM --port 11112 --allowed-aets CT01,PACS --checkpoint C \\
         --forward-to PACS@10.0.0.5:104 --retry-seconds 60
     medmm pacs resend runs/pacs/undelivered --to PACS@10.0.0.5:104      delivered files move to .../delivered/
@@ -34,6 +54,7 @@ configured).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -42,14 +63,20 @@ import queue
 import re
 import shutil
 import signal
+import socket
+import ssl
+import struct
 import threading
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydicom.datadict import keyword_dict
 
 from ..config import ListenerConfig, parse_destination  # noqa: F401  (ListenerConfig: defined there)
 from ..config import check_aet as _check_aet  # noqa: F401
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, excerpt
 from ..utils import optional_import
 from .dicomweb import BACKOFF_FIRST_S, BACKOFF_MAX_S
 
@@ -58,6 +85,72 @@ OUT_OF_RESOURCES = 0xA700  # C-STORE status: refused, out of resources
 CANNOT_UNDERSTAND = 0xC000  # C-STORE status: error, cannot understand
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and warnings (coercion, elements discarded)
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+MAX_PDU_BYTES = 256 << 10
+"""The longest PDU the listener reads. An A-ASSOCIATE-RQ proposing 128 storage contexts with every transfer
+syntax pynetdicom knows is 154 KiB; P-DATA PDUs are negotiated at ``AE.maximum_pdu_size`` (16 KiB)."""
+MAX_ASSOCIATIONS = 16
+"""Associations at once; pynetdicom answers the next one with A-ASSOCIATE-RJ (transient: the caller retries)."""
+MAX_CONNECTIONS = 2 * MAX_ASSOCIATIONS
+"""TCP connections at once (associations, TLS handshakes, callers yet to send their A-ASSOCIATE-RQ); more are
+closed before a byte is read, so a flood of connections holds neither threads nor memory."""
+NETWORK_TIMEOUT_S = 60
+"""ACSE/DIMSE timeouts, and how long a peer may stay silent in the middle of a PDU or a TLS handshake."""
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+STUDY_RECORD = ".study"
+"""In each spool folder: its Study Instance UID, so that a restarted listener knows whose instances they are."""
+_WORD = re.compile(r"[a-z]+(?:-[a-z]+)*[,.;:]?")
+_BRACKETED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`|\([^()]*\)|\[[^\[\]]*\]|\{[^{}]*\}|<[^<>]*>")
+_MODALITIES = frozenset(
+    "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS MG "
+    "MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTPLAN "
+    "RTRECORD RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC".split())
+"""DICOM's defined terms for Modality (PS3.3 C.7.3.1.1.1): the one header text a study record keeps."""
+
+
+def safe_message(text: str) -> str:
+    """What of an error message may go into a log or ``studies.jsonl``: its lower-case words and DICOM keywords.
+
+    Header values reach error messages from pydicom, highdicom and our own readers, quoted or not; a reader
+    cannot know which words are values. So quoted and bracketed spans go whole, and so does every word with a
+    digit, a capital letter (a DICOM keyword excepted: ``PatientBirthDate`` names an attribute, never its
+    value) or another symbol. ``Unable to convert '1980-02-31SECRETDOB' to 'DA' object`` becomes ``to convert to
+    object``; ``no image series to read (series: CT x1)`` keeps ``no image series to read``.
+    """
+    prev = None
+    while prev != text:  # nested brackets, innermost first
+        prev, text = text, _BRACKETED.sub(" ", text)
+    words = [w for w in text.split() if _WORD.fullmatch(w) or w.rstrip(",.;:") in keyword_dict]
+    return " ".join(words)[:300] or "(details withheld: they may quote header values)"
+
+
+def safe_record(value, key: str = ""):
+    """A study's audit record (:class:`medmm.export.study.StudyReport` ``record``) without header text: UIDs only
+    when well-formed (else None), Modality only when it is a defined term (else ``"other"``), and the series
+    selection's ``reason`` (it quotes header values) left out. Numbers and our own settings stay."""
+    if isinstance(value, dict):
+        return {k: safe_record(v, k) for k, v in value.items() if k != "reason"}
+    if isinstance(value, list):
+        return [safe_record(v, key) for v in value]
+    if isinstance(value, str) and key.endswith("uid"):
+        return value if _UID.fullmatch(value) and len(value) <= 64 else None
+    if isinstance(value, str) and key == "modality":
+        return value if value in _MODALITIES else "other"
+    return value
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` as a folder that only its owner can enter (existing folders are narrowed too)."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def _private_file(path: Path, mode: str = "wb", exclusive: bool = False):
+    """Open ``path`` for writing, created 0600 (an existing file is narrowed to 0600 first)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
+    fd = os.open(path, flags | (os.O_EXCL if exclusive else 0), PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)
+    return os.fdopen(fd, mode)
 
 
 @dataclass
@@ -238,7 +331,195 @@ def resend(path: str | Path, dest: Destination, calling_aet: str = "MEDMM", retr
     return out
 
 
+# ---------------------------------------------------------------------------------------------- the wire
+def server_tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """The listener's DICOM TLS context: TLS 1.2 or later, ``cert``/``key`` (PEM) as its identity and, with
+    ``ca``, a client certificate signed by that CA required of every caller."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if ca:
+            ctx.load_verify_locations(cafile=ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"--tls-cert/--tls-key/--tls-ca: cannot load ({type(e).__name__}: {e})") from e
+    return ctx
+
+
+@dataclass
+class _Conn:
+    """One TCP connection, for the audit log: what the peer sent and how its association ended."""
+
+    peer: str
+    opened: float = field(default_factory=time.monotonic)
+    bytes: int = 0
+    """Bytes read from the peer (after TLS)."""
+    calling_ae: str | None = None
+    status: str = "closed"
+    """How it ended: closed (no association), released, aborted, rejected, refused-pdu-length, refused-tls, refused-busy."""
+
+
+class _PduGuard:
+    """Frames what pynetdicom reads from one connection into PDUs and ends the connection when a PDU header
+    declares more than ``cap`` bytes, before the body is read.
+
+    pynetdicom's DUL reads the 6-byte header (type, reserved, 4-byte big-endian length), then ``recv(length)``,
+    which loops until that many bytes have come: a stranger declaring 4 GiB is fed as much memory as it sends.
+    The guard replaces the ``recv`` of the connection's :class:`pynetdicom.transport.AssociationSocket` and counts
+    the stream itself, so it holds whatever sizes the DUL asks for; refusing returns no bytes, which the DUL reads
+    as a closed connection (Evt17: the association is aborted and the socket shut).
+    """
+
+    def __init__(self, sock, cap: int, conn: _Conn, on_refuse):
+        self._recv, self.cap, self.conn, self.on_refuse = sock.recv, cap, conn, on_refuse
+        self._sock = sock
+        self._header = bytearray()
+        self._body_left = 0
+        self.refused = False
+        sock.recv = self.recv
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        out = bytearray()
+        while len(out) < nr_bytes and not self.refused:
+            want = min(nr_bytes - len(out), self._body_left or 6 - len(self._header))
+            chunk = self._recv(want)
+            if not chunk:  # the peer closed: the DUL sees a short read
+                break
+            self.conn.bytes += len(chunk)
+            out += chunk
+            if self._body_left:
+                self._body_left -= len(chunk)
+                continue
+            self._header += chunk
+            if len(self._header) == 6:
+                pdu_type, length = self._header[0], struct.unpack(">L", self._header[2:])[0]
+                self._header.clear()
+                if length > self.cap:
+                    self.refused = True
+                    self._shut()
+                    self.on_refuse(self.conn, pdu_type, length)
+                    return bytearray()
+                self._body_left = length
+        return out
+
+    def _shut(self) -> None:
+        """Close the TCP connection now: unread bytes are dropped by the kernel (the peer gets a reset)."""
+        raw = getattr(self._sock, "socket", None)
+        if raw is not None:
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)
+
+
+def _server_classes():
+    """pynetdicom's threaded association server and request handler, guarded (PDU cap, connection cap, TLS in the
+    connection's own thread). Built on first use: pynetdicom is an optional extra."""
+    from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+    if not callable(getattr(RequestHandler, "_create_association", None)):  # fail closed on a pynetdicom change
+        import pynetdicom
+
+        raise RuntimeError(f"pynetdicom {pynetdicom.__version__}: RequestHandler._create_association is gone, so "
+                           "the listener cannot cap PDU lengths; use pynetdicom 2.x or 3.0")
+
+    class GuardedHandler(RequestHandler):
+        def handle(self) -> None:
+            listener = self.server.listener
+            conn = self.conn = _Conn(peer=str(self.client_address[0]))
+            try:
+                self.request.settimeout(NETWORK_TIMEOUT_S)  # a silent peer cannot hold a read forever
+                if listener.tls is not None:
+                    # here, in the connection's thread: pynetdicom's own wrap runs in the accept loop, where one
+                    # silent client would stall every other
+                    try:
+                        self.request = listener.tls.wrap_socket(self.request, server_side=True)
+                    except (OSError, ssl.SSLError) as e:
+                        conn.status = "refused-tls"
+                        log.warning("connection from %s closed: TLS handshake failed (%s)", conn.peer,
+                                    type(e).__name__)
+                        with contextlib.suppress(OSError):
+                            self.request.close()
+                        listener._audit_conn(conn)
+                        return
+                super().handle()
+            finally:
+                self.server.handshakes_done()
+
+        def _create_association(self):
+            assoc = super()._create_association()
+            self.server.listener._track(assoc, self.conn)
+            _PduGuard(assoc.dul.socket, self.server.listener.max_pdu, self.conn, self.server.listener._on_long_pdu)
+            return assoc
+
+    class GuardedServer(ThreadedAssociationServer):
+        listener = None
+        _handshaking = 0
+
+        def process_request(self, request, client_address) -> None:
+            with self._count_lock:
+                # live association threads whose connection is still open (pynetdicom keeps an acceptor thread
+                # waiting for its A-ASSOCIATE-RQ for acse_timeout even after the connection was closed)
+                live = sum(1 for a in self.active_associations if self.listener._is_open(a))
+                busy = live + self._handshaking >= MAX_CONNECTIONS
+                if not busy:
+                    self._handshaking += 1
+            if busy:  # closed before a byte is read
+                conn = _Conn(peer=str(client_address[0]), status="refused-busy")
+                self.shutdown_request(request)
+                log.warning("connection from %s closed: %d connections open", conn.peer, MAX_CONNECTIONS)
+                self.listener._audit_conn(conn)
+                return
+            super().process_request(request, client_address)
+
+        def handshakes_done(self) -> None:
+            with self._count_lock:
+                self._handshaking -= 1
+
+        def shutdown(self) -> None:
+            with contextlib.suppress(ValueError):  # not in the AE's server list: it was not started by the AE
+                super().shutdown()
+
+    GuardedServer._count_lock = threading.Lock()
+    return GuardedServer, GuardedHandler
+
+
+class AuditLog:
+    """``--audit-log``: one JSON line per association and per C-STORE/C-ECHO, in a file created 0600.
+
+    Keys: ``time``, ``calling_ae`` (None before the A-ASSOCIATE-RQ was read), ``peer`` (IP address), ``endpoint``
+    (``A-ASSOCIATE``, ``C-STORE``, ``C-ECHO``), ``status`` (an association's end: released, aborted, rejected,
+    closed, refused-pdu-length, refused-tls, refused-busy; a DIMSE status as ``0x0000``), ``bytes`` (read from the
+    peer: the connection's, or the dataset's) and ``duration_s``. Never header values, never UIDs.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.parent.exists():
+            _private_dir(self.path.parent)
+        self._lock = threading.Lock()
+        self._f = _private_file(self.path, "a")
+
+    def write(self, endpoint: str, status: str, calling_ae, peer: str | None, nbytes: int | None,
+              seconds: float) -> None:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "calling_ae": calling_ae, "peer": peer,
+                "endpoint": endpoint, "status": status, "bytes": nbytes, "duration_s": round(seconds, 4)}
+        with self._lock:
+            if not self._f.closed:
+                self._f.write(json.dumps(line) + "\n")
+                self._f.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._f.close()
+
+
 # ---------------------------------------------------------------------------------------------- the listener
+def _calling_ae(assoc) -> str | None:
+    """The caller's AE title as sent (printable, at most 16 characters), for logs and the audit log."""
+    title = getattr(getattr(assoc, "requestor", None), "ae_title", None)
+    return excerpt(str(title).strip(), 16) if title else None
+
+
 @dataclass
 class _Study:
     """One burst of a study: instances received until none came for ``study_timeout_s``."""
@@ -271,12 +552,16 @@ class StudyListener:
         optional_import("pynetdicom")
         self.pipeline = pipeline
         self.cfg = config
-        self.out = Path(config.out_dir)
-        self.spool = Path(config.spool_dir) if config.spool_dir else self.out / "spool"
+        self.tls = server_tls_context(config.tls_cert, config.tls_key, config.tls_ca) if config.tls_cert else None
+        self.out = _private_dir(Path(config.out_dir))
+        self.spool = _private_dir(Path(config.spool_dir) if config.spool_dir else self.out / "spool")
         self.kept = self.out / "undelivered"
-        (self.out / "sr").mkdir(parents=True, exist_ok=True)
-        self.spool.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.out / "sr")
+        if self.kept.exists():
+            _private_dir(self.kept)
         self.log_path = self.out / "studies.jsonl"
+        if self.log_path.exists():
+            os.chmod(self.log_path, PRIVATE_FILE)
         self.dest = Destination.parse(config.forward_to) if config.forward_to else None
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
@@ -290,10 +575,49 @@ class StudyListener:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server = None
-        self._ids = itertools.count()
-        self.counts = {"ok": 0, "failed": 0, "sr_not_delivered": 0, "refused": 0, "rejected_associations": 0}
+        self._conns: dict[int, _Conn] = {}  # id(association) -> its connection, while it is open
+        self.max_pdu = MAX_PDU_BYTES
+        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        self._validation = None  # pydicom's reading validation mode before start()
+        self.counts = {"ok": 0, "failed": 0, "sr_not_delivered": 0, "refused": 0, "rejected_associations": 0,
+                       "refused_connections": 0}
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         """Studies reported together -> how many times the worker did so."""
+        self._ids = itertools.count(self._sweep_spool())
+
+    def _sweep_spool(self) -> int:
+        """Retention that survives a crash: delete the spool folders of an earlier run whose newest file is older
+        than ``amend_window_s`` (all of them kept with ``keep_studies``) and adopt the others, which a later
+        burst of their study joins and which the collector deletes when their window ends. Half-received files
+        (``.*.part``) go. Returns the next free folder number."""
+        now_wall, now = time.time(), time.monotonic()
+        last_id = -1
+        for folder in sorted(p for p in self.spool.iterdir() if p.is_dir() and not p.is_symlink()):
+            number = folder.name.split("-", 1)[0]
+            last_id = max(last_id, int(number)) if number.isdigit() else last_id
+            files = [f for f in folder.iterdir() if f.is_file()]
+            age = now_wall - max([folder.stat().st_mtime] + [f.stat().st_mtime for f in files])
+            if not self.cfg.keep_studies and age >= self.cfg.amend_window_s:
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            for f in files:
+                if f.name.endswith(".part"):
+                    f.unlink(missing_ok=True)
+            _private_dir(folder)
+            uid = self._study_of(folder)
+            key = uid if uid is not None and uid not in self._held else f"?{folder.name}"  # never a UID
+            self._held[key] = _Held(folder, idle_since=now - max(age, 0.0))
+        if self._held:
+            log.info("spool: %d study folder(s) of an earlier run kept for their amend window", len(self._held))
+        return last_id + 1
+
+    @staticmethod
+    def _study_of(folder: Path) -> str | None:
+        try:
+            uid = json.loads((folder / STUDY_RECORD).read_text())["study_instance_uid"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return uid if isinstance(uid, str) and _UID.fullmatch(uid) else None
 
     def _lineage_from_log(self) -> dict[str, Path]:
         """Study UID -> its latest SR file, from an earlier run's ``studies.jsonl``."""
@@ -320,17 +644,88 @@ class StudyListener:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        ae.maximum_associations = 16
-        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
+        ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = NETWORK_TIMEOUT_S
+        # P-DATA PDUs are negotiated below the PDU cap, with room for peers that count the header in
+        self.max_pdu = max(MAX_PDU_BYTES, (ae.maximum_pdu_size or 0) + (64 << 10))
         return ae
 
+    # audit: each connection is tracked from its A-ASSOCIATE-RQ to its close
+    def _track(self, assoc, conn: _Conn) -> None:
+        with self._lock:
+            self._conns[id(assoc)] = conn
+
+    def _is_open(self, assoc) -> bool:
+        conn = self._conns.get(id(assoc))
+        return conn is not None and not conn.status.startswith("refused")
+
+    def _conn(self, event) -> _Conn:
+        return self._conns.get(id(event.assoc)) or _Conn(peer="?")
+
+    def _ended(self, status: str):
+        def handler(event) -> None:
+            conn = self._conn(event)
+            conn.status = status
+            conn.calling_ae = _calling_ae(event.assoc)
+        return handler
+
+    def _on_accepted(self, event) -> None:
+        no_delay(event.assoc)
+        conn = self._conn(event)
+        conn.status, conn.calling_ae = "accepted", _calling_ae(event.assoc)
+
+    def _on_conn_close(self, event) -> None:
+        assoc = event.assoc
+        if getattr(assoc.requestor, "primitive", None) is None:
+            # closed before its A-ASSOCIATE-RQ: pynetdicom's acceptor thread would still wait acse_timeout for it
+            # and count against maximum_associations; an empty item makes it give up now
+            with contextlib.suppress(AttributeError):
+                assoc.dul.to_user_queue.put(None)
+        with self._lock:
+            conn = self._conns.pop(id(assoc), None)
+        if conn is not None:
+            if conn.status == "accepted":  # closed without A-RELEASE or A-ABORT
+                conn.status = "closed"
+            self._audit_conn(conn)
+
+    def _audit_conn(self, conn: _Conn) -> None:
+        if conn.status.startswith("refused"):
+            with self._lock:
+                self.counts["refused_connections"] += 1
+        if self.audit is not None:
+            self.audit.write("A-ASSOCIATE", conn.status, conn.calling_ae, conn.peer, conn.bytes,
+                             time.monotonic() - conn.opened)
+
+    def _on_long_pdu(self, conn: _Conn, pdu_type: int, length: int) -> None:
+        conn.status = "refused-pdu-length"
+        log.warning("connection from %s closed: a PDU of type 0x%02X declared %d bytes (at most %d are read)",
+                    conn.peer, pdu_type, length, self.max_pdu)
+
+    def _on_echo(self, event) -> int:
+        if self.audit is not None:
+            self.audit.write("C-ECHO", "0x0000", _calling_ae(event.assoc), self._conn(event).peer, 0, 0.0)
+        return 0x0000
+
     def _on_store(self, event) -> int:
+        t0 = time.monotonic()
+        status = CANNOT_UNDERSTAND
+        try:
+            status = self._store(event)
+            return status
+        finally:
+            if self.audit is not None:
+                data = getattr(event.request, "DataSet", None)
+                nbytes = data.getbuffer().nbytes if hasattr(data, "getbuffer") else None
+                self.audit.write("C-STORE", f"0x{status:04X}", _calling_ae(event.assoc), self._conn(event).peer,
+                                 nbytes, time.monotonic() - t0)
+
+    def _store(self, event) -> int:
         ds = event.dataset
         study_uid, sop = str(ds.get("StudyInstanceUID", "")), str(ds.get("SOPInstanceUID", ""))
-        if not (_UID.fullmatch(study_uid) and _UID.fullmatch(sop) and len(sop) <= 64):
+        if not (_UID.fullmatch(study_uid) and _UID.fullmatch(sop) and len(sop) <= 64 and len(study_uid) <= 64):
             # the SOP Instance UID names the spooled file: nothing but digits and dots gets near a path
             log.warning("instance from AE '%s' refused: missing or malformed Study/SOP Instance UID",
-                        event.assoc.requestor.ae_title)
+                        _calling_ae(event.assoc))
             return CANNOT_UNDERSTAND
         now = time.monotonic()
         with self._lock:
@@ -351,11 +746,15 @@ class StudyListener:
                 return OUT_OF_RESOURCES
             st.writing += 1
         try:
-            st.folder.mkdir(parents=True, exist_ok=True)
+            if not st.folder.exists():
+                _private_dir(st.folder)
+                with _private_file(st.folder / STUDY_RECORD, "w") as f:  # whose folder, for a restarted listener
+                    json.dump({"study_instance_uid": study_uid}, f)
             # the bytes as received, with a file meta header: no decode/re-encode of the pixels. Written under a
             # hidden name and renamed, so a report being made from this folder never reads half a file.
             part = st.folder / f".{sop}.part"
-            part.write_bytes(event.encoded_dataset(include_meta=True))
+            with _private_file(part) as f:
+                f.write(event.encoded_dataset(include_meta=True))
             os.replace(part, st.folder / f"{sop}.dcm")
         finally:
             with self._lock:
@@ -373,9 +772,9 @@ class StudyListener:
 
     def _on_rejected(self, event) -> None:
         self.counts["rejected_associations"] += 1
-        r = event.assoc.requestor
+        self._ended("rejected")(event)
         log.warning("association from AE '%s' at %s rejected (not in --allowed-aets or wrong called AE title)",
-                    r.ae_title, r.address)
+                    _calling_ae(event.assoc), self._conn(event).peer)
 
     # -------------------------------------------------------------------------------------- studies
     def _collector(self) -> None:
@@ -437,6 +836,9 @@ class StudyListener:
                         if held is not None:
                             held.bursts -= 1
                             held.idle_since = now
+                for st in batch:  # the window starts now, for a listener restarted after a crash too
+                    with contextlib.suppress(OSError):
+                        os.utime(st.folder / STUDY_RECORD)
 
     def _process(self, batch: list[_Study]) -> None:
         """Report the studies of ``batch`` (distinct studies) with one batched inference, then save, deliver and
@@ -468,9 +870,10 @@ class StudyListener:
             if isinstance(res, Exception):
                 raise res
             sr_path = self.out / "sr" / f"{res.sr.SOPInstanceUID}.dcm"
-            res.sr.save_as(sr_path, enforce_file_format=True)
+            with _private_file(sr_path) as f:
+                res.sr.save_as(f, enforce_file_format=True)
             self._last_sr[st.uid] = sr_path
-            rec.update({k: v for k, v in res.record.items() if k != "study_instance_uid"})
+            rec.update({k: v for k, v in safe_record(res.record).items() if k != "study_instance_uid"})
             rec["study_instances"] = res.record["steps"][0]["instances"]
             rec["sr_file"] = str(sr_path)
             if self.dest is not None:
@@ -483,11 +886,12 @@ class StudyListener:
                                kept_in=str(self._keep(sr_path)))
             else:
                 rec["outcome"] = "ok"
-        except InvalidInputError as e:
-            rec.update(outcome="failed", error=type(e).__name__, message=e.reason[:500])
+        except InvalidInputError as e:  # messages may quote header values: only their safe words are kept
+            rec.update(outcome="failed", error=type(e).__name__, message=safe_message(e.reason))
         except Exception as e:  # a crash inside one study must not stop the listener
-            log.exception("study %s: inference crashed", st.uid)
-            rec.update(outcome="failed", error=type(e).__name__, message=str(e)[:500])
+            log.error("study %s: inference crashed (%s: %s); traceback, its message withheld:\n%s", st.uid,
+                      type(e).__name__, safe_message(str(e)), "".join(traceback.format_tb(e.__traceback__)))
+            rec.update(outcome="failed", error=type(e).__name__, message=safe_message(str(e)))
         rec["total_s"] = round(time.monotonic() - st.first, 3)
         self.counts[rec["outcome"]] += 1
         self._log(rec)
@@ -508,7 +912,7 @@ class StudyListener:
 
     def _keep(self, sr_path: Path) -> Path:
         """Put an undelivered SR in ``out/undelivered/`` (a hard link to the copy in ``out/sr/`` when possible)."""
-        self.kept.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.kept)
         dest = self.kept / sr_path.name
         try:
             os.link(sr_path, dest)
@@ -518,26 +922,42 @@ class StudyListener:
 
     def _log(self, rec: dict) -> None:
         rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **rec}
-        with self._log_lock, open(self.log_path, "a") as f:
+        with self._log_lock, _private_file(self.log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         log.info("study %s: %s%s", rec.get("study_instance_uid"), rec.get("outcome"),
                  f" ({rec.get('error')}: {rec.get('message', '')})" if rec.get("error") else "")
 
     # -------------------------------------------------------------------------------------- lifecycle
     def start(self) -> StudyListener:
+        """Listen (plain DIMSE, or DICOM TLS with ``tls_cert``) and start the collector and the worker.
+
+        While the listener runs, pydicom's reading validation is off in this process: its warnings quote the
+        offending header values (``stop()`` restores it)."""
+        from pydicom import config as pydicom_config
         from pynetdicom import evt
 
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its DEBUG level dumps datasets
-        self._server = self._ae().start_server(
-            (self.cfg.host, self.cfg.port), block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected),
-                          (evt.EVT_ACCEPTED, lambda event: no_delay(event.assoc))])
+        self._validation = pydicom_config.settings.reading_validation_mode
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        server_class, handler_class = _server_classes()
+        # make_server, not start_server: pynetdicom wraps TLS in its accept loop and has no PDU cap; ours does
+        # both in each connection's thread (ssl_context stays None here)
+        self._server = self._ae().make_server(
+            (self.cfg.host, self.cfg.port), server_class=server_class, request_handler=handler_class,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                          (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ACCEPTED, self._on_accepted),
+                          (evt.EVT_RELEASED, self._ended("released")), (evt.EVT_ABORTED, self._ended("aborted")),
+                          (evt.EVT_CONN_CLOSE, self._on_conn_close)])
+        self._server.listener = self
+        t = threading.Thread(target=self._server.serve_forever, name="medmm-dimse", daemon=True)
+        t.start()
         for fn in (self._collector, self._worker):
             t = threading.Thread(target=fn, name=f"medmm-{fn.__name__.strip('_')}", daemon=True)
             t.start()
             self._threads.append(t)
-        log.info("listening as %s on %s:%d; allowed callers: %s; SRs to %s", self.cfg.aet, self.cfg.host,
-                 self.cfg.port, ",".join(self.cfg.allowed_aets), self.dest or self.out / "sr")
+        log.info("listening as %s on %s:%d (%s); allowed callers: %s; SRs to %s", self.cfg.aet, self.cfg.host,
+                 self.cfg.port, "DICOM TLS" + (", client certificates required" if self.cfg.tls_ca else "")
+                 if self.tls else "plain DIMSE", ",".join(self.cfg.allowed_aets), self.dest or self.out / "sr")
         return self
 
     def busy(self) -> bool:
@@ -575,6 +995,13 @@ class StudyListener:
                 self._held.clear()
             for f in folders:
                 shutil.rmtree(f, ignore_errors=True)
+        if self._validation is not None:
+            from pydicom import config as pydicom_config
+
+            pydicom_config.settings.reading_validation_mode = self._validation
+            self._validation = None
+        if self.audit is not None:
+            self.audit.close()
 
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM."""
@@ -582,7 +1009,7 @@ class StudyListener:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         self.start()
-        print(json.dumps({"listening": f"{self.cfg.aet}@{self.cfg.host}:{self.cfg.port}",
+        print(json.dumps({"listening": f"{self.cfg.aet}@{self.cfg.host}:{self.cfg.port}", "tls": self.tls is not None,
                           "allowed_aets": self.cfg.allowed_aets, "forward_to": str(self.dest) if self.dest else None,
                           "log": str(self.log_path)}), flush=True)
         while not stop.wait(0.5):

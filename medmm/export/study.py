@@ -12,6 +12,13 @@ answers equal ``run``'s). Each step appends one entry to the study's audit trail
 (``StudyReport.record["steps"]``: what it did, on which UIDs, how long it took). Records hold UIDs,
 counts and timings, never patient names, IDs or the report text, so they can go to ordinary logs.
 
+Untrusted studies (uploads, C-STOREs, WADO-RS): every file the chain writes is named by an index
+(``series/000/000000.dcm``), never by a UID, checked to stay in the work folder and created new (no link or
+existing file is written through); a file whose Study/Series/SOP UIDs are not valid UIDs is rejected. Pixels
+are held to a budget (``ReportConfig.max_decoded_mib``, float32 bytes from the headers) before anything is
+decoded or inflated; header values never reach a message, a record or the log (invalid ones are left out of the
+SR and named in the ``write_sr`` step's ``fallbacks``).
+
 A series goes through the model's ``volume`` modality (a modality whose loader is ``volume``) when
 it has at least ``min_volume_slices`` slices or frames, otherwise its middle instance goes through
 the ``image`` modality. The modality is chosen by the loader type in the model config, never by name.
@@ -34,8 +41,20 @@ from pathlib import Path
 
 from ..config import DecodingConfig, ReportConfig  # noqa: F401  (ReportConfig: defined in medmm.config)
 from ..errors import DicomError, InvalidInputError
+from ..io.dicom import (
+    HeaderReader,
+    decoded_size,
+    has_pixels,
+    open_dataset,
+    pixel_budget,
+    quiet_pydicom,
+    redact_pydicom_values,
+)
 
 log = logging.getLogger("medmm.pacs")
+MiB = 1 << 20
+DEFAULT_MAX_DECODED_BYTES = ReportConfig.max_decoded_mib * MiB
+"""The pixel budget of one study when none is given (:attr:`ReportConfig.max_decoded_mib`)."""
 # SOP classes / modalities that carry no pixels a model can read (reports, presentation states, key objects).
 NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "DOC", "SEG", "RTSTRUCT", "RTPLAN", "RWV", "REG", "FID", "AU", "ECG"}
 
@@ -54,6 +73,10 @@ class Instance:
     """Position along the slice normal (mm), for ordering; None when the header has no geometry."""
     frames: int
     has_pixels: bool
+    pixel_bytes: int = 0
+    """What decoding it takes (float32 bytes, from the header): what it costs of the pixel budget."""
+    link: Path | None = None
+    """Its file in the series folder, under a name the server chose (``000000.dcm``), never one from the data."""
 
 
 @dataclass
@@ -133,12 +156,13 @@ def _ensure_file_meta(ds) -> None:
     ds.file_meta = meta
 
 
-def _position(ds) -> float | None:
-    """Slice position along the normal of ImageOrientationPatient; None without geometry."""
+def _position(reader: HeaderReader) -> float | None:
+    """Slice position along the normal of ImageOrientationPatient; None without (valid) geometry."""
     import numpy as np
 
-    ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
-    if not ipp or not iop or len(iop) != 6:
+    ipp = reader.numbers("ImagePositionPatient", 3, None)
+    iop = reader.numbers("ImageOrientationPatient", 6, None, lo=-1.01, hi=1.01)
+    if ipp is None or iop is None:
         return None
     normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
     return float(np.dot(normal, np.array(ipp, float)))
@@ -151,24 +175,92 @@ def _int(v) -> int | None:
         return None
 
 
-def load_study(source: str | Path | Sequence, work_dir: str | Path) -> Study:
+def _order_number(ds, keyword: str) -> int | None:
+    """InstanceNumber or SeriesNumber, used only to order instances and series; None when absent or invalid
+    (read inside quiet_pydicom: no warning quotes the value)."""
+    try:
+        return _int(ds.get(keyword))
+    except Exception:  # noqa: BLE001  (pydicom cannot convert the value: no order from it)
+        return None
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder/name`` for a name the server chose, checked to stay in ``folder``: the folder is resolved and the
+    entry's parent must be it. Anything else is a bug or an attack, never written to."""
+    base = folder.resolve(strict=True)
+    target = base / name
+    if os.sep in name or name in ("", ".", "..") or target.parent != base:
+        raise DicomError(str(folder), "refused to write outside the study's work folder")
+    return target
+
+
+def _create(path: Path):
+    """A new file opened for writing: never an existing entry (``O_EXCL``) and never through a link
+    (``O_NOFOLLOW``), so nothing outside the work folder can be created or overwritten through it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    return os.fdopen(os.open(path, flags, 0o600), "wb")
+
+
+def _folder(parent: Path, name: str) -> Path:
+    """A new sub-folder ``name`` of ``parent`` (checked inside it; an existing link is refused, never followed)."""
+    path = _inside(parent, name)
+    path.mkdir(mode=0o700, exist_ok=True)
+    if path.is_symlink() or not path.is_dir():
+        raise DicomError(str(parent), "refused to write outside the study's work folder")
+    return path
+
+
+def _place(inst: Instance, folder: Path, name: str) -> Path:
+    """Put ``inst``'s file in its series folder as ``name``: a link to the source, else a copy. Neither replaces an
+    existing entry nor writes through a link (``os.symlink`` and ``O_EXCL`` refuse an existing name)."""
+    dest = _inside(folder, name)
+    try:
+        os.symlink(inst.path.resolve(), dest)
+    except FileExistsError:
+        raise DicomError(str(folder), f"{name} already exists in the work folder (reused?)") from None
+    except OSError:  # a filesystem without symbolic links: a copy, written only as a new file
+        with open(inst.path, "rb") as src, _create(dest) as out:
+            shutil.copyfileobj(src, out)
+    return dest
+
+
+def _reject_reason(rejected: list[dict]) -> str:
+    """The reasons of rejected files, for the error of a study with no readable instance (paths left out)."""
+    if not rejected:
+        return ""
+    reasons = list(dict.fromkeys(r["message"] for r in rejected))
+    more = f"; {len(reasons) - 2} more" if len(reasons) > 2 else ""
+    return f" ({len(rejected)} file(s) rejected: {'; '.join(reasons[:2])}{more})"
+
+
+def load_study(source: str | Path | Sequence, work_dir: str | Path,
+               max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES) -> Study:
     """Read one study's headers and lay its series out under ``work_dir/series/<n>/``.
+
+    Every file the chain writes has a name chosen here (``incoming/000000.dcm``, ``series/000/000000.dcm``),
+    never one taken from the data, is checked to stay inside ``work_dir`` and is created as a new file (a link
+    or an existing file is never written through or replaced). UIDs only group instances.
 
     Args:
         source: a DICOM file, a folder (searched recursively; hidden files, such as partly received ones,
             are skipped), a list of paths, or a list of pydicom Datasets (what DICOMweb and DIMSE deliver;
             they are written into ``work_dir``).
         work_dir: a scratch folder owned by the caller (deleted by :class:`ReportPipeline` after the run).
+        max_decoded_bytes: the pixel budget (float32 bytes, from the headers): a file that needs more, or a
+            Deflated file that inflates past it, is rejected before anything is decoded; None: only
+            :mod:`medmm.io.dicom`'s per-file caps. :class:`ReportPipeline` also checks the series it reads.
 
     Raises:
         DicomError: no readable instance, or instances of more than one study.
     """
-    import pydicom
+    with quiet_pydicom():  # pydicom's warnings quote header values
+        return _load_study(source, Path(work_dir), max_decoded_bytes)
 
-    work = Path(work_dir)
-    incoming = work / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
+
+def _load_study(source, work: Path, budget: int | None) -> Study:
+    work.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    rejected: list[dict] = []
     label = str(source) if isinstance(source, (str, Path)) else f"{len(source)} instance(s)"
     if isinstance(source, (str, Path)):
         p = Path(source)
@@ -177,56 +269,79 @@ def load_study(source: str | Path | Sequence, work_dir: str | Path) -> Study:
         paths = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()
                                                and not any(part.startswith(".") for part in q.relative_to(p).parts))
     else:
+        incoming = None
         for i, item in enumerate(source):
             if isinstance(item, (str, Path)):
                 paths.append(Path(item))
-            else:  # an in-memory dataset
+                continue
+            incoming = incoming or _folder(work, "incoming")
+            dest = _inside(incoming, f"{i:06d}.dcm")  # an in-memory dataset: named by its place in the list
+            try:
                 _ensure_file_meta(item)
-                dest = incoming / f"{i:06d}.dcm"
-                item.save_as(dest, enforce_file_format=True)
-                paths.append(dest)
-    rejected: list[dict] = []
+                with _create(dest) as f:
+                    item.save_as(f, enforce_file_format=True)
+            except DicomError:
+                raise
+            except Exception as e:  # noqa: BLE001  (a dataset pydicom cannot write is that instance's problem)
+                rejected.append(DicomError(f"instance {i}", f"cannot be written as a file ({type(e).__name__})")
+                                .to_record())
+                continue
+            paths.append(dest)
     entries = []
     for p in paths:
         if p.name.upper() == "DICOMDIR":
             continue
         try:
-            ds = pydicom.dcmread(p, defer_size=1024)  # pixel data stays on disk
-            sop, study_uid, series_uid = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-        except Exception as e:  # pydicom raises many types on non-DICOM or broken headers
-            rejected.append(DicomError(p, f"not a readable DICOM instance ({type(e).__name__}: {e})").to_record())
-            continue
-        has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
-        for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            if k in ds:
-                del ds[k]  # the header is evidence; the pixels stay in the file
-        inst = Instance(path=p, sop_instance_uid=sop, sop_class_uid=str(ds.SOPClassUID), series_instance_uid=series_uid,
-                        modality=str(ds.get("Modality", "")), instance_number=_int(ds.get("InstanceNumber")),
-                        position=_position(ds), frames=_int(ds.get("NumberOfFrames")) or 1, has_pixels=has_pixels)
-        entries.append((study_uid, ds, inst))
+            entries.append(_instance(p, budget))
+        except DicomError as e:
+            rejected.append(e.to_record())
     if not entries:
-        raise DicomError(label, "no readable DICOM instance" + (f" ({len(rejected)} file(s) rejected)" if rejected else ""))
+        raise DicomError(label, "no readable DICOM instance" + _reject_reason(rejected))
     studies = sorted({e[0] for e in entries})
     if len(studies) > 1:
         raise DicomError(label, f"instances of {len(studies)} studies; send one study at a time")
     by_series: dict[str, list] = {}
-    for _, ds, inst in entries:
+    for _, ds, inst, _ in entries:
         by_series.setdefault(inst.series_instance_uid, []).append((ds, inst))
+    number: dict[str, int | None] = {}
+    for _, _, inst, n in entries:
+        number.setdefault(inst.series_instance_uid, n)  # the series' first instance says its number
     series = []
-    for n, (uid, items) in enumerate(sorted(by_series.items(), key=lambda kv: (_int(kv[1][0][0].get("SeriesNumber"))
-                                                                                or 0, kv[0]))):
-        folder = work / "series" / f"{n:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for _, inst in items:
-            link = folder / f"{inst.sop_instance_uid}.dcm"
-            try:
-                os.symlink(inst.path.resolve(), link)
-            except OSError:
-                shutil.copy2(inst.path, link)
-        ds0 = items[0][0]
-        series.append(Series(uid=uid, modality=str(ds0.get("Modality", "")), number=_int(ds0.get("SeriesNumber")),
-                             folder=folder, instances=[inst for _, inst in items]))
-    return Study(uid=studies[0], series=series, headers=[ds for _, ds, _ in entries], rejected=rejected)
+    root = _folder(work, "series")
+    for n, (uid, items) in enumerate(sorted(by_series.items(), key=lambda kv: (number[kv[0]] or 0, kv[0]))):
+        folder = _folder(root, f"{n:03d}")
+        for k, (_, inst) in enumerate(items):
+            inst.link = _place(inst, folder, f"{k:06d}.dcm")
+        modality = items[0][1].modality
+        series.append(Series(uid=uid, modality=modality, number=number[uid], folder=folder,
+                             instances=[inst for _, inst in items]))
+    return Study(uid=studies[0], series=series, headers=[e[1] for e in entries], rejected=rejected)
+
+
+def _instance(p: Path, budget: int | None) -> tuple[str, object, Instance, int | None]:
+    """(study UID, header without pixels, Instance, series number) of one file; DicomError when it cannot be
+    used: unreadable, a Study/Series/SOP Instance/SOP Class UID that is missing or not a valid UID, or pixels
+    over the budget. Messages name the attribute, never its value."""
+    ds = open_dataset(p, defer_size=1024, max_decoded_bytes=budget)  # pixel data stays on disk
+    reader = HeaderReader(ds, p)
+    study_uid = reader.uid("StudyInstanceUID", required=True)
+    series_uid = reader.uid("SeriesInstanceUID", required=True)
+    sop = reader.uid("SOPInstanceUID", required=True)
+    sop_class = reader.uid("SOPClassUID", required=True)
+    pixels = has_pixels(ds)
+    size = decoded_size(ds, p) if pixels else 0
+    if budget is not None and size > budget:
+        raise DicomError(p, f"its pixels need {size / MiB:.0f} MiB decoded as float32, over the "
+                            f"{budget / MiB:.0f} MiB pixel budget")
+    inst = Instance(path=p, sop_instance_uid=sop, sop_class_uid=sop_class, series_instance_uid=series_uid,
+                    modality=reader.code("Modality"),
+                    instance_number=_order_number(ds, "InstanceNumber"),
+                    position=_position(reader), frames=reader.integer("NumberOfFrames", 1, lo=1, hi=2**31 - 1) or 1,
+                    has_pixels=pixels, pixel_bytes=size)
+    for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if k in ds:
+            del ds[k]  # the header is evidence; the pixels stay in the file
+    return study_uid, ds, inst, _order_number(ds, "SeriesNumber")
 
 
 def _modality_for_loader(model_config, loader: str) -> str | None:
@@ -252,7 +367,7 @@ def select_series(study: Study, model_config, cfg: ReportConfig) -> Selection:
     best = max(candidates, key=lambda s: s.slices)
     if volume and best.slices >= cfg.min_volume_slices:
         imgs = _ordered(best.images)
-        value = best.folder if len(imgs) > 1 else best.folder / f"{imgs[0].sop_instance_uid}.dcm"
+        value = best.folder if len(imgs) > 1 else imgs[0].link
         return Selection(best, volume, "volume", value, imgs,
                          f"series {best.number} ({best.modality}, {best.slices} slices) has >= "
                          f"{cfg.min_volume_slices} slices: whole series through '{volume}'")
@@ -263,7 +378,7 @@ def select_series(study: Study, model_config, cfg: ReportConfig) -> Selection:
                f"its middle instance through '{image}'")
         if volume:
             why += f" (fewer than {cfg.min_volume_slices} slices for '{volume}')"
-        return Selection(best, image, "image", best.folder / f"{mid.sop_instance_uid}.dcm", [mid], why)
+        return Selection(best, image, "image", mid.link, [mid], why)
     if volume:
         raise DicomError(source, f"the largest series has {best.slices} slice(s), fewer than min_volume_slices="
                                  f"{cfg.min_volume_slices}, and the model has no image modality")
@@ -316,20 +431,36 @@ def infer_many(predictor, items: Sequence[tuple[Study, Selection]], cfg: ReportC
     return res
 
 
-def write_sr(study: Study, selection: Selection, finding: Finding, algorithm, cfg: ReportConfig, predecessor=None):
+def write_sr(study: Study, selection: Selection, finding: Finding, algorithm, cfg: ReportConfig, predecessor=None,
+             fallbacks: list[dict] | None = None):
     """The Comprehensive SR of ``finding`` in ``study``'s own study (see :mod:`medmm.export.dicom_sr`).
 
-    ``predecessor``: the SR this one amends (a dataset); it must belong to ``study``.
+    ``predecessor``: the SR this one amends (a dataset); it must belong to ``study``. ``fallbacks`` receives one
+    record per source attribute left out of the SR because its value is invalid (keywords, never values).
     """
     from .dicom_sr import build_report_sr
 
-    if predecessor is not None and str(predecessor.StudyInstanceUID) != study.uid:
-        raise DicomError(f"study {study.uid}", f"the SR to amend ({predecessor.SOPInstanceUID}) is in another study")
-    referenced = [study.header(i.sop_instance_uid) for i in selection.instances]
-    evidence = [h for h in study.headers if str(h.get("Modality", "")) not in NON_IMAGE_MODALITIES] or study.headers
-    return build_report_sr(evidence, referenced, finding.text, cfg.question, algorithm, cfg.sr_series_number,
-                           cfg.sr_series_description, cfg.institution_name,
-                           predecessors=[predecessor] if predecessor is not None else ())
+    with quiet_pydicom():
+        if predecessor is not None and str(predecessor.get("StudyInstanceUID", "")) != study.uid:
+            raise DicomError(f"study {study.uid}", "the SR to amend is in another study")
+        referenced = [study.header(i.sop_instance_uid) for i in selection.instances]
+        evidence = ([h for h in study.headers if str(h.get("Modality", "")) not in NON_IMAGE_MODALITIES]
+                    or study.headers)
+        return build_report_sr(evidence, referenced, finding.text, cfg.question, algorithm, cfg.sr_series_number,
+                               cfg.sr_series_description, cfg.institution_name,
+                               predecessors=[predecessor] if predecessor is not None else (), fallbacks=fallbacks)
+
+
+def check_budget(study: Study, selection: Selection, max_decoded_bytes: int) -> int:
+    """The pixels the model will decode for ``selection`` (float32 bytes, from the headers); DicomError when that
+    is over ``max_decoded_bytes``. Checked before inference: a study over its budget never reaches the model."""
+    files = selection.series.instances if selection.value == selection.series.folder else selection.instances
+    need = sum(i.pixel_bytes for i in files)
+    if need > max_decoded_bytes:
+        raise DicomError(f"study {study.uid}", f"the series to read needs {need / MiB:.0f} MiB of decoded pixels "
+                                               f"(float32), over the {max_decoded_bytes / MiB:.0f} MiB pixel budget "
+                                               "(max_decoded_mib)")
+    return need
 
 
 # ---------------------------------------------------------------------------------------------- the chain
@@ -348,6 +479,7 @@ class ReportPipeline:
         from ..inference.predictor import Predictor
         from .dicom_sr import algorithm_info
 
+        redact_pydicom_values()  # a server: pydicom's log and warnings never carry a header value
         self.config = config or ReportConfig()
         self.predictor = predictor or Predictor(checkpoint, device=device)
         self.algorithm = algorithm_info(checkpoint, self._parameters(self.config))
@@ -369,27 +501,27 @@ class ReportPipeline:
     @staticmethod
     def _read_predecessor(predecessor):
         if isinstance(predecessor, (str, Path)):
-            import pydicom
-
             try:
-                return pydicom.dcmread(predecessor, stop_before_pixels=True)
-            except Exception as e:  # pydicom raises many types on broken files
-                raise DicomError(predecessor, f"the SR to amend is not readable ({type(e).__name__}: {e})") from e
+                return open_dataset(predecessor, stop_before_pixels=True)
+            except DicomError as e:
+                raise DicomError(predecessor, f"the SR to amend is not readable ({e.reason})") from None
         return predecessor
 
     def _prepare(self, source, work_dir, cfg: ReportConfig) -> tuple[Study, Selection, list[dict]]:
-        """load_study -> select_series, with their audit entries."""
+        """load_study -> select_series -> the pixel budget of what the model will read, with their audit entries."""
         steps = []
         t = time.perf_counter()
-        study = load_study(source, work_dir)
+        budget = cfg.max_decoded_mib * MiB
+        study = load_study(source, work_dir, budget)
         steps.append({"op": "load_study", "study_instance_uid": study.uid, "series": len(study.series),
                       "instances": len(study.headers), "rejected_files": len(study.rejected),
                       "s": round(time.perf_counter() - t, 4)})
         t = time.perf_counter()
         sel = select_series(study, self.predictor.model.config, cfg)
+        need = check_budget(study, sel, budget)
         steps.append({"op": "select_series", "series_instance_uid": sel.series.uid, "modality": sel.modality,
                       "loader": sel.loader, "instances": len(sel.instances), "reason": sel.reason,
-                      "s": round(time.perf_counter() - t, 4)})
+                      "decoded_mib": round(need / MiB, 1), "s": round(time.perf_counter() - t, 4)})
         return study, sel, steps
 
     @staticmethod
@@ -404,11 +536,15 @@ class ReportPipeline:
                 algorithm, predecessor) -> StudyReport:
         """write_sr, and the study's audit record."""
         t = time.perf_counter()
-        sr = write_sr(study, sel, finding, algorithm, cfg, predecessor)
+        fallbacks: list[dict] = []
+        sr = write_sr(study, sel, finding, algorithm, cfg, predecessor, fallbacks)
         steps.append({"op": "write_sr", "sop_instance_uid": str(sr.SOPInstanceUID),
-                      "series_instance_uid": str(sr.SeriesInstanceUID), "s": round(time.perf_counter() - t, 4)})
+                      "series_instance_uid": str(sr.SeriesInstanceUID),
+                      "fallbacks": [f["attribute"] for f in fallbacks],  # left out of the SR: keywords only
+                      "s": round(time.perf_counter() - t, 4)})
+        pre_uid = HeaderReader(predecessor, "predecessor").uid("SOPInstanceUID") if predecessor is not None else None
         record = {"study_instance_uid": study.uid, "sr_sop_instance_uid": str(sr.SOPInstanceUID),
-                  "predecessor_sr": str(predecessor.SOPInstanceUID) if predecessor is not None else None,
+                  "predecessor_sr": pre_uid,
                   "algorithm": {"name": algorithm.name, "version": algorithm.version, "uid": algorithm.uid},
                   "decoding": dataclasses.asdict(cfg.decoding), "steps": steps,
                   "seconds": round(sum(s["s"] for s in steps), 4)}
@@ -429,7 +565,8 @@ class ReportPipeline:
                 work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="medmm-study-"))
             study, sel, steps = self._prepare(source, work_dir, cfg)
             t = time.perf_counter()
-            finding = infer(self.predictor, study, sel, cfg)
+            with pixel_budget(cfg.max_decoded_mib * MiB):  # what decodes is held to what the headers promised
+                finding = infer(self.predictor, study, sel, cfg)
             steps.append(self._infer_step(finding, time.perf_counter() - t, 1))
             return self._finish(study, sel, finding, steps, cfg, algorithm, predecessor)
 
@@ -467,7 +604,8 @@ class ReportPipeline:
                     results[i] = e
             if ready:
                 t = time.perf_counter()
-                findings = infer_many(self.predictor, [(study, sel) for _, study, sel, _, _ in ready], cfg)
+                with pixel_budget(cfg.max_decoded_mib * MiB * len(ready)):  # each study was checked on its own
+                    findings = infer_many(self.predictor, [(study, sel) for _, study, sel, _, _ in ready], cfg)
                 dt = time.perf_counter() - t
                 for (i, study, sel, steps, pre), finding in zip(ready, findings):
                     if isinstance(finding, Exception):

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from ..config import DecodingConfig, InferConfig, load_config
 from ..errors import ConfigError, InvalidInputError
+from ..io.files import not_regular_reason
 from .predictor import closed_set_check
 from .strategies import add_decoding_flags, apply_decoding_flags
 
@@ -46,8 +48,9 @@ def detect_modality(value: str, available: list[str]) -> str:
     elif p.is_file() and is_dicom_file(p):
         frames = read_dicom(p, stop_before_pixels=True).meta["frames"]
         want = "volume" if frames > 1 and ("volume" in available and "image" not in available) else "image"
-    elif p.exists():
-        raise InvalidInputError(p, "cannot tell which modality this file is; use --image/--volume/--fasta")
+    elif os.path.lexists(p):  # a FIFO, device, socket, dangling link or link loop is refused, never opened
+        raise InvalidInputError(p, not_regular_reason(p) or "cannot tell which modality this file is; use "
+                                                            "--image/--volume/--fasta")
     else:
         want = "mol"
     if want not in available:

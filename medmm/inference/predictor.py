@@ -11,7 +11,10 @@ engine that ran it, timings and token counts, or the typed error of a failed req
 
 from __future__ import annotations
 
+import copy
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -78,28 +81,53 @@ class Predictor:
             raise InvalidInputError(str(request.get("id", "<request>")), "a request needs 'question' or 'conversations'")
         return {"id": request.get("id"), "modalities": request.get("modalities") or {}, "conversations": conv}
 
-    def _aux_model(self, path: str, match_vocab: bool = False, quantize: str = "none"):
-        """A draft/amateur LM from a local folder (cached per path); ``match_vocab`` pads its vocabulary to the
-        target's (HF's assistant path compares the two; the added rows are modality placeholders, never accepted);
-        ``quantize="int8"`` gives a draft dynamic int8 linear layers (:func:`~.decoding.quantize_draft`)."""
-        from transformers import AutoModelForCausalLM
+    def load_helpers(self, helpers: Mapping[str, str | Path]) -> None:
+        """Make helper models (draft, amateur) available by NAME: ``{name: local folder}``, each loaded now, once.
 
+        A server (the HTTP API's ``--helper-model NAME=PATH`` allow-list) lets requests name only these; a
+        strategy's ``draft``/``amateur`` setting equal to a name then takes that model, and nothing is loaded later.
+
+        Raises:
+            ConfigError: a folder does not exist, or a name is given another folder than before.
+        """
+        names = self.__dict__.setdefault("_helper_names", {})
+        for name, path in helpers.items():
+            real = os.path.realpath(path)
+            if names.get(name, real) != real:
+                raise ConfigError(f"helper model '{name}' already names another folder")
+            if not Path(real).is_dir():
+                raise ConfigError(f"helper model '{name}': {path} is not a folder")
+            names[name] = real
+            self._aux_model(name)
+
+    def _aux_model(self, path: str, match_vocab: bool = False, quantize: str = "none"):
+        """A draft/amateur LM from a local folder, or by a name :meth:`load_helpers` gave it. Loaded from disk once
+        per real path (spellings of one folder, symlinks included, share it) and cached; ``match_vocab`` pads its
+        vocabulary to the target's (HF's assistant path compares the two; the added rows are modality placeholders,
+        never accepted); ``quantize="int8"`` gives a draft dynamic int8 linear layers (:func:`~.decoding.quantize_draft`).
+        Both are made in memory from the loaded model."""
         cache = self.__dict__.setdefault("_aux", {})
-        key = (path, match_vocab, quantize)
+        real = self.__dict__.get("_helper_names", {}).get(path) or os.path.realpath(path)
+        key = (real, match_vocab, quantize)
         if key in cache:
             return cache[key]
         if quantize == "int8":  # an int8 copy of the float model (which stays cached for HF's assistant path)
             from .decoding import quantize_draft
 
-            cache[key] = quantize_draft(self._aux_model(path, match_vocab))
-        else:
-            if not Path(path).is_dir():
-                raise ConfigError(f"{path}: the helper model folder does not exist")
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=self.model.llm.dtype).to(self.device).eval()
+            cache[key] = quantize_draft(self._aux_model(real, match_vocab))
+        elif match_vocab:
+            m = self._aux_model(real)
             n = self.model.llm.get_input_embeddings().weight.shape[0]
-            if match_vocab and m.get_input_embeddings().weight.shape[0] < n:
+            if m.get_input_embeddings().weight.shape[0] < n:
+                m = copy.deepcopy(m)
                 m.resize_token_embeddings(n, mean_resizing=False)
             cache[key] = m
+        else:
+            from transformers import AutoModelForCausalLM
+
+            if not Path(real).is_dir():
+                raise ConfigError(f"{path}: the helper model folder does not exist")
+            cache[key] = AutoModelForCausalLM.from_pretrained(real, dtype=self.model.llm.dtype).to(self.device).eval()
         return cache[key]
 
     def aux_models(self, strategy: Strategy, params: dict, for_hf: bool = False) -> dict:

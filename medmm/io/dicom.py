@@ -18,15 +18,25 @@
   affine, spacing taken from the positions, uneven spacing, gaps and gantry tilt reported.
 
 Metadata never includes patient identifiers: only geometry, modality and UIDs needed downstream, and
-fallback records never quote the invalid value (it could be an identifier).
+fallback records never quote the invalid value (it could be an identifier). Neither do errors: pydicom's
+messages are passed on with quoted values removed, and its value warnings are silenced (:func:`quiet_pydicom`;
+servers also call :func:`redact_pydicom_values`). :func:`valid_copy` copies a value into a new object (an SR) only
+when it is valid for its VR.
+
+Memory: pixels are counted as the float32 array read_dicom returns. One file may ask for at most
+:data:`MAX_DECODED_BYTES`; inside :func:`pixel_budget` (servers: one per request) every decode is charged to the
+budget before it happens; a Deflated file is inflated in bounded steps before pydicom reads it
+(:func:`open_dataset`). All of it is decided from the header, before any decoding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +71,16 @@ HEADER_ATTRIBUTES: dict[str, str] = {
     "TriggerTime": "DS", "DiffusionBValue": "FD",
 }
 
+FLOAT_BYTES = 4
+"""Bytes per sample of what read_dicom returns (float32): the measure of every pixel cap and budget."""
 MAX_DECODED_BYTES = 4 * 2**30
-"""Largest decoded pixel array (bytes) read_dicom accepts; a header asking for more is an absurd size."""
+"""Largest pixel array read_dicom returns, in bytes after conversion to float32 (a header asking for more is an
+absurd size). Servers set a tighter budget per request with :func:`pixel_budget`."""
+MAX_INFLATED_BYTES = 2**30
+"""Largest dataset a Deflated Explicit VR Little Endian file may inflate to (pydicom inflates it whole, in memory,
+as it reads the header); checked in bounded steps before pydicom reads the file."""
+INFLATE_SLACK_BYTES = 64 * 2**20
+"""How far a deflated dataset may inflate past the pixel data its header declares (the other elements)."""
 MAX_COORDINATE_MM = 1e6
 """Positions, spacings and thicknesses beyond this (in mm) are absurd and treated as invalid."""
 POSITION_TOLERANCE_MM = 1e-3
@@ -80,6 +98,7 @@ MAX_GAP_POSITIONS = 1000
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _INT = re.compile(r"^[+-]?[0-9]+$")
+_CS = re.compile(r"^[A-Z0-9 _]{1,16}$")
 _DEC = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 _STRUCTURAL_DICOMDIR = "1.2.840.10008.1.3.10"
 
@@ -91,26 +110,82 @@ class _Invalid(Exception):
     """A value that cannot be used; the message says why without quoting the value."""
 
 
+class _Quiet:
+    """Process-wide state of :func:`quiet_pydicom`: the first thread in switches pydicom's validation off, the
+    last one out restores it (a server reads in several threads at once; one leaving must not switch the
+    warnings back on under another)."""
+
+    lock = threading.Lock()
+    depth = 0
+    saved: tuple | None = None
+
+
 @contextlib.contextmanager
 def quiet_pydicom():
     """Read and write without pydicom's value validation: its warnings quote the value, which may identify a
     patient, and medmm validates every value it uses itself (HeaderReader). pydicom's own log is quiet inside
-    too (decoder failures become DicomError). Changes process-wide settings for its duration: not thread-safe."""
+    too (decoder failures become DicomError). Changes process-wide settings while any thread is inside (nested
+    and concurrent use is counted: the settings come back when the last one leaves)."""
     from pydicom import config
 
-    settings = config.settings
-    old = settings.reading_validation_mode, settings.writing_validation_mode
-    pydicom_log = logging.getLogger("pydicom")
-    old_level = pydicom_log.level
-    settings.reading_validation_mode = settings.writing_validation_mode = config.IGNORE
-    pydicom_log.setLevel(logging.CRITICAL)  # decoder failures are logged with tracebacks; medmm raises DicomError
-    try:
-        with warnings.catch_warnings():
+    with _Quiet.lock:
+        if _Quiet.depth == 0:
+            settings, pydicom_log = config.settings, logging.getLogger("pydicom")
+            caught = warnings.catch_warnings()
+            caught.__enter__()
             warnings.simplefilter("ignore", UserWarning)
-            yield
+            _Quiet.saved = (settings.reading_validation_mode, settings.writing_validation_mode, pydicom_log.level,
+                            caught)
+            settings.reading_validation_mode = settings.writing_validation_mode = config.IGNORE
+            pydicom_log.setLevel(logging.CRITICAL)  # decoder failures are logged with tracebacks; medmm raises
+        _Quiet.depth += 1
+    try:
+        yield
     finally:
-        settings.reading_validation_mode, settings.writing_validation_mode = old
-        pydicom_log.setLevel(old_level)
+        with _Quiet.lock:
+            _Quiet.depth -= 1
+            if _Quiet.depth == 0:
+                reading, writing, level, caught = _Quiet.saved
+                config.settings.reading_validation_mode, config.settings.writing_validation_mode = reading, writing
+                logging.getLogger("pydicom").setLevel(level)
+                caught.__exit__(None, None, None)
+                _Quiet.saved = None
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _redact(text: str) -> str:
+    """``text`` with every quoted part replaced: pydicom quotes the offending value in its messages."""
+    return _QUOTED.sub("'<value>'", text)
+
+
+class _RedactValues(logging.Filter):
+    """Rewrites pydicom's log records without the values they quote (``Invalid value for VR DA: '...'``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            record.msg, record.args = _redact(record.getMessage()), ()
+        except Exception:  # a record that cannot be formatted is dropped rather than logged raw
+            return False
+        return True
+
+
+def redact_pydicom_values() -> None:
+    """For servers: pydicom's log records and its value warnings never carry a header value, even outside
+    :func:`quiet_pydicom` (a value read late, a library that writes DICOM). Installs a filter on the ``pydicom``
+    logger that replaces quoted values, and ignores pydicom's "Invalid value" warnings; idempotent."""
+    pydicom_log = logging.getLogger("pydicom")
+    if not any(isinstance(f, _RedactValues) for f in pydicom_log.filters):
+        pydicom_log.addFilter(_RedactValues())
+        for pattern in (r"(?s).*Invalid value", r"(?s).*value length .* exceeds", r"(?s).*Unable to convert",
+                        r"(?s).*not a valid"):
+            warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
+def _why(e: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of an exception from pydicom or numpy for an error message, quoted values removed."""
+    return f"{type(e).__name__}: {_redact(str(e))[:limit]}"
 
 
 def _as_list(value) -> list:
@@ -333,6 +408,18 @@ class HeaderReader:
         out = self._read(keyword, default, False, False, 1, parse, None)
         return default if out is _Sentinel else out[0]
 
+    def code(self, keyword: str, default: str = "") -> str:
+        """One code string (CS): at most 16 upper-case letters, digits, spaces or underscores."""
+
+        def parse(v):
+            s = str(v).strip()
+            if not _CS.match(s):
+                raise _Invalid("is not a valid code string")
+            return s
+
+        out = self._read(keyword, default, False, False, 1, parse, None)
+        return default if out is _Sentinel else out[0]
+
     def text(self, keyword: str, default: str = "", *, max_len: int = 1024) -> str:
         """Text of a string attribute; several values are joined with a backslash."""
 
@@ -375,6 +462,87 @@ def _set(ds, keyword: str, value) -> None:
     ds[tag] = DataElement(tag, dictionary_VR(tag), value)
 
 
+# ----------------------------------------------------------------------------- the decoded-pixel budget
+
+
+class PixelBudget:
+    """Bytes of float32 pixels one request may still decode (see :func:`pixel_budget`)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.used = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.max_bytes - self.used
+
+
+_BUDGET: contextvars.ContextVar[PixelBudget | None] = contextvars.ContextVar("medmm_pixel_budget", default=None)
+
+
+@contextlib.contextmanager
+def pixel_budget(max_bytes: int):
+    """A budget of decoded pixels for the block (this thread or task only; an inner one replaces an outer one).
+
+    Every :func:`read_dicom` inside charges what it will return (float32 bytes, computed from the header) before
+    it decodes, and raises DicomError instead when that is more than what is left; :func:`open_dataset` inflates
+    a deflated dataset only up to what is left. Servers wrap each request in one, so that one upload cannot
+    claim more memory than that however its pixels are compressed. Yields the :class:`PixelBudget`.
+    """
+    budget = PixelBudget(max_bytes)
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def _charge(source: str, decoded: int, what: str) -> None:
+    """Check ``decoded`` float32 bytes of one file against the per-file cap and the budget in force, and charge it."""
+    if decoded > MAX_DECODED_BYTES:
+        raise DicomError(source, f"the header asks for {decoded / 2**30:.1f} GiB of pixels as float32 ({what})")
+    budget = _BUDGET.get()
+    if budget is not None:
+        if decoded > budget.remaining:
+            raise DicomError(source, f"the pixels need {_mib(decoded)} decoded as float32 ({what}), more than the "
+                                     f"{_mib(budget.remaining)} left of the {_mib(budget.max_bytes)} pixel budget")
+        budget.used += decoded
+
+
+def decoded_size(ds, source: str | Path) -> int:
+    """Bytes of the float32 array :func:`read_dicom` would return for ``ds``, from its header alone (no decoding;
+    native pixel data may stay deferred on disk). The frame count is the one read_dicom would use: NumberOfFrames,
+    or when it is invalid the frames the pixel data holds. Raises DicomError for a pixel module read_dicom
+    would refuse (Rows, Columns, SamplesPerPixel, BitsAllocated missing or invalid), and 0 without pixel data."""
+    reader = HeaderReader(ds, source)
+    if not has_pixels(ds):
+        return 0
+    rows = reader.integer("Rows", required=True, lo=1, hi=65535)
+    cols = reader.integer("Columns", required=True, lo=1, hi=65535)
+    spp = reader.integer("SamplesPerPixel", required=True, choices=(1, 3, 4))
+    bits = reader.integer("BitsAllocated", required=True, choices=(1, 8, 16, 32, 64))
+    frames = reader.integer("NumberOfFrames", 1, lo=1, hi=2**31 - 1) or 1
+    if any(f["attribute"] == "NumberOfFrames" for f in reader.fallbacks):  # invalid: what the data holds
+        keyword = next(k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds)
+        with quiet_pydicom():
+            raw = ds.get_item(keyword)  # a deferred value stays on disk: only its length is needed
+            length = getattr(raw, "length", None)
+            undefined = length == 0xFFFFFFFF if length is not None else bool(getattr(raw, "is_undefined_length",
+                                                                                     False))
+            if undefined:
+                frames = _encapsulated_frames(ds[keyword].value) or 0
+            else:
+                length = length if length is not None else len(ds[keyword].value or b"")
+                frames = length // max(1, (rows * cols * spp * bits + 7) // 8)
+        if not frames:
+            raise DicomError(source, "NumberOfFrames is invalid and the pixel data holds no whole frame")
+    return rows * cols * spp * frames * FLOAT_BYTES
+
+
 # ----------------------------------------------------------------------------- one file
 
 
@@ -390,8 +558,16 @@ class DicomImage:
         return self.pixels.ndim == 4
 
 
-def open_dataset(path: str | Path, stop_before_pixels: bool = False, defer_size: int | str | None = None):
+def open_dataset(path: str | Path, stop_before_pixels: bool = False, defer_size: int | str | None = None,
+                 max_decoded_bytes: int | None = None):
     """pydicom Dataset of one file, or DicomError naming it.
+
+    A Deflated Explicit VR Little Endian file is checked before pydicom reads it (pydicom inflates the whole
+    dataset in memory as it reads even the header, so a few hundred KB could otherwise claim GBs): refused when
+    its header declares more pixels (float32 bytes) than ``max_decoded_bytes`` (default
+    :data:`MAX_DECODED_BYTES`), or when it inflates past that or :data:`MAX_INFLATED_BYTES`, whichever is
+    less (inflated in bounded steps, output discarded). A :func:`pixel_budget` in force lowers both limits to
+    what is left of it.
 
     Fallback: a file without the ``DICM`` preamble (an old ACR-NEMA-style dataset) is read with ``force``
     and kept only when it holds DICOM attributes (a SOP class, or pixel data with a size); anything else is
@@ -401,7 +577,13 @@ def open_dataset(path: str | Path, stop_before_pixels: bool = False, defer_size:
     from pydicom.errors import InvalidDicomError
 
     path = Path(path)
+    inflated, pixels = MAX_INFLATED_BYTES, MAX_DECODED_BYTES
+    budget = _BUDGET.get()
+    for cap in (max_decoded_bytes, budget.remaining if budget is not None else None):
+        if cap is not None:
+            inflated, pixels = min(inflated, int(cap)), min(pixels, int(cap))
     with quiet_pydicom():
+        _check_inflation(path, inflated, pixels)
         try:
             return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
         except FileNotFoundError as e:
@@ -409,17 +591,82 @@ def open_dataset(path: str | Path, stop_before_pixels: bool = False, defer_size:
         except IsADirectoryError as e:
             raise DicomError(path, "is a folder, not a file") from e
         except InvalidDicomError as e:
-            msg = str(e).split("\n")[0][:120]
+            msg = _redact(str(e).split("\n")[0])[:120]
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size, force=True)
                 ok = "SOPClassUID" in ds or ("PixelData" in ds and "Rows" in ds and "Columns" in ds)
             except Exception:
                 ok = False
             if not ok:
-                raise DicomError(path, f"not a DICOM file ({msg})") from e
+                raise DicomError(path, f"not a DICOM file ({msg})") from None
             return ds
         except Exception as e:  # pydicom raises many types on truncated/corrupt headers
-            raise DicomError(path, f"unreadable DICOM header ({type(e).__name__}: {str(e)[:200]})") from e
+            raise DicomError(path, f"unreadable DICOM header ({_why(e)})") from None  # the cause may quote values
+
+
+def _check_inflation(path: Path, limit: int, pixel_limit: int) -> None:
+    """DicomError when ``path`` is a deflated dataset whose header declares more than ``pixel_limit`` bytes of
+    pixels as float32 (seen in its first inflated MiB), or that inflates past ``limit`` bytes (inflated in steps
+    of 1 MiB, keeping nothing, so the check needs no memory). Any other file passes untouched."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return  # dcmread says what is wrong with the path
+    with f:
+        try:
+            read_preamble(f, True)  # without a DICM preamble: rewinds, and the meta group may still follow
+            ts = _read_file_meta_info(f).get("TransferSyntaxUID")
+        except Exception:
+            return  # no readable meta group: not deflated as far as pydicom is concerned
+        if ts is None or str(ts) != DeflatedExplicitVRLittleEndian:
+            return
+        inflate, total, first = zlib.decompressobj(-zlib.MAX_WBITS), 0, True
+        while not inflate.eof:
+            data = inflate.unconsumed_tail or f.read(1 << 20)
+            if not data:
+                break
+            try:
+                out = inflate.decompress(data, 1 << 20)
+            except zlib.error:
+                return  # corrupt stream: pydicom's own read fails on it
+            total += len(out)
+            if first and out:
+                first = False
+                declared, stored = _declared_pixel_bytes(out)
+                if declared > pixel_limit:
+                    raise DicomError(path, f"the deflated dataset declares {_mib(declared)} of pixels as float32: "
+                                           f"over the {_mib(pixel_limit)} pixel budget")
+                if stored:  # the rest is its pixel data: a dataset inflating far past that lies about its size
+                    limit = min(limit, stored + INFLATE_SLACK_BYTES)
+            if total > limit:
+                raise DicomError(path, f"the deflated dataset inflates to more than {_mib(limit)}: over the pixel "
+                                       "budget or far more than its header declares")
+
+
+def _declared_pixel_bytes(head: bytes) -> tuple[int, int]:
+    """``(float32 bytes, stored bytes)`` of the pixels the start of an inflated Explicit VR Little Endian dataset
+    declares (group 0028); 0 for what it cannot tell (the pixel module lies further on, or is incomplete)."""
+    import io
+
+    from pydicom.filereader import read_dataset
+
+    try:
+        ds = read_dataset(io.BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag > 0x0028FFFF)
+        reader = HeaderReader(ds, "deflated header")
+        dims = [reader.integer(k, None, lo=1, hi=65535) for k in ("Rows", "Columns", "SamplesPerPixel")]
+        frames = reader.integer("NumberOfFrames", 1, lo=1, hi=2**31 - 1) or 1
+        bits = reader.integer("BitsAllocated", None, choices=(1, 8, 16, 32, 64))
+    except Exception:  # noqa: BLE001  (the header ends inside an element: the full check decides)
+        return 0, 0
+    if None in dims:
+        return 0, 0
+    samples = dims[0] * dims[1] * dims[2] * frames
+    return samples * FLOAT_BYTES, (samples * bits + 7) // 8 if bits else 0
 
 
 def read_header(path: str | Path, defer_size: int | str | None = 1024):
@@ -465,6 +712,101 @@ def drop_unreadable(ds, source: str | Path = "") -> list[str]:
     if dropped:
         log.debug("%s: dropped undecodable elements %s", source, dropped)
     return dropped
+
+
+ENUMERATED_VALUES: dict[str, tuple[str, ...]] = {"PatientSex": ("M", "F", "O")}
+"""Attributes whose values come from a closed list; anything else is invalid (:func:`valid_copy`)."""
+_AGE = re.compile(r"^[0-9]{3}[DWMY]$")
+_NUMERIC_VRS = {"SS", "US", "SL", "UL", "SV", "UV", "FL", "FD", "AT"}  # decoded from their length: always valid
+_BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+
+
+def _value_problem(keyword: str, vr: str, value) -> str | None:
+    """Why a decoded element value is not valid for its VR (without quoting it), or None. Empty is valid."""
+    from pydicom import config
+    from pydicom.valuerep import DT, TM, validate_value
+
+    if vr in _NUMERIC_VRS or vr in _BINARY_VRS or value is None or value == "":
+        return None
+    values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    for v in values:
+        if isinstance(v, (bytes, bytearray)):
+            return "holds undecoded bytes"
+        s = str(v)
+        try:
+            validate_value(vr, s, config.RAISE)  # lengths, characters, PN groups and components
+            if vr == "DA" and not _plausible_date(s.strip()):
+                return "is not a calendar date"
+            if vr == "TM":
+                TM(s.strip())
+            elif vr == "DT":
+                DT(s.strip())
+            elif vr == "PN" and any(len(g.split("^")) > 5 for g in s.split("=")):
+                return "has more than five name components"
+            elif vr == "AS" and not _AGE.match(s.strip()):
+                return "is not an age (nnnD/W/M/Y)"
+            elif vr == "DS" and not math.isfinite(float(s)):
+                return "is not a finite number"
+            elif vr == "IS":
+                int(s)
+        except Exception:  # noqa: BLE001  (pydicom's message quotes the value: only the VR is reported)
+            return f"is not a valid {vr} value"
+    allowed = ENUMERATED_VALUES.get(keyword)
+    if allowed is not None and any(str(v).strip() not in allowed for v in values):
+        return f"is not one of {list(allowed)}"
+    return None
+
+
+def valid_copy(ds, keyword: str, fallbacks: list[dict] | None = None, prefix: str = ""):
+    """A deep copy of the element ``keyword`` of ``ds`` when its value is valid for its VR, else None (also when
+    absent). Sequences are copied with their invalid elements left out. What is left out is recorded in
+    ``fallbacks`` as ``{"attribute", "problem", "fallback": None}``, naming the keyword and never the value.
+    For writers that copy header values into a new object (the SR's patient and study modules). Never raises
+    and never warns."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    with quiet_pydicom():
+        return _valid_copy(ds, tag, keyword, fallbacks if fallbacks is not None else [], prefix)
+
+
+def _valid_copy(ds, tag, name: str, fallbacks: list[dict], prefix: str):
+    import copy
+
+    from pydicom.datadict import keyword_for_tag
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    def bad(problem):
+        rec = {"attribute": prefix + name, "problem": problem, "fallback": None}
+        if rec not in fallbacks:
+            fallbacks.append(rec)
+
+    try:
+        elem = ds[tag]
+        vr, value = elem.VR, elem.value
+    except Exception as e:  # noqa: BLE001  (a value pydicom cannot decode)
+        bad(f"cannot be decoded ({type(e).__name__})")
+        return None
+    if vr == "SQ":
+        items = []
+        for k, item in enumerate(value or []):
+            clean = Dataset()
+            for sub in list(item.keys()):
+                kw = keyword_for_tag(sub) or str(sub)
+                e = _valid_copy(item, sub, kw, fallbacks, f"{prefix}{name}[{k}].")
+                if e is not None:
+                    clean[sub] = e
+            items.append(clean)
+        return DataElement(tag, "SQ", Sequence(items))
+    problem = _value_problem(name, vr, value)
+    if problem is not None:
+        bad(problem)
+        return None
+    return copy.deepcopy(elem)
 
 
 def _plausible_date(s: str) -> bool:
@@ -637,7 +979,8 @@ def _pixel_module(ds, reader: HeaderReader, meta: dict) -> None:
     """Check the attributes the decoder needs and normalise them in ``ds`` so pydicom decodes them.
 
     Raises DicomError for missing or invalid Rows, Columns, SamplesPerPixel, BitsAllocated,
-    PixelRepresentation and for a decoded size over :data:`MAX_DECODED_BYTES`. Fallbacks (recorded):
+    PixelRepresentation and for a decoded size (float32) over :data:`MAX_DECODED_BYTES` or over what is left of
+    the :func:`pixel_budget` in force (charged here, before decoding). Fallbacks (recorded):
     BitsStored -> BitsAllocated; HighBit -> BitsStored - 1; NumberOfFrames invalid, or more frames than the
     pixel data holds -> the count the pixel data holds (native: its length over one frame's; encapsulated:
     the basic offset table, else the fragments); no TransferSyntaxUID -> the encoding the dataset was read
@@ -686,10 +1029,9 @@ def _pixel_module(ds, reader: HeaderReader, meta: dict) -> None:
     if reader.present("NumberOfFrames"):
         _set(ds, "NumberOfFrames", declared)
     meta["frames"] = declared
-    decoded = rows * cols * spp * max(bits, 8) // 8 * declared
-    if decoded > MAX_DECODED_BYTES:
-        raise DicomError(reader.source, f"the header asks for {decoded / 2**30:.1f} GiB of pixels "
-                                        f"({declared} frames of {rows}x{cols}x{spp}, {bits} bits)")
+    # what read_dicom returns is float32: that, not the stored bits, is the memory a file claims
+    _charge(reader.source, rows * cols * spp * declared * FLOAT_BYTES,
+            f"{declared} frames of {rows}x{cols}x{spp}, {bits} bits")
 
 
 def _replace_fallback(reader: HeaderReader, attribute: str, value) -> None:
@@ -751,8 +1093,9 @@ def read_dicom(path: str | Path, stop_before_pixels: bool = False, apply_voi: bo
     * no valid TransferSyntaxUID -> the encoding the dataset was read with (native pixel data only);
     * no ``DICM`` preamble -> read anyway when the dataset holds DICOM attributes (:func:`open_dataset`);
     * Rows, Columns, SamplesPerPixel, BitsAllocated, PixelRepresentation missing or invalid, RescaleSlope or
-      RescaleIntercept present but invalid (modality values would be wrong), a decoded size over
-      :data:`MAX_DECODED_BYTES`, or non-finite values after the modality LUT -> DicomError.
+      RescaleIntercept present but invalid (modality values would be wrong), a decoded size (float32) over
+      :data:`MAX_DECODED_BYTES` or over the :func:`pixel_budget` in force, a deflated dataset inflating past
+      its limit (:func:`open_dataset`), or non-finite values after the modality LUT -> DicomError.
 
     "Invalid" covers: cannot be decoded, not a number, empty, several values where one is expected, a
     number under a wrong VR that is not a number, and out of range (e.g. positions beyond
@@ -771,7 +1114,7 @@ def read_dicom(path: str | Path, stop_before_pixels: bool = False, apply_voi: bo
     except MemoryError as e:
         raise DicomError(path, "not enough memory to decode the pixel data") from e
     except Exception as e:  # anything else pydicom or numpy raise on a malformed file is this file's problem
-        raise DicomError(path, f"cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
+        raise DicomError(path, f"cannot be read ({_why(e)})") from None  # the cause may quote a header value
 
 
 def _read_dicom(ds, path: Path, stop_before_pixels: bool, apply_voi: bool) -> DicomImage:
@@ -782,13 +1125,13 @@ def _read_dicom(ds, path: Path, stop_before_pixels: bool, apply_voi: bool) -> Di
     if stop_before_pixels:
         return DicomImage(np.zeros((0,), np.float32), meta)
     if not has_pixels(ds):
-        raise DicomError(path, f"no pixel data (SOP class {meta['sop_class_uid'] or '?'}, modality "
-                               f"{meta['modality'] or '?'})")
+        modality = meta["modality"] if _CS.match(meta["modality"]) else "?"  # a code, never free text from the file
+        raise DicomError(path, f"no pixel data (SOP class {meta['sop_class_uid'] or '?'}, modality {modality})")
     _pixel_module(ds, reader, meta)
     try:
         arr = ds.pixel_array
     except Exception as e:  # decoder errors: truncated frames, missing plugin, bad lengths
-        raise DicomError(path, f"pixel data cannot be decoded ({type(e).__name__}: {str(e)[:200]})") from e
+        raise DicomError(path, f"pixel data cannot be decoded ({_why(e)})") from e
     photometric = meta["photometric"]
     frames = meta["frames"]
     spp = int(ds.SamplesPerPixel)
@@ -824,7 +1167,7 @@ def _read_dicom(ds, path: Path, stop_before_pixels: bool, apply_voi: bool) -> Di
     except DicomError:
         raise
     except Exception as e:
-        raise DicomError(path, f"LUT cannot be applied ({type(e).__name__}: {str(e)[:200]})") from e
+        raise DicomError(path, f"LUT cannot be applied ({_why(e)})") from e
     # Normalise to (frames, H, W[, 3])
     color = arr.ndim == (4 if frames > 1 else 3) and arr.shape[-1] == 3
     if frames == 1:

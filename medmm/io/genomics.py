@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SequenceError
+from ..errors import SequenceError, excerpt
 
 PAD, UNK = 0, 1
 _BASES = "ACGT"
@@ -37,7 +37,7 @@ def clean_sequence(seq: str, source: str = "<sequence>") -> str:
         raise SequenceError(source, "empty sequence")
     bad = sorted(set(s) - set(_BASES) - _IUPAC_AMBIGUOUS)
     if bad:
-        raise SequenceError(source, f"characters that are not nucleotides or IUPAC codes: {''.join(bad[:10])}")
+        raise SequenceError(source, f"characters that are not nucleotides or IUPAC codes: {excerpt(''.join(bad[:10]))}")
     return s
 
 
@@ -77,7 +77,7 @@ def read_fasta(path: str | Path) -> list[tuple[str, str]]:
         with opener(path, "rt") as f:
             records = [(r.id, str(r.seq)) for r in SeqIO.parse(f, "fasta")]
     except (ValueError, UnicodeDecodeError, OSError) as e:
-        raise SequenceError(path, f"not a readable FASTA file ({e})") from e
+        raise SequenceError(path, f"not a readable FASTA file ({excerpt(e, 240)})") from e
     if not records:
         raise SequenceError(path, "no FASTA records")
     return records
@@ -94,7 +94,8 @@ def decode_kmers(text: str, source: str = "<sequence>") -> str:
     k = len(kmers[0])
     for i, (a, b) in enumerate(zip(kmers, kmers[1:]), start=1):
         if len(b) != k or a[1:] != b[:-1]:
-            raise SequenceError(source, f"k-mer {i} ('{b}') does not overlap k-mer {i - 1} ('{a}') by {k - 1} bases")
+            raise SequenceError(source, f"k-mer {i} ('{excerpt(b, 32)}') does not overlap k-mer {i - 1} "
+                                        f"('{excerpt(a, 32)}') by {k - 1} bases")
     return kmers[0] + "".join(m[-1] for m in kmers[1:])
 
 
@@ -205,7 +206,7 @@ def read_vcf(path: str | Path, region: str | None = None, errors: list | None = 
                 vf = pysam.VariantFile(str(path))
             except (ValueError, OSError) as e:
                 detail = "; ".join(cap.new_lines()) or str(e)
-                raise SequenceError(path, f"cannot read the VCF/BCF header: {detail}") from e
+                raise SequenceError(path, f"cannot read the VCF/BCF header: {excerpt(detail, 240)}") from e
             it = vf.fetch(region=region) if region else iter(vf)
         header_warnings = cap.new_lines()  # noqa: F841 - header sanity warnings (e.g. wrong Type) are not errors
         n = 0
@@ -221,7 +222,7 @@ def read_vcf(path: str | Path, region: str | None = None, errors: list | None = 
             n += 1
             src = f"{path}: record {n}"
             if bad is not None:
-                err = SequenceError(src, f"malformed VCF record: {'; '.join(cap.new_lines()) or bad}")
+                err = SequenceError(src, f"malformed VCF record: {excerpt('; '.join(cap.new_lines()) or bad, 240)}")
                 if errors is None:
                     raise err from bad
                 errors.append(err)
@@ -320,7 +321,7 @@ def variant_windows(variants: Iterable[Variant], reference: ReferenceGenome, fla
     out: list[VariantWindow] = []
 
     def fail(v: Variant, msg: str) -> None:
-        err = SequenceError(v.source or v.name, msg)
+        err = SequenceError(v.source or excerpt(v.name, 128), msg)
         if errors is None:
             raise err
         errors.append(err)
@@ -329,23 +330,23 @@ def variant_windows(variants: Iterable[Variant], reference: ReferenceGenome, fla
         contig = reference.resolve(v.chrom)
         if contig is None:
             names = list(reference.contigs)
-            fail(v, f"contig '{v.chrom}' is not in the reference {reference.path.name} (it has {', '.join(names[:5])}"
+            fail(v, f"contig '{excerpt(v.chrom)}' is not in the reference {reference.path.name} (it has {', '.join(names[:5])}"
                     f"{'...' if len(names) > 5 else ''})")
             continue
         start0, ref = v.pos - 1, v.ref.upper()
         if v.pos < 1 or start0 + len(ref) > reference.contigs[contig]:
-            fail(v, f"position {v.chrom}:{v.pos} is outside {contig} (length {reference.contigs[contig]})")
+            fail(v, f"position {excerpt(v.chrom)}:{v.pos} is outside {contig} (length {reference.contigs[contig]})")
             continue
         actual = reference.fetch(contig, start0, start0 + len(ref))
         if any(a != r and r != "N" for a, r in zip(actual, ref)):
-            fail(v, f"REF mismatch at {v.chrom}:{v.pos}: the VCF says '{v.ref}', the reference {reference.path.name} "
-                    f"has '{actual}' (wrong genome build or contig naming?)")
+            fail(v, f"REF mismatch at {excerpt(v.chrom)}:{v.pos}: the VCF says '{excerpt(v.ref)}', the reference "
+                    f"{reference.path.name} has '{excerpt(actual)}' (wrong genome build or contig naming?)")
             continue
         left = reference.fetch(contig, start0 - flank, start0)
         right = reference.fetch(contig, start0 + len(ref), start0 + len(ref) + flank)
         for alt in v.alts:
             if _SYMBOLIC.search(alt):
-                fail(v, f"symbolic ALT '{alt}' at {v.chrom}:{v.pos} cannot be applied to the sequence; skipped")
+                fail(v, f"symbolic ALT '{excerpt(alt)}' at {excerpt(v.chrom)}:{v.pos} cannot be applied to the sequence; skipped")
                 continue
             out.append(VariantWindow(v, alt.upper(), contig, start0 - flank, left + actual + right,
                                      left + alt.upper() + right, flank))

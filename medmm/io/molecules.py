@@ -50,10 +50,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import SmilesError
+from ..errors import SmilesError, excerpt
 
 MAX_HEAVY_ATOMS = 200
 CHARS_PER_ATOM_LIMIT = 20  # a SMILES longer than this many characters per allowed atom is rejected unparsed
+MAX_SMILES_CHARS = 10_000  # a SMILES longer than this is rejected unparsed, whatever the heavy-atom limit
+SOURCE_CHARS = 256  # a longer ``source`` (e.g. one that quotes the input) is cut to an excerpt in errors
+REASON_CHARS = 240  # RDKit's own reasons are cut too: its log lines can quote the input
 ERROR_KINDS = {
     "empty": "empty SMILES",
     "syntax": "SMILES syntax error",
@@ -129,7 +132,14 @@ def captured_rdkit_log():
 
 # ----------------------------------------------------------------------------- parsing and standardising
 def smiles_error(source: str, kind: str, detail: str) -> SmilesError:
-    """A SmilesError whose message starts with the kind's label; ``err.kind`` holds the kind."""
+    """A SmilesError whose message starts with the kind's label; ``err.kind`` holds the kind.
+
+    A ``source`` over :data:`SOURCE_CHARS` is cut to an excerpt: callers that name an inline input by the input
+    itself would otherwise echo all of it (a 1.5 MB SMILES sent to the HTTP API came back whole in the 422).
+    """
+    source = str(source)
+    if len(source) > SOURCE_CHARS:
+        source = excerpt(source, SOURCE_CHARS)
     err = SmilesError(source, f"{ERROR_KINDS[kind]}: {detail}")
     err.kind = kind  # type: ignore[attr-defined]
     return err
@@ -144,11 +154,7 @@ def _parse_reason(lines: list[str]) -> str:
         line = line.split("Parse Error:", 1)[1].strip()
         m = re.match(r"check for mistakes around position (\d+)", line)
         parts.append(f"at position {m.group(1)}" if m else line)
-    return " ".join(parts) or "; ".join(lines) or "unknown reason"
-
-
-def _short(smiles: str, n: int = 80) -> str:
-    return smiles if len(smiles) <= n else smiles[:n] + f"... ({len(smiles)} characters)"
+    return excerpt(" ".join(parts) or "; ".join(lines) or "unknown reason", REASON_CHARS)
 
 
 @functools.lru_cache(maxsize=8)
@@ -180,7 +186,7 @@ def _problem_error(mol, source: str, smiles: str) -> SmilesError | None:
         return None
     p = problems[0]
     kind = "kekulize" if "Kekulize" in p.GetType() else "valence" if "Valence" in p.GetType() else "standardise"
-    detail = f"RDKit: {p.Message()} (SMILES '{_short(smiles)}')"
+    detail = f"RDKit: {excerpt(p.Message(), REASON_CHARS)} (SMILES '{excerpt(smiles)}')"
     if kind == "kekulize":
         atoms = [mol.GetAtomWithIdx(i) for i in p.GetAtomIndices()]
         if any(a.GetSymbol() == "N" and a.GetIsAromatic() and a.GetTotalNumHs() == 0 and a.GetDegree() == 2
@@ -224,6 +230,9 @@ def _parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = Tru
     if not isinstance(smiles, str) or not smiles.strip():
         raise smiles_error(source, "empty", "no SMILES given")
     smiles = smiles.strip()
+    if len(smiles) > MAX_SMILES_CHARS:  # before RDKit reads it: parsing costs grow with the text
+        raise smiles_error(source, "too_large", f"a SMILES of {len(smiles)} characters is over the limit of "
+                           f"{MAX_SMILES_CHARS}")
     if len(smiles) > CHARS_PER_ATOM_LIMIT * opts.max_heavy_atoms:
         raise smiles_error(source, "too_large", f"a SMILES of {len(smiles)} characters is over the limit of "
                            f"{CHARS_PER_ATOM_LIMIT * opts.max_heavy_atoms} for {opts.max_heavy_atoms} heavy atoms")
@@ -231,7 +240,7 @@ def _parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = Tru
         mol = Chem.MolFromSmiles(smiles, sanitize=False)
     if mol is None:
         reason = _parse_reason(log.lines())
-        raise smiles_error(source, "syntax", f"RDKit cannot parse '{_short(smiles)}': {reason}")
+        raise smiles_error(source, "syntax", f"RDKit cannot parse '{excerpt(smiles)}': {reason}")
     with captured_rdkit_log() as log:
         mol.UpdatePropertyCache(strict=False)
         try:
@@ -246,7 +255,8 @@ def _parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = Tru
         err = _problem_error(fresh, source, smiles)
         if err is not None:
             raise err from failed
-        raise smiles_error(source, "standardise", f"RDKit cannot sanitise '{_short(smiles)}': {failed}") from failed
+        raise smiles_error(source, "standardise", f"RDKit cannot sanitise '{excerpt(smiles)}': "
+                           f"{excerpt(failed, REASON_CHARS)}") from failed
     frags = Chem.GetMolFrags(mol, asMols=False, sanitizeFrags=False)
     heavy = ([mol.GetNumHeavyAtoms()] if len(frags) == 1 else  # atomic number > 1, as below
              [sum(mol.GetAtomWithIdx(i).GetAtomicNum() > 1 for i in f) for f in frags])
@@ -256,7 +266,7 @@ def _parse_smiles(smiles: str, source: str = "<smiles>", standardise: bool = Tru
     mol, canonical = _standardise(mol, opts, source, smiles, warnings)
     n = mol.GetNumHeavyAtoms()
     if n == 0:
-        raise smiles_error(source, "no_heavy_atoms", f"nothing but hydrogen left of '{_short(smiles)}'")
+        raise smiles_error(source, "no_heavy_atoms", f"nothing but hydrogen left of '{excerpt(smiles)}'")
     if n > opts.max_heavy_atoms:
         raise smiles_error(source, "too_large", f"{n} heavy atoms is over the limit of {opts.max_heavy_atoms}")
     return mol, canonical
@@ -397,11 +407,11 @@ def _standardise(mol, opts: StandardiseOptions, source: str, smiles: str, warnin
             else:  # read back from its canonical SMILES, which sanitised it: that read's log stands for sanitising
                 log.records.extend(read)
         except Exception as e:  # RDKit raises its own types (e.g. AtomValenceException)
-            reason = "; ".join(dict.fromkeys(log.lines())) or str(e)
+            reason = excerpt("; ".join(dict.fromkeys(log.lines())) or str(e), REASON_CHARS)
             kind = ("valence" if isinstance(e, Chem.AtomValenceException) else
                     "kekulize" if isinstance(e, (Chem.KekulizeException, Chem.AtomKekulizeException)) else
                     "standardise")
-            raise smiles_error(source, kind, f"RDKit cannot standardise '{_short(smiles)}': {reason}") from e
+            raise smiles_error(source, kind, f"RDKit cannot standardise '{excerpt(smiles)}': {reason}") from e
     if warnings is not None:
         warnings.extend(log.lines())
     return mol, canonical

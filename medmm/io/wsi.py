@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlideError
+from .files import check_regular_file
 
 # Suffixes ``prepare wsi`` picks up in a folder (MRXS: the .mrxs file; its data folder sits beside it;
 # DICOM: the .dcm files of each series are grouped into one slide by :func:`group_dicom_slides`).
@@ -644,6 +645,7 @@ def open_slide(path: str | Path, slide_mpp: float | None = None, backend: str = 
         raise SlideError(path, "file not found")
     if path.is_dir():
         raise SlideError(path, "is a folder, not a slide file")
+    check_regular_file(path, SlideError)  # a FIFO or device: the readers below would block on it or misread it
     dicom = is_dicom_file(path)
     if dicom:
         check_dicom_wsi(path)  # a CT, an annotation object or a label image fails here, with its name

@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "the config picks the stage (sft, align, head, ...).")
     ap.add_argument("--config", required=True, help="YAML recipe in configs/")
     ap.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="with --resume: let DeepSpeed unpickle the checkpoint (weights_only=False, can run code); "
+                         "only for a folder you wrote yourself that the weights-only load refuses")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20")
     return ap
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .loop import run_training
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    return run_training(cfg, resume=args.resume)
+    return run_training(cfg, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,46 @@ Layout of ``<output_dir>/checkpoints``::
 A checkpoint is written under ``.tmp/`` by every rank, then renamed into place by rank 0, and only
 then does ``latest`` (written atomically) point at it: a run killed mid-save resumes from the
 previous checkpoint.
+
+``--resume`` reads the checkpoint as tensors and plain data only: DeepSpeed's own checkpoint engine unpickles with
+``weights_only=False`` (a crafted ``.pt`` in the folder would run code), so :func:`load_checkpoint` first scans
+every ``.pt`` of the tag folder for pickled globals outside PyTorch's weights-only set and the few DeepSpeed
+classes its optimizer states hold (:func:`deepspeed_safe_globals`), refusing the folder with a
+:class:`CheckpointError` before anything is unpickled, then lends DeepSpeed an engine whose ``load`` is
+``torch.load(weights_only=True)`` for the duration of the load. ``--trust-checkpoint`` skips both (DeepSpeed's
+own loading: only for a folder you wrote yourself with code that saved other objects).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MedmmError, excerpt
 from ..utils import atomic_write_text
 from .distributed import barrier, is_main
 
 log = logging.getLogger(__name__)
+
+
+TAG = re.compile(r"^step-\d{8,}$")  # the tags :func:`tag_for` writes; ``latest`` naming anything else is refused
+TRUST_HINT = ("resume with --trust-checkpoint only if you wrote this folder yourself and trust every file in it "
+              "(DeepSpeed then unpickles it, which can run code)")
+
+
+class CheckpointError(MedmmError, ValueError):
+    """A checkpoint folder is refused on ``--resume``: a file holds pickled objects that are not tensors or plain
+    data (a pickle that could run code), or is not a torch zip checkpoint. ``path`` names the file."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {reason}; refused before loading it. {TRUST_HINT}")
 
 
 def tag_for(step: int) -> str:
@@ -62,15 +88,109 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
     return root / tag
 
 
-def load_checkpoint(engine, root: str | Path) -> dict | None:
-    """Load the newest complete checkpoint into the engine; returns its client state or None."""
+def load_checkpoint(engine, root: str | Path, trust: bool = False) -> dict | None:
+    """Load the newest complete checkpoint into the engine; returns its client state or None.
+
+    Args:
+        engine: the DeepSpeed engine.
+        root: the ``checkpoints`` folder (``latest`` names the tag).
+        trust: load with DeepSpeed's own engine (``weights_only=False``: pickle, which can run code), for a folder
+            written by code that saved more than tensors and plain data. Default: weights-only, checked first.
+
+    Raises:
+        CheckpointError: (unless ``trust``) ``latest`` names no ``step-NNNNNNNN`` tag, DeepSpeed is set to load a
+            universal checkpoint (it unpickles those itself), or a ``.pt`` file of the tag folder holds a pickled
+            global outside the weights-only set; nothing of the folder has been unpickled then.
+    """
     tag = latest_tag(root)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    if trust:
+        log.warning("--trust-checkpoint: %s/%s is unpickled by DeepSpeed with weights_only=False", root, tag)
+        path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    else:
+        if not TAG.match(tag):
+            raise CheckpointError(Path(root) / "latest", f"names '{excerpt(tag)}', not a step-NNNNNNNN tag")
+        if engine.load_universal_checkpoint():
+            raise CheckpointError(Path(root) / tag, "DeepSpeed's universal-checkpoint loading unpickles files itself "
+                                  "(weights_only=False)")
+        verify_weights_only(Path(root) / tag)
+        with weights_only_loads(engine):
+            path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
         raise RuntimeError(f"{root}/{tag}: DeepSpeed could not load the checkpoint")
     return client_state or {}
+
+
+def deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes its checkpoints pickle besides tensors and plain data, allowed for ``weights_only``:
+    the loss scalers and ZeRO stage enum of the ZeRO optimizer states, and the parameter-slice address dataclass
+    (ZeRO 1-3, bf16). Each is rebuilt from numbers only (no ``__reduce__`` or ``__setstate__`` of its own)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_weights_only(folder: str | Path) -> list[Path]:
+    """Check, without unpickling anything, that every ``.pt`` under ``folder`` loads with ``weights_only=True``.
+
+    Each file's pickle is disassembled (``torch.serialization.get_unsafe_globals_in_checkpoint``) and its globals
+    compared with PyTorch's weights-only set plus :func:`deepspeed_safe_globals`. (The weights-only unpickler the
+    load then uses enforces the same set, also on what a static scan cannot see.)
+
+    Returns:
+        The files checked.
+
+    Raises:
+        CheckpointError: naming the first file that is not a torch zip checkpoint or holds another global.
+    """
+    import torch
+
+    files = sorted(p for p in Path(folder).rglob("*.pt") if p.is_file())
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        for f in files:
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+            except (ValueError, RuntimeError, OSError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+                raise CheckpointError(f, f"not a torch zip checkpoint ({excerpt(e, 120)})") from e
+            if unsafe:
+                raise CheckpointError(f, f"it pickles {len(unsafe)} global(s) that are not tensors or plain data "
+                                      f"({excerpt(', '.join(sorted(unsafe)), 160)})")
+    return files
+
+
+class _WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with ``load`` replaced by ``torch.load(weights_only=True)``; every other call
+    (saving, commit) goes to the engine it wraps."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        import torch
+
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:  # a global the static scan could not see: still refused, unrun
+                raise CheckpointError(path, f"not loadable weights-only ({excerpt(e, 200)})") from e
+
+
+@contextlib.contextmanager
+def weights_only_loads(engine):
+    """Lend ``engine`` (DeepSpeed's) a weights-only checkpoint engine for the block: ``load_checkpoint`` reads every
+    model and optimizer-state file through ``engine.checkpoint_engine.load``."""
+    saved = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyLoads(saved)
+    try:
+        yield engine
+    finally:
+        engine.checkpoint_engine = saved
 
 
 def save_final_model(engine, model, out_dir: str | Path, zero_stage: int, extra: dict | None = None,

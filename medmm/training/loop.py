@@ -141,15 +141,18 @@ class _EarlyStopping:
             self.weights = state.get("weights")
 
 
-def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
+def run_training(cfg: TrainConfig, resume: bool = False, trust_checkpoint: bool = False) -> dict:
     """Run ``cfg.trainer.stage`` through the loop; returns a summary (steps, last loss, paths, the stage's results).
+
+    ``resume`` continues from the latest checkpoint, read weights-only (a file that pickles anything else is refused,
+    :class:`~medmm.training.checkpoint.CheckpointError`); ``trust_checkpoint`` lets DeepSpeed unpickle it instead.
 
     Every rank runs this. ZeRO-3 swaps ``torch.nn.functional.linear`` for its memory-efficient version for the whole
     process and never swaps it back; this undoes that when the run ends, so that what the process does next (export
     by tracing, inference) sees plain PyTorch.
     """
     try:
-        return _run_training(cfg, resume)
+        return _run_training(cfg, resume, trust_checkpoint)
     finally:
         restore_torch_linear()
 
@@ -168,7 +171,7 @@ def restore_torch_linear() -> bool:
     return False
 
 
-def _run_training(cfg: TrainConfig, resume: bool = False) -> dict:
+def _run_training(cfg: TrainConfig, resume: bool = False, trust_checkpoint: bool = False) -> dict:
     rank, world, local_rank = init_distributed()  # sets DS_ACCELERATOR before deepspeed is imported
     import deepspeed
     import torch
@@ -215,7 +218,7 @@ def _run_training(cfg: TrainConfig, resume: bool = False) -> dict:
 
     start_step, stopped_early = 0, False
     if resume:
-        state = load_checkpoint(engine, ckpt_root)
+        state = load_checkpoint(engine, ckpt_root, trust=trust_checkpoint)
         if state is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_root)
         else:

@@ -6,17 +6,28 @@ prediction files, the drug-likeness rule report (QED, Lipinski, Veber, PAINS).
 Featurised records can be cached on disk: with ``MEDMM_MOLECULE_CACHE=<folder>`` in the environment (the
 MoleculeNet benchmark sets it for its runs), the records of a list of SMILES are stored under a key made of
 the SMILES, the standardisation options and the features, so the seeds of a benchmark featurise a file once.
+A cache file is an ``.npz`` of plain arrays (graphs, fingerprints, descriptors) and the records' metadata as JSON,
+read with ``allow_pickle=False``: a file planted in the cache folder can at worst be wrong data, never run code.
+Older ``.pkl`` cache files are ignored (never unpickled), and an unreadable file is recomputed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ...errors import ConfigError, InvalidInputError
+from ...errors import ConfigError, InvalidInputError, excerpt
+from ...io import molecules as molio
 from . import Featurised, Featuriser, read_table, register_featuriser
+
+log = logging.getLogger(__name__)
 
 REPORT_COLUMNS = ["qed", "mol_weight", "logp", "tpsa", "hbd", "hba", "rotatable_bonds", "lipinski_pass",
                   "lipinski_violations", "veber_pass", "veber_violations", "pains_alerts"]
@@ -44,41 +55,131 @@ MOLECULENET: dict[str, dict] = {
 ``../shared/data/molecules/moleculenet``): the benchmark's datasets and the pre-training corpus."""
 
 CACHE_ENV = "MEDMM_MOLECULE_CACHE"
+CACHE_FORMAT = 1
+"""Version of the cache file layout (:func:`save_records`); a file of another version is a miss."""
+
+
+def cache_path(folder: str | Path, values: list[str], sources: list[str], options, features: tuple[str, ...],
+               **kwargs) -> Path:
+    """The cache file of a call of :func:`cached_process_molecules`: named by a hash of the SMILES, their sources,
+    the options, the features and ``kwargs`` other than ``workers``."""
+    h = hashlib.sha256()
+    for part in (repr(options), repr(tuple(features)), repr(sorted((k, v) for k, v in kwargs.items() if k != "workers"))):
+        h.update(part.encode() + b"\0")
+    for v, src in zip(values, sources):
+        h.update(f"{v}\t{src}\n".encode())
+    return Path(folder) / f"molecules-{h.hexdigest()[:32]}.npz"
 
 
 def cached_process_molecules(values: list[str], sources: list[str], options, features: tuple[str, ...],
                              **kwargs) -> list:
     """:func:`medmm.io.molecules.process_molecules`, through the on-disk cache named by ``$MEDMM_MOLECULE_CACHE``
     (no cache when unset). The key covers the SMILES, their sources, the options, the features and ``kwargs``
-    other than ``workers``; a cache file that cannot be read is recomputed."""
-    import hashlib
-    import os
-    import pickle
-
-    from ...io.molecules import process_molecules
-
+    other than ``workers`` (:func:`cache_path`); a cache file that cannot be read is recomputed, and an old
+    pickle cache file (``.pkl``) is never loaded."""
     folder = os.environ.get(CACHE_ENV)
     if not folder:
-        return process_molecules(values, sources, options, features=features, **kwargs)
-    h = hashlib.sha256()
-    for part in (repr(options), repr(tuple(features)), repr(sorted((k, v) for k, v in kwargs.items() if k != "workers"))):
-        h.update(part.encode() + b"\0")
-    for v, src in zip(values, sources):
-        h.update(f"{v}\t{src}\n".encode())
-    path = Path(folder) / f"molecules-{h.hexdigest()[:32]}.pkl"
+        return molio.process_molecules(values, sources, options, features=features, **kwargs)
+    path = cache_path(folder, values, sources, options, features, **kwargs)
+    old = path.with_suffix(".pkl")
+    if old.exists():  # pickle runs code on load: a file planted there must never be read
+        log.warning("molecule cache: ignored the old pickle file %s (never loaded; the cache is .npz now)", old.name)
     if path.exists():
         try:
-            with open(path, "rb") as f:
-                return pickle.load(f)
-        except Exception:  # noqa: BLE001 - a torn or stale cache file is recomputed
-            pass
-    recs = process_molecules(values, sources, options, features=features, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        pickle.dump(recs, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+            return load_records(path, values)
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as e:
+            log.warning("molecule cache: %s is unreadable (%s); recomputed", path.name, excerpt(e, 120))
+    recs = molio.process_molecules(values, sources, options, features=features, **kwargs)
+    try:
+        save_records(path, recs)
+    except (OSError, TypeError, ValueError) as e:  # a cache that cannot be written costs time, not the run
+        log.warning("molecule cache: cannot write %s (%s)", path.name, excerpt(e, 120))
     return recs
+
+
+_META_FIELDS = ("index", "source", "input", "smiles", "error", "warnings", "descriptors", "druglikeness", "scaffold")
+
+
+def save_records(path: str | Path, recs: list) -> Path:
+    """Write :class:`~medmm.io.molecules.MoleculeRecord` s as one ``.npz`` (atomically: a reader sees the old file
+    or the new one). The arrays of every record are concatenated (graphs: node features ``(sum N, F)``, edges
+    ``(2, sum E)``, bond codes ``(sum E,)`` with per-graph counts; fingerprints and rdkit2d stacked); the other
+    fields are JSON in the ``meta`` member (bytes), so the file holds no pickled object."""
+    path = Path(path)
+    meta = []
+    graphs, fps, d2 = [], [], []
+    for r in recs:
+        meta.append([getattr(r, f) for f in _META_FIELDS] + [r.graph is not None, r.fingerprint is not None,
+                                                             r.rdkit2d is not None])
+        if r.graph is not None:
+            graphs.append(r.graph)
+        if r.fingerprint is not None:
+            fps.append(r.fingerprint)
+        if r.rdkit2d is not None:
+            d2.append(r.rdkit2d)
+    text = json.dumps({"format": CACHE_FORMAT, "fields": list(_META_FIELDS), "records": meta})
+    arrays = {"meta": np.frombuffer(text.encode(), dtype=np.uint8)}
+    if graphs:
+        arrays.update(nodes=np.concatenate([g.node_features for g in graphs]),
+                      n_nodes=np.array([g.node_features.shape[0] for g in graphs], dtype=np.int64),
+                      edges=np.concatenate([g.edge_index for g in graphs], axis=1),
+                      codes=np.concatenate([g.edge_code for g in graphs]),
+                      n_edges=np.array([g.edge_code.shape[0] for g in graphs], dtype=np.int64))
+    if fps:
+        arrays["fingerprints"] = np.stack(fps)
+    if d2:
+        arrays["rdkit2d"] = np.stack(d2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_records(path: str | Path, values: list[str] | None = None) -> list:
+    """The records :func:`save_records` wrote, read with ``allow_pickle=False``.
+
+    Args:
+        path: the ``.npz`` file.
+        values: when given, the SMILES the records must be of (one per record, in order).
+
+    Raises:
+        ValueError: (or OSError, KeyError, IndexError, TypeError, ``zipfile.BadZipFile``) the file is not a cache
+            file of this format, is torn, or does not match ``values``.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        head = json.loads(z["meta"].tobytes())
+        if head.get("format") != CACHE_FORMAT or head.get("fields") != list(_META_FIELDS):
+            raise ValueError(f"cache format {excerpt(head.get('format'))}, not {CACHE_FORMAT}")
+        meta = head["records"]
+        if values is not None and (len(meta) != len(values) or
+                                   any(m[2] != (v if isinstance(v, str) else str(v)) for m, v in zip(meta, values))):
+            raise ValueError("the records are of other SMILES")
+        arrays = {k: z[k] for k in ("nodes", "n_nodes", "edges", "codes", "n_edges", "fingerprints", "rdkit2d")
+                  if k in z.files}
+    graphs = []
+    if "nodes" in arrays:
+        nodes, edges, codes = arrays["nodes"], arrays["edges"], arrays["codes"]
+        n0 = np.concatenate([[0], np.cumsum(arrays["n_nodes"])])
+        e0 = np.concatenate([[0], np.cumsum(arrays["n_edges"])])
+        if n0[-1] != len(nodes) or e0[-1] != len(codes) or edges.shape != (2, len(codes)):
+            raise ValueError("graph arrays of mismatched sizes")
+        graphs = [molio.MolGraph(nodes[n0[k]: n0[k + 1]], np.ascontiguousarray(edges[:, e0[k]: e0[k + 1]]),
+                                 codes[e0[k]: e0[k + 1]]) for k in range(len(n0) - 1)]
+    fps = list(arrays.get("fingerprints", ()))
+    d2 = list(arrays.get("rdkit2d", ()))
+    if sum(m[-3] for m in meta) != len(graphs) or sum(m[-2] for m in meta) != len(fps) or \
+            sum(m[-1] for m in meta) != len(d2):
+        raise ValueError("arrays and records do not match")
+    out, g, f, d = [], iter(graphs), iter(fps), iter(d2)
+    for m in meta:
+        rec = molio.MoleculeRecord(**dict(zip(_META_FIELDS, m)))
+        rec.graph = next(g) if m[-3] else None
+        rec.fingerprint = next(f) if m[-2] else None
+        rec.rdkit2d = next(d) if m[-1] else None
+        out.append(rec)
+    return out
 
 
 def report_of(rec) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ...errors import InvalidInputError, SlideError
+from ...io.files import check_regular_file
 from . import Featurised, Featuriser, Item, Row, register_featuriser
 
 
@@ -22,6 +23,7 @@ def feature_shape(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     if not path.exists():
         raise SlideError(path, "feature file not found")
+    check_regular_file(path, SlideError)  # a FIFO would block the read
     try:
         if path.suffix == ".npy":
             shape = np.load(path, mmap_mode="r").shape
