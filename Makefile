@@ -6,6 +6,9 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.medmm-installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# two pytest-xdist workers: 2-rank DeepSpeed jobs one after another on one, the rest beside them (tests/conftest.py);
+# XDIST= runs the suite in one process
+XDIST   ?= -n auto --dist loadgroup --no-loadscope-reorder
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -31,10 +34,10 @@ demo: system-deps $(STAMP)
 	$(VENV)/bin/medmm demo --out runs/demo
 
 test: system-deps $(STAMP)
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(VPY) -m pytest -m "not slow and not deepspeed and not integration" $(PYTEST_ARGS)
+	$(VPY) -m pytest $(XDIST) -m "not slow and not deepspeed and not integration" $(PYTEST_ARGS)
 
 # The side-by-side benchmarks that take minutes on a 2-core CPU. Longer ones run alone:
 # bench-long = retrieval (full ICD-10-CM index), data_stream (1M records), moleculenet (5 datasets x seeds).

@@ -114,8 +114,8 @@ def measure(kind: str, folder: str) -> dict:
 
 def speed(folder: Path) -> dict:
     from medmm.data.dataset import load_records
-    from medmm.data.prepare_dicom import read_shard_array
     from medmm.data.streaming import SourceRecords, StreamBatches, decoded, expand_shards
+    from medmm.io.shards import read_shard_array
 
     urls = expand_shards(str(folder / "shard-*.tar"))
     n = sum(1 for _ in open(folder / "records.jsonl"))

@@ -346,7 +346,7 @@ def _teacher_logprobs(llm, seqs: list[tuple[list[int], list[int]]], batch: int =
 
 def _held_out(doc: dict) -> bool:
     """Whether an ICD-10-CM run is one of the 2 % held out from training (a keyed hash, purpose 'speculative')."""
-    from medmm.data.text import held_out
+    from medmm.io.text import held_out
 
     return held_out(doc["question"] + "\n" + doc["answer"], 0.02, purpose="speculative")
 

@@ -61,7 +61,7 @@ def make_synthetic(folder: Path, n: int, size: int, seed: int = 0) -> None:
     import pydicom
     from pydicom.uid import generate_uid
 
-    from medmm.data.prepare import pydicom_test_files
+    from medmm.io.dicom import pydicom_test_files
 
     src = pydicom.dcmread(pydicom_test_files() / "CT_small.dcm")  # read from the wheel, never downloaded
     arr = src.pixel_array

@@ -37,7 +37,7 @@ LORA = {"r": 8, "alpha": 16}
 
 def vqa_pairs(n: int) -> list[dict]:
     """``n`` text-only preference pairs from the bundled VQA-RAD closed questions (cycled when needed)."""
-    from medmm.data.preferences import pairs_from_labels
+    from medmm.prepare.preferences import pairs_from_labels
 
     qa = json.loads((ROOT / "data" / "sample" / "vqa_rad" / "testset.json").read_text())
     recs = [{"id": f"q{i}", "answer_type": q.get("answer_type"),

@@ -2,9 +2,9 @@
 
 The same studies go two ways in one run:
 
-* ``direct``: :class:`~medmm.export.study.ReportPipeline` called on each study folder in a loop (load -> select
+* ``direct``: :class:`~medmm.serve.study.ReportPipeline` called on each study folder in a loop (load -> select
   series -> infer -> write SR) in one worker thread, no network: the ceiling for one model on this machine;
-* ``listener``: the DIMSE storage SCP (:class:`~medmm.export.listener.StudyListener`) fed by N pynetdicom
+* ``listener``: the DIMSE storage SCP (:class:`~medmm.serve.listener.StudyListener`) fed by N pynetdicom
   C-STORE senders in threads, one association per study; each study is collected until ``--study-timeout``
   after its last instance, reported, and its SR sent back by C-STORE to a sink SCP on loopback. A sender
   that gets 0xA700 (the listener's bounded queue is full) retries the study after 0.2 s. Each sender count runs
@@ -76,7 +76,7 @@ def make_studies(out: Path, n: int, instances: int) -> list[list[Path]]:
     import pydicom
     from pydicom.uid import generate_uid
 
-    from medmm.data.prepare import pydicom_test_files
+    from medmm.io.dicom import pydicom_test_files
 
     srcs = [pydicom_test_files() / "CT_small.dcm", pydicom_test_files() / "MR_small.dcm"]
     studies = []
@@ -138,7 +138,7 @@ def send_study(port: int, paths: list[Path], datasets: dict) -> tuple[int, int]:
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-    from medmm.export.listener import no_delay
+    from medmm.serve.listener import no_delay
 
     refusals = 0
     while True:
@@ -164,7 +164,7 @@ def run_listener(pipeline, studies, senders: int, args, tmp: Path, max_batch: in
     """``studies`` through one listener with ``max_batch`` (1: one study per generate, as before batching)."""
     import pydicom
 
-    from medmm.export.listener import ListenerConfig, StudyListener
+    from medmm.serve.listener import ListenerConfig, StudyListener
     from medmm.training.distributed import free_port
 
     port, sink_port = free_port(), free_port()
@@ -314,7 +314,7 @@ def run_http(pipeline, questions: list[str], clients: int, max_batch: int, args,
 
     import uvicorn
 
-    from medmm.export.http import create_app
+    from medmm.serve.http import create_app
 
     app = create_app(pipeline, HTTP_TOKEN, max_batch=max_batch, batch_window_s=args.batch_window, batching=batching)
     with socket.socket() as s:
@@ -383,7 +383,7 @@ def http_section(args) -> dict:
     """Concurrent ``/v1/ask`` clients against the API with batching off, static windows and continuous batching, the
     same questions in one run, side by side."""
     from medmm.config import DecodingConfig
-    from medmm.export.study import ReportConfig, ReportPipeline
+    from medmm.serve.study import ReportConfig, ReportPipeline
 
     questions = http_questions(args.http_requests)
     modes = args.http_batching.split(",")
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     logging.getLogger("medmm.pacs").setLevel(logging.WARNING)
     from medmm.config import DecodingConfig
-    from medmm.export.study import ReportConfig, ReportPipeline
+    from medmm.serve.study import ReportConfig, ReportPipeline
 
     senders = [int(x) for x in args.senders.split(",")]
     if args.sender == "storescu" and not shutil.which("storescu"):

@@ -13,7 +13,7 @@ Decode = slide -> normalised float tensor ``(B, 3, 224, 224)`` at 0.5 µm/px, ev
 
 - ``naive``: the obvious loop: ``OpenSlide.read_region(...).convert("RGB")`` + torchvision ``ToTensor`` +
   ``Normalize`` per tile, one process;
-- ``medmm_1``: ``medmm.data.slides.read_chunk`` (level choice, white background, resize only when needed)
+- ``medmm_1``: ``medmm.prepare.wsi.read_chunk`` (level choice, white background, resize only when needed)
   + the tile encoder's batched ``preprocess``, one process;
 - ``medmm_N``: the same chunks through a spawned pool of N workers with a bounded window, as
   ``medmm prepare wsi --workers N`` runs them (pool start-up reported apart).
@@ -52,8 +52,8 @@ SHARED = (ROOT.parent / "shared" / "data" / "pathology" / "wsi").resolve()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from medmm.data.slides import WsiSettings, read_chunk  # noqa: E402
 from medmm.io import wsi  # noqa: E402
+from medmm.prepare.wsi import WsiSettings, read_chunk  # noqa: E402
 
 
 def make_cmu_x6(out: Path) -> Path:
@@ -98,9 +98,9 @@ def naive(path: Path, choice, coords) -> tuple[float, torch.Tensor]:
 def medmm_single(path: Path, settings: WsiSettings, choice, coords, prep, chunk: int = 32) -> dict:
     from dataclasses import asdict
 
-    from medmm.data import slides
+    from medmm.prepare import wsi as prepare_wsi_module
 
-    slides._OPEN.clear()  # a cold open, like the naive loop
+    prepare_wsi_module._OPEN.clear()  # a cold open, like the naive loop
     t0 = time.perf_counter()
     read_s, outs = 0.0, []
     for i in range(0, len(coords), chunk):
@@ -127,7 +127,7 @@ def medmm_workers(pool, path: Path, settings: WsiSettings, choice, coords, prep,
 
 
 def end_to_end(path: Path, workers: int, model: str, device: str) -> dict:
-    from medmm.data.slides import prepare_wsi
+    from medmm.prepare.wsi import prepare_wsi
 
     with tempfile.TemporaryDirectory() as d:
         m = prepare_wsi(path, Path(d) / "out", mpp=0.5, tile=224, features="vit_tile", min_tissue=0.5,

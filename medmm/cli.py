@@ -23,6 +23,8 @@
     medmm prepare text SRC... --out DIR [--jaccard 0.8] [--languages en]   dedup + filters -> train/eval.jsonl
     medmm prepare wsi SRC --out OUT [--mpp 0.5] [--tile 224] [--labels L] [--features ENC]
     medmm prepare instructions FILE --format alpaca|sharegpt|promptcblue --out DIR   text-only conversations
+    medmm prepare KIND ... --num-shards N --shard-index I --out PART_I   one part of the input (one job per part)
+    medmm prepare merge PART_0 ... PART_N-1 --out OUT    parts -> one dataset (checks options, salt, coverage)
     medmm prepare preferences --from-labels DATA --out FILE          closed-set labels -> chosen/rejected pairs
     medmm prepare preferences --sample CKPT --prompts DATA --n N --reward R --min-margin M --out FILE
     medmm prepare dpo-reference --config C --out FILE [key=value ...]  reference log-probs (dpo reference: precomputed)
@@ -30,21 +32,29 @@
     medmm plan --config C --gpus N [--nodes M] [--gpu-memory GB] [--json]   params, ZeRO memory, first stage that fits
     medmm index build [FILE ...] [--source icd10cm] --out IDX [key=value ...]   BM25 + dense (faiss) + RRF folder
     medmm index search|queries|predict ...          query an index; ICD-10-CM normalisation queries and predictions
+    medmm list [KIND]                               a registry, one line each (stages, strategies, benchmarks, ...)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+from encoders.registry import Registry
+
+from .errors import ConfigError
+from .prepare.parts import Part, merge_parts
 from .training.distributed import free_port
 
 
 def _prepare(argv: list[str]) -> None:
-    from .data import prepare as P
+    from .prepare.genomics import prepare_dna, prepare_variants
+    from .prepare.molecules import prepare_molecules
+    from .prepare.vqa import prepare_vqa
 
     ap = argparse.ArgumentParser(prog="medmm prepare")
     sub = ap.add_subparsers(dest="kind", required=True)
@@ -167,12 +177,23 @@ def _prepare(argv: list[str]) -> None:
     t.add_argument("--layers", type=int, default=2)
     t.add_argument("--vocab-size", type=int, default=1024)
     t.add_argument("--texts", help="train the tokenizer on this corpus (.jsonl 'text' / .txt) instead of the sample")
+    mg = sub.add_parser("merge", help="join the part folders of a --num-shards run into one dataset")
+    mg.add_argument("dirs", nargs="+", metavar="DIR", help="every part's --out folder")
+    mg.add_argument("--out", required=True)
     for p in (v, m, d, t):
         p.add_argument("--out", required=True)
     for p in (v, m, d):
         p.add_argument("--eval-fraction", type=float, default=0.2)
         p.add_argument("--name")
+    for p in (v, m, va, d, dc, w, tx, ins):  # the raw-data commands: prepared in parts on many machines
+        p.add_argument("--num-shards", type=int, metavar="N", help="prepare one of N parts of the input (a hash of "
+                       "each patient/slide/record): one job per part, then `medmm prepare merge`")
+        p.add_argument("--shard-index", type=int, metavar="I", help="which part, 0..N-1")
     a = ap.parse_args(argv)
+    a.part = Part.from_flags(a.num_shards, a.shard_index) if hasattr(a, "num_shards") else None
+    if a.kind == "merge":
+        print(json.dumps(merge_parts(a.dirs, a.out), indent=2, default=str))
+        return
     if a.kind == "dicom":
         _prepare_dicom(a)
         return
@@ -193,32 +214,32 @@ def _prepare(argv: list[str]) -> None:
         print(json.dumps(precompute_reference(cfg, a.out, a.device, a.batch_size), indent=2))
         return
     if a.kind == "instructions":
-        from .data.instructions import prepare_instructions
+        from .prepare.instructions import prepare_instructions
 
-        print(json.dumps(prepare_instructions(a.file, a.format, a.out, a.eval_fraction, a.seed, a.name), indent=2,
-                         ensure_ascii=False))
+        print(json.dumps(prepare_instructions(a.file, a.format, a.out, a.eval_fraction, a.seed, a.name, part=a.part),
+                         indent=2, ensure_ascii=False))
         return
     if a.kind == "vqa":
-        res = P.prepare_vqa(a.questions, a.images, a.out, a.eval_fraction, name=a.name or "vqa",
-                            allow_outside=a.allow_outside_images)
+        res = prepare_vqa(a.questions, a.images, a.out, a.eval_fraction, name=a.name or "vqa",
+                            allow_outside=a.allow_outside_images, part=a.part)
     elif a.kind == "molecules":
         from .io.molecules import StandardiseOptions
 
-        res = P.prepare_molecules(a.csv, a.out, a.smiles_col, a.label_col, a.question, a.eval_fraction,
+        res = prepare_molecules(a.csv, a.out, a.smiles_col, a.label_col, a.question, a.eval_fraction,
                                   name=a.name or "molecules", split=a.split, workers=a.workers, qa=a.qa,
                                   options=StandardiseOptions(canonical_tautomer=not a.no_tautomer,
-                                                             remove_stereo=a.remove_stereo))
+                                                             remove_stereo=a.remove_stereo), part=a.part)
     elif a.kind == "variants":
-        res = P.prepare_variants(a.vcf, a.reference, a.out, flank=a.flank, label_info=a.label_info, region=a.region,
-                                 eval_fraction=a.eval_fraction, name=a.name)
+        res = prepare_variants(a.vcf, a.reference, a.out, flank=a.flank, label_info=a.label_info, region=a.region,
+                                 eval_fraction=a.eval_fraction, name=a.name, part=a.part)
     elif a.kind == "dna":
-        res = P.prepare_dna(a.tsv, a.out, eval_fraction=a.eval_fraction, name=a.name or "dna")
+        res = prepare_dna(a.tsv, a.out, eval_fraction=a.eval_fraction, name=a.name or "dna", part=a.part)
     else:
         from .model.tiny import build_tiny_llm, sample_texts
 
         texts = sample_texts()
         if a.texts:
-            from .data.text import read_documents
+            from .io.text import read_documents
 
             texts = read_documents(a.texts)
         res = {"llm": str(build_tiny_llm(a.out, texts, family=a.family, hidden=a.hidden, layers=a.layers,
@@ -229,7 +250,7 @@ def _prepare(argv: list[str]) -> None:
 def _prepare_dicom(a) -> None:
     import logging
 
-    from .data.prepare_dicom import DicomPrepareOptions, prepare_dicom
+    from .prepare.dicom import DicomPrepareOptions, prepare_dicom
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # no salt given: prepare_dicom takes $MEDMM_DEID_SALT or OUT/.deid_salt and says which on stderr
@@ -247,13 +268,13 @@ def _prepare_dicom(a) -> None:
             opts.size_2d = int(two)
         if three:
             opts.size_3d = tuple(int(v) for v in three.split(","))
-    print(json.dumps(prepare_dicom(a.src, a.out, a.reports, opts), indent=2))
+    print(json.dumps(prepare_dicom(a.src, a.out, a.reports, opts, part=a.part), indent=2))
 
 
 def _prepare_preferences(ap, a) -> None:
     from pathlib import Path
 
-    from .data import preferences as P
+    from .prepare import preferences as P
     from .utils import read_jsonl
 
     if a.from_labels:
@@ -287,7 +308,7 @@ def _prepare_preferences(ap, a) -> None:
 
 
 def _prepare_text(a) -> None:
-    from .data.text import TextPrepareOptions, prepare_text
+    from .prepare.text import TextPrepareOptions, prepare_text
 
     opts = TextPrepareOptions(text_field=a.text_field, min_chars=a.min_chars, min_words=a.min_words,
                               max_chars=a.max_chars, min_alpha_fraction=a.min_alpha,
@@ -295,19 +316,19 @@ def _prepare_text(a) -> None:
                               dedup_exact=not a.no_exact_dedup, dedup_near=not a.no_near_dedup, jaccard=a.jaccard,
                               num_perm=a.num_perm, shingle=a.shingle, eval_fraction=a.eval_fraction, seed=a.seed,
                               progress=not a.no_progress)
-    stats = prepare_text(a.src, a.out, opts)
+    stats = prepare_text(a.src, a.out, opts, part=a.part)
     print(json.dumps({k: stats[k] for k in ("read", "kept", "dropped", "train", "eval", "errors")} | {"out": a.out},
                      indent=2))
 
 
 def _prepare_wsi(a) -> None:
-    from .data.slides import prepare_wsi
+    from .prepare.wsi import prepare_wsi
 
     m = prepare_wsi(a.src, a.out, mpp=a.mpp, tile=a.tile, labels=a.labels, features=a.features,
                     encoder_checkpoint=a.encoder_checkpoint, encoder_kwargs=json.loads(a.encoder_kwargs),
                     workers=a.workers, slide_mpp=a.slide_mpp, min_tissue=a.min_tissue, mask_mpp=a.mask_mpp,
                     backend=a.backend, image_format=a.format, shard_maxcount=a.shard_size, batch_size=a.batch_size,
-                    device=a.device, progress=not a.no_progress)
+                    device=a.device, progress=not a.no_progress, part=a.part)
     print(json.dumps({k: m[k] for k in ("counts", "shards", "timing")} | {"out": a.out}, indent=2))
 
 
@@ -518,7 +539,7 @@ def _pacs(argv: list[str]) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.kind == "resend":  # no model: exit status 1 when any SR was not delivered
-        from .export.listener import Destination, resend
+        from .serve.listener import Destination, resend
 
         try:
             res = resend(a.dir, Destination.parse(a.to, "--to"), a.aet, a.retry_seconds, a.token_file)
@@ -530,7 +551,7 @@ def _pacs(argv: list[str]) -> None:
         return
 
     from .config import DecodingConfig
-    from .export.study import ReportConfig, ReportPipeline
+    from .serve.study import ReportConfig, ReportPipeline
 
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines narrate every attribute copy
     try:
@@ -542,7 +563,7 @@ def _pacs(argv: list[str]) -> None:
     except ConfigError as e:
         raise SystemExit(f"medmm pacs: {e}") from e
     if a.kind == "http":
-        from .export.http import create_app, parse_helper_models, parse_rate_limit, resolve_tokens, serve, tls_options
+        from .serve.http import create_app, parse_helper_models, parse_rate_limit, resolve_tokens, serve, tls_options
 
         try:  # every flag checked before the model loads
             tokens = resolve_tokens(a.token_file, a.tokens_file)
@@ -568,7 +589,7 @@ def _pacs(argv: list[str]) -> None:
               auth_failure_limit=None if a.auth_failure_limit == "off" else a.auth_failure_limit)
         return
     if a.kind == "listen":
-        from .export.listener import ListenerConfig, StudyListener, server_tls_context
+        from .serve.listener import ListenerConfig, StudyListener, server_tls_context
 
         try:
             lcfg = ListenerConfig(aet=a.aet, host=a.host, port=a.port, allowed_aets=a.allowed_aets.split(","),
@@ -590,7 +611,7 @@ def _pacs(argv: list[str]) -> None:
         res.sr.save_as(a.out, enforce_file_format=True)
         print(json.dumps({**res.record, "report": res.text, "sr_file": a.out}, indent=2))
     else:
-        from .export.dicomweb import pull_run_push
+        from .serve.dicomweb import pull_run_push
 
         print(json.dumps(pull_run_push(a.dicomweb, a.study, pipeline, push=not a.no_push, token_file=a.token_file,
                                        retry_s=a.retry_seconds), indent=2))
@@ -619,6 +640,52 @@ def _index(argv: list[str]) -> None:
 
 
 COMMANDS["index"] = _index
+
+# ``medmm list KIND``: each kind's registry as "module:NAME", imported only when listed (``medmm`` itself stays quick)
+LIST_KINDS = {
+    # until medmm/modalities/ holds the modality registry, the loaders are what read each kind of input
+    "modalities": "medmm.data.loaders:LOADERS",
+    "stages": "medmm.training.stages:STAGES",
+    "strategies": "medmm.inference.strategies:STRATEGIES",
+    "benchmarks": "medmm.eval.benchmarks.registry:BENCHMARKS",
+    "encoders": "encoders.registry:ENCODERS",
+    "projectors": "medmm.model.projectors:PROJECTORS",
+    "heads": "medmm.model.heads:HEADS",
+    "featurisers": "medmm.data.featurisers:FEATURISERS",
+    "rewards": "medmm.data.rewards:REWARDS",
+    "sources": "medmm.retrieval.sources:SOURCES",
+    "dense-encoders": "medmm.retrieval.dense:DENSE_ENCODERS",
+    "loaders": "medmm.data.loaders:LOADERS",
+}
+
+
+def list_registry(kind: str):
+    """The :class:`~encoders.registry.Registry` ``medmm list KIND`` prints; a ConfigError names the kinds."""
+    kinds = Registry("kind")
+    for k, where in LIST_KINDS.items():
+        kinds.register(k, where, where)
+    module, name = kinds.get(kind).split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _list(argv: list[str]) -> None:
+    if not argv:  # the kinds themselves
+        print("\n".join(LIST_KINDS))
+        return
+    if argv[0] in ("-h", "--help") or len(argv) > 1:
+        print(f"usage: medmm list [KIND]   one 'name  summary' line per registered entry; KIND: {', '.join(LIST_KINDS)}")
+        if len(argv) > 1:
+            raise SystemExit(1)
+        return
+    try:
+        registry = list_registry(argv[0])
+    except ConfigError as e:
+        print(f"medmm list: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print("\n".join(registry.lines()))
+
+
+COMMANDS["list"] = _list
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError
+from .utils import locate
 
 Trainable = Literal["frozen", "lora", "full"]
 
@@ -47,7 +48,7 @@ class EncoderConfig:
     """A modality encoder from the ``encoders`` registry."""
 
     name: str = "vit2d_tiny"
-    """Registry name (``encoders.list_encoders()``)."""
+    """A registered encoder (``medmm list encoders``)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Architecture overrides passed to the builder (e.g. ``img_size``, ``depth``)."""
     checkpoint: str | None = None
@@ -61,7 +62,7 @@ class ProjectorConfig:
     """Maps encoder features (B, N, D_enc) to LLM tokens (B, K, D_llm)."""
 
     type: str = "mlp2x_gelu"
-    """Registry name: linear | mlp2x_gelu | resampler."""
+    """A registered projector (``medmm list projectors``)."""
     num_queries: int = 32
     """resampler only: learned queries, i.e. the cap on LLM tokens per input."""
     depth: int = 1
@@ -85,9 +86,21 @@ class PreprocessConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     """image: per-channel std."""
     window: str | None = None
-    """DICOM: window preset (lung, mediastinum, bone, brain, abdomen) or None for the file's VOI/min-max."""
+    """DICOM: window preset (lung, mediastinum, bone, brain, abdomen) or None for ``window_fallback``."""
+    window_fallback: Literal["file", "minmax"] = "file"
+    """DICOM without a preset: file = the file's own window (a single image: its VOI transform), else min-max;
+    minmax = min-max of the values. Copied from the prepared data by training (``medmm.modalities``)."""
+    spacing: list[float] | None = None
+    """volume: resample raw series to this spacing in mm (slice, row, column) before resizing; None keeps the grid.
+    Copied from ``prepare dicom --spacing`` by training."""
+    prepared_volume_size: list[int] | None = None
+    """volume: (D, H, W) ``prepare dicom`` resized to (its ``--size-3d``); raw series are resized to it first, then
+    to ``volume_size`` as the shard arrays were. None = straight to ``volume_size``. Copied by training."""
+    prepared_image_size: int | None = None
+    """image (DICOM): side ``prepare dicom`` resized single images to; raw DICOM images are resized to it first, then
+    to ``image_size`` as the shard arrays were. None = straight to ``image_size``. Copied by training."""
     volume_size: list[int] = field(default_factory=lambda: [16, 64, 64])
-    """volume: (D, H, W) after resampling."""
+    """volume: (D, H, W) the encoder takes."""
     fingerprint_bits: int = 2048
     """mol: Morgan fingerprint length."""
     fingerprint_radius: int = 2
@@ -114,6 +127,10 @@ class PreprocessConfig:
     """slide (slide_tiles loader): tile side in pixels at ``slide_mpp`` (resized to ``image_size`` for the encoder)."""
     slide_min_tissue: float = 0.5
     """slide (slide_tiles loader): least tissue fraction of a kept tile (Otsu mask)."""
+    slide_mask_mpp: float = 8.0
+    """slide (slide_tiles loader): microns per pixel of the tissue mask."""
+    slide_scan_mpp: float | None = None
+    """slide (slide_tiles loader): scan MPP assumed for slides whose metadata has none (``prepare wsi --slide-mpp``)."""
     slide_max_tiles: int = 4096
     """slide: tiles per slide at most; larger bags keep an evenly spaced subset (deterministic)."""
     slide_feature_dim: int = 1024
@@ -122,6 +139,11 @@ class PreprocessConfig:
     def __post_init__(self):
         if len(self.volume_size) != 3:
             raise ConfigError(f"preprocess.volume_size needs 3 numbers (D, H, W), got {self.volume_size}")
+        if self.prepared_volume_size is not None and len(self.prepared_volume_size) != 3:
+            raise ConfigError("preprocess.prepared_volume_size needs 3 numbers (D, H, W), "
+                              f"got {self.prepared_volume_size}")
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ConfigError(f"preprocess.spacing needs 3 positive numbers (mm), got {self.spacing}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ConfigError("preprocess.mean/std need one value per channel")
 
@@ -131,7 +153,7 @@ class ModalityConfig:
     """One modality: how its input is loaded, encoded and projected. Its placeholder is ``<name>``."""
 
     loader: str = "image"
-    """Input loader registry name: image | volume | smiles_fingerprint | mol_graph | dna_tokens."""
+    """A registered input loader (``medmm list loaders``)."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """The encoder."""
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -272,7 +294,8 @@ class TrainerConfig:
     output_dir: str = "runs/train"
     """Run folder: checkpoints/, tb/, metrics.jsonl, checkpoint/ (final model)."""
     deepspeed: str = "configs/deepspeed/zero2.json"
-    """DeepSpeed JSON config (ZeRO stage, offload); batch sizes and clipping are filled in from here."""
+    """DeepSpeed JSON config (ZeRO stage, offload); batch sizes and clipping are filled in from here. A repository
+    path (``configs/deepspeed/...``) that the working directory lacks is read from the copy medmm ships."""
     max_steps: int = 100
     """Optimizer steps."""
     micro_batch_size: int = 2
@@ -298,10 +321,8 @@ class TrainerConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on a GPU that supports it, fp32 on CPU."""
     stage: str = "sft"
-    """A registered training stage (``medmm.training.stages.list_stages()``): sft = next-token loss on answers;
-    align = image-report contrastive pretraining (section ``align``); head = an encoder + classification head
-    without the LLM (section ``head``); dpo / simpo / orpo = preference tuning on chosen/rejected answers (section
-    ``trainer.dpo``); value = a value head for search decoding (section ``value``)."""
+    """A registered training stage (``medmm list stages`` prints them, one line each); each reads its own section
+    of this config (the stage class's ``section``)."""
     init_from: str | None = None
     """A medmm model folder whose encoder and projector weights start this run (e.g. the align stage's)."""
     init_llm: Literal["merged", "adapter", "none"] = "merged"
@@ -395,16 +416,16 @@ class HeadStageConfig:
     """The ``head`` stage: a registered featuriser, encoder and head trained on labels, without the LLM."""
 
     featuriser: str = "molecules"
-    """Featuriser registry name (``medmm.data.featurisers.list_featurisers()``): molecules | dna | slides."""
+    """A registered featuriser (``medmm list featurisers``)."""
     data: HeadDataConfig = field(default_factory=HeadDataConfig)
     loader: str = "mol_graph"
-    """Input loader registry name matching the encoder (mol_graph, smiles_fingerprint, dna_tokens, slide_features)."""
+    """A registered input loader matching the encoder (``medmm list loaders``)."""
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="mol_gin", trainable="full"))
     """The encoder (or slide aggregator); ``trainable: frozen`` trains the head alone (a probe)."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """Input preprocessing (saved in the checkpoint)."""
     type: str = "mlp"
-    """Head registry name (``medmm.model.heads.list_heads()``): mlp (masked mean + max -> MLP) | linear."""
+    """A registered head (``medmm list heads``)."""
     hidden: int = 128
     """mlp: hidden width."""
     dropout: float = 0.1
@@ -472,9 +493,7 @@ class IndexConfig:
     bm25_b: float = 0.75
     """BM25 length normalisation."""
     dense_encoder: str = "lsa"
-    """A registered dense encoder (``medmm.retrieval.dense.list_encoders()``): lsa = hashed character n-grams +
-    SVD fitted on the corpus; biencoder = a ``trainer.stage: retriever`` folder; sentence_transformers = a local
-    folder; none = BM25 only."""
+    """A registered dense encoder (``medmm list dense-encoders``), or none = BM25 only."""
     dense_model: str | None = None
     """The encoder's folder (biencoder, sentence_transformers)."""
     dense_dim: int = 256
@@ -537,7 +556,7 @@ class ValueStageConfig:
     Monte-Carlo returns: ``samples`` answers sampled from the model per record, scored by ``reward`` against the
     record's reference."""
     reward: str = "exact_match"
-    """source samples: a registered reward (``medmm.data.rewards.list_rewards()``)."""
+    """source samples: a registered reward (``medmm list rewards``)."""
     samples: int = 8
     """source samples: answers sampled per record."""
     temperature: float = 1.0
@@ -638,7 +657,7 @@ class DecodingConfig:
     """How answers are decoded: a strategy registered in ``medmm.inference.strategies`` and its own settings."""
 
     strategy: str = "greedy"
-    """A registered decoding strategy (``python infer.py --help`` lists them with their settings)."""
+    """A registered decoding strategy (``medmm list strategies``; ``python infer.py --help`` adds their settings)."""
     max_new_tokens: int = 64
     """Tokens generated at most."""
     seed: int = 0
@@ -701,7 +720,9 @@ class DicomPrepareOptions:
     """How ``prepare dicom`` preprocesses and protects."""
 
     window: str | None = None
-    """Window preset (lung, mediastinum, bone, brain, abdomen); None = the file's VOI window or min-max."""
+    """Window preset (lung, mediastinum, bone, brain, abdomen); None = ``window_fallback``."""
+    window_fallback: Literal["file", "minmax"] = "file"
+    """Without a preset: file = the file's own window (a single image: its VOI transform), else min-max; minmax."""
     spacing: tuple[float, float, float] | None = None
     """Resample volumes to this spacing in mm (slice, row, column) before resizing; None keeps the grid."""
     size_2d: int = 224
@@ -977,13 +998,17 @@ def config_from_dict(cls, data: dict, source: str = "<dict>"):
 
 
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Load ``cls`` from a YAML file (``safe_load``) plus dotted overrides."""
+    """Load ``cls`` from a YAML file (``safe_load``) plus dotted overrides.
+
+    ``path`` is read as given; a repository path the working directory lacks (``configs/demo.yaml`` run from
+    elsewhere) is read from the recipes medmm ships (:func:`medmm.utils.locate`).
+    """
     data: dict = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
         try:
-            with open(path) as f:
+            with open(locate(path)) as f:
                 data = yaml.safe_load(f) or {}
         except FileNotFoundError as e:
             raise ConfigError(f"{path}: config file not found") from e

@@ -17,9 +17,12 @@ import time
 from pathlib import Path
 
 from .training.distributed import free_port
+from .utils import resource_path
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample"
+# the checkout's files, or the copies an installed wheel ships: the demo runs from any directory
+SAMPLE = resource_path("data/sample")
+CONFIG = resource_path("configs/demo.yaml")
+SUITE = resource_path("configs/eval/demo.yaml")
 DEMO_DICOM = ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm",
               "MR_small_bigendian.dcm", "MR_truncated.dcm"]
 
@@ -30,9 +33,13 @@ def _step(name: str):
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None, nproc: int = 2,
-             config: str | Path = REPO / "configs" / "demo.yaml") -> dict:
-    from .data.prepare import prepare_dicom_modality, prepare_dna, prepare_molecules, prepare_vqa, pydicom_test_files
+             config: str | Path = CONFIG) -> dict:
+    from .io.dicom import pydicom_test_files
     from .model.tiny import build_tiny_llm, sample_texts
+    from .prepare.dicom import prepare_dicom_modality
+    from .prepare.genomics import prepare_dna
+    from .prepare.molecules import prepare_molecules
+    from .prepare.vqa import prepare_vqa
 
     out = Path(out)
     data = out / "data"
@@ -103,7 +110,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, nproc: int
     t = _step("6/6 eval suite (configs/eval/demo.yaml: metrics with 95% CIs, report.html)")
     from .eval.suite import run_suite
 
-    suite = run_suite(REPO / "configs" / "eval" / "demo.yaml", ckpt, out / "eval", data_root=out)
+    suite = run_suite(SUITE, ckpt, out / "eval", data_root=out)
     for label, res in suite["benchmarks"].items():
         m = res["metrics"][res["headline"]]
         v, ci = (float("nan") if m["value"] is None else m["value"]), (m["ci95"] or [float("nan")] * 2)

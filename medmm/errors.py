@@ -5,6 +5,8 @@ Batch jobs catch :class:`InvalidInputError`, record it in ``errors.jsonl`` and g
 
 from __future__ import annotations
 
+from encoders.registry import Registry, RegistryError
+
 EXCERPT_CHARS = 64  # the most of an offending input an error message repeats
 
 
@@ -20,8 +22,17 @@ class MedmmError(Exception):
     """Base class of every error medmm raises on purpose."""
 
 
-class ConfigError(MedmmError, ValueError):
-    """A configuration file or override is wrong: names the file and the dotted key."""
+class ConfigError(MedmmError, RegistryError):
+    """A configuration file or override is wrong: names the file and the dotted key.
+
+    Also what every registry raises for an unknown name (``trainer.stage: unknown stage 'x'; choose one of: ...``).
+    It subclasses ``encoders.registry.RegistryError`` (a ``ValueError``): the one registry primitive lives in
+    ``encoders/``, which never imports medmm, so importing this module makes :class:`~encoders.registry.Registry`
+    raise this class (see :mod:`encoders.registry`).
+    """
+
+
+Registry.error = ConfigError
 
 
 class InvalidInputError(MedmmError, ValueError):

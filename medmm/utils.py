@@ -143,63 +143,50 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-class PackageRegistry:
-    """The name -> class table of one kind of part whose built-in members are the modules of one package.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_DIR = _PACKAGE_DIR / "_resources"
+"""Where an installed wheel holds the repository folders medmm ships (setup.py maps them there)."""
+SHIPPED = ("configs", "data/sample")
+"""The repository folders shipped inside the package: the recipes and the sample data of the demo and tiny LLM."""
 
-    Each module of ``package`` registers its class with :meth:`register` when imported; the modules are imported
-    on first use, so a name is known without importing every part up front, and a part defined anywhere else (a
-    test, a user's module) registers the same way.
+
+def resource_path(path: str | Path) -> Path:
+    """A file or folder medmm ships, named by its path in the repository (``"configs/demo.yaml"``).
+
+    The same name works in a checkout (``<checkout>/configs/demo.yaml``) and in an installed wheel
+    (``<site-packages>/medmm/_resources/configs/demo.yaml``), so no code builds paths from ``__file__``.
 
     Args:
-        kind: what a member is, for messages ("stage", "featuriser").
-        package: the package whose modules hold the built-in members (its ``__name__``).
-        config_key: the config field that names a member, for the error an unknown name raises.
-        base: when given, only subclasses of it may register.
+        path: a repository-relative path under one of :data:`SHIPPED`.
+
+    Raises:
+        ValueError: ``path`` does not lie under a shipped folder (it would be found in a checkout only).
+        FileNotFoundError: neither the package nor the checkout has it.
     """
+    rel = Path(path)
+    if rel.is_absolute() or ".." in rel.parts or not any(rel.is_relative_to(s) for s in SHIPPED):
+        raise ValueError(f"{path}: not under a folder medmm ships ({', '.join(SHIPPED)})")
+    candidates = [SHIPPED_DIR / rel]
+    # a checkout: the package folder sits beside pyproject.toml (never a bare site-packages/configs of another package)
+    if (_PACKAGE_DIR.parent / "pyproject.toml").is_file():
+        candidates.append(_PACKAGE_DIR.parent / rel)
+    for p in candidates:
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"{path}: not shipped with medmm (looked in {', '.join(str(p) for p in candidates)})")
 
-    def __init__(self, kind: str, package: str, config_key: str, base: type | None = None):
-        self.kind, self.package, self.config_key, self.base = kind, package, config_key, base
-        self._members: dict[str, type] = {}
-        self._loaded = False
 
-    def register(self, name: str):
-        """Class decorator: register the class under ``name`` (and set its ``name`` attribute).
+def locate(path: str | Path) -> Path:
+    """A path the user wrote, made to work from any directory.
 
-        Registering another class under a taken name raises ``ValueError``; the same class again (a module
-        imported twice) replaces it.
-        """
-
-        def deco(cls: type) -> type:
-            if self.base is not None and not (isinstance(cls, type) and issubclass(cls, self.base)):
-                raise TypeError(f"register_{self.kind}('{name}') decorates a {self.base.__name__} subclass, not {cls!r}")
-            old = self._members.get(name)
-            if old is not None and old.__qualname__ != cls.__qualname__:
-                raise ValueError(f"{self.kind} '{name}' is registered twice ({old.__module__} and {cls.__module__})")
-            cls.name = name
-            self._members[name] = cls
-            return cls
-
-        return deco
-
-    def _load_builtins(self) -> None:
-        if not self._loaded:
-            import pkgutil
-
-            self._loaded = True
-            pkg = importlib.import_module(self.package)
-            for m in pkgutil.iter_modules(pkg.__path__):
-                importlib.import_module(f"{self.package}.{m.name}")
-
-    def names(self) -> list[str]:
-        """The registered names, sorted."""
-        self._load_builtins()
-        return sorted(self._members)
-
-    def get(self, name: str) -> type:
-        """The class registered as ``name``; a ``ConfigError`` naming the config key lists the registered ones."""
-        from .errors import ConfigError
-
-        self._load_builtins()
-        if name not in self._members:
-            raise ConfigError(f"{self.config_key}: unknown {self.kind} '{name}'; registered: {', '.join(self.names())}")
-        return self._members[name]
+    ``path`` as given when it exists (relative paths are relative to the working directory); otherwise, when it
+    names a shipped file by its repository path (``configs/deepspeed/zero2.json`` in a recipe), the copy medmm
+    ships; otherwise ``path`` unchanged, so the caller's not-found error names what the user wrote.
+    """
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    try:
+        return resource_path(p)
+    except (ValueError, FileNotFoundError):
+        return p

@@ -90,9 +90,9 @@ def test_dna_head_checkpoint_agrees_with_eval_head(tmp_path, shared_data):
 @pytest.mark.slow
 def test_druggability_llm_closed_set(tiny_llm, tmp_path):
     from medmm.config import ModelConfig, config_from_dict
-    from medmm.data.prepare import prepare_molecules
     from medmm.inference.predictor import Predictor
     from medmm.model.multimodal import MedMMForCausalLM
+    from medmm.prepare.molecules import prepare_molecules
     from tests.conftest import model_dict
 
     torch.manual_seed(0)

@@ -58,7 +58,7 @@ def test_registering_twice_is_an_error():
 
     with pytest.raises(ValueError, match="registered twice"):
         register_benchmark(Dup)
-    with pytest.raises(KeyError, match="unknown benchmark"):
+    with pytest.raises(ConfigError, match="unknown benchmark 'nope'"):
         get_benchmark("nope")
 
 

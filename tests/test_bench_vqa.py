@@ -57,8 +57,8 @@ def test_predictions_matched_to_data_by_id(tmp_path):
 @pytest.mark.slow
 def test_generate_on_vqa_rad_images_keeps_errors(tiny_llm, tmp_path):
     from medmm.config import ModelConfig, config_from_dict
-    from medmm.data.prepare import prepare_vqa
     from medmm.model.multimodal import MedMMForCausalLM
+    from medmm.prepare.vqa import prepare_vqa
     from tests.conftest import model_dict
 
     torch.manual_seed(0)

@@ -19,8 +19,8 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from medmm.data.prepare_dicom import DicomPrepareOptions, prepare_dicom
 from medmm.io.dicom import HEADER_ATTRIBUTES
+from medmm.prepare.dicom import DicomPrepareOptions, prepare_dicom
 
 pytestmark = pytest.mark.slow
 

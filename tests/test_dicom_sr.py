@@ -12,9 +12,9 @@ from pydicom.uid import generate_uid
 from medmm.cli import main as cli_main
 from medmm.config import DecodingConfig, ModelConfig, config_from_dict
 from medmm.errors import DicomError
-from medmm.export.dicom_sr import PATIENT_KEYWORDS, algorithm_info, clean_text, read_report
-from medmm.export.study import ReportConfig, ReportPipeline, load_study, select_series
 from medmm.model.multimodal import MedMMForCausalLM
+from medmm.serve.dicom_sr import PATIENT_KEYWORDS, algorithm_info, clean_text, read_report
+from medmm.serve.study import ReportConfig, ReportPipeline, load_study, select_series
 from tests.conftest import model_dict
 
 

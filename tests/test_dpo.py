@@ -361,8 +361,9 @@ def real_pairs(shared_data, tmp_path_factory):
     import csv
     import random
 
-    from medmm.data.preferences import pairs_from_labels
-    from medmm.data.prepare import prepare_molecules, prepare_vqa
+    from medmm.prepare.molecules import prepare_molecules
+    from medmm.prepare.preferences import pairs_from_labels
+    from medmm.prepare.vqa import prepare_vqa
     from medmm.utils import read_jsonl, write_jsonl
 
     root = tmp_path_factory.mktemp("real_pairs")
@@ -455,9 +456,9 @@ def test_medical_llm_recipe_chain_pretrain_sft_dpo(tmp_path, tiny_llm, shared_da
     import train
     from medmm.cli import main as cli
     from medmm.data.preferences import PreferenceDataset, collate_pairs
-    from medmm.data.prepare import prepare_vqa
-    from medmm.data.text import TextPrepareOptions, prepare_text
     from medmm.model.multimodal import MedMMForCausalLM
+    from medmm.prepare.text import TextPrepareOptions, prepare_text
+    from medmm.prepare.vqa import prepare_vqa
     from medmm.training.stages.dpo import answer_logps
     from tests.test_text import icd10cm_descriptions
 

@@ -5,6 +5,7 @@ import torch
 
 from encoders import build_encoder, list_encoders
 from encoders.registry import get_encoder_spec
+from medmm.errors import ConfigError
 
 
 def _mol_graphs():
@@ -112,7 +113,7 @@ def test_checkpoint_loading_safetensors_and_torch(tmp_path):
 
 
 def test_unknown_encoder():
-    with pytest.raises(KeyError, match="unknown encoder"):
+    with pytest.raises(ConfigError, match="unknown encoder 'nope'"):
         build_encoder("nope")
 
 

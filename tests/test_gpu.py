@@ -9,7 +9,7 @@ pytestmark = pytest.mark.gpu
 def test_bf16_forward_backward_on_gpu(tiny_llm):
     from medmm.config import ModelConfig, TrainerConfig, config_from_dict
     from medmm.model.multimodal import MedMMForCausalLM
-    from medmm.training.trainer import build_ds_config
+    from medmm.training.loop import build_ds_config
     from tests.conftest import model_dict
 
     cfg = config_from_dict(ModelConfig, model_dict(tiny_llm, llm_trainable="lora", attn_implementation="sdpa"))

@@ -48,7 +48,7 @@ def slide_cfg(**extra):
 
 def test_slide_bags_are_read_lazily_and_checked(tmp_path):
     from medmm.data.featurisers import build_featuriser, featurise_rows, label_parser
-    from medmm.data.slides import save_slide_features
+    from medmm.io.slide_features import save_slide_features
     from medmm.utils import write_jsonl
 
     rng = np.random.default_rng(0)

@@ -9,10 +9,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from medmm.config import DecodingConfig, ModelConfig, config_from_dict
-from medmm.export.dicom_sr import read_report
-from medmm.export.http import create_app, resolve_token
-from medmm.export.study import ReportConfig, ReportPipeline
 from medmm.model.multimodal import MedMMForCausalLM
+from medmm.serve.dicom_sr import read_report
+from medmm.serve.http import create_app, resolve_token
+from medmm.serve.study import ReportConfig, ReportPipeline
 from tests.conftest import model_dict
 
 TOKEN = "test-token-0123456789"

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from medmm.data.instructions import prepare_instructions
+from medmm.prepare.instructions import prepare_instructions
+from medmm.prepare.parts import split_of
 
 
 def write(path, rows, as_array=False):
@@ -54,8 +55,11 @@ def test_sharegpt_both_spellings_and_role_checks(tmp_path):
     with open(src, "a") as f:
         f.write("{broken json\n")
     m = prepare_instructions(src, "sharegpt", tmp_path / "out", eval_fraction=0.5, seed=1)
-    assert (m["train"] + m["eval"], m["rejected"]) == (2, 5) and m["eval"] == 1
+    assert (m["train"] + m["eval"], m["rejected"]) == (2, 5)
     recs = read(tmp_path / "out" / "train.jsonl") + read(tmp_path / "out" / "eval.jsonl")
+    # the split is a keyed hash of each id (the same in every part of a --num-shards run)
+    assert {r["id"] for r in read(tmp_path / "out" / "eval.jsonl")} == {
+        r["id"] for r in recs if split_of(r["id"], 0.5, 1) == "eval"}
     by = {r["id"]: r for r in recs}
     assert by["c1"]["conversations"][0] == {"from": "system", "value": "You are a radiologist."}
     assert by["s-1"]["conversations"] == [{"from": "human", "value": "Dose?"}, {"from": "gpt", "value": "5 mg"}]
@@ -73,7 +77,9 @@ def test_promptcblue_keeps_its_fields_and_splits_deterministically(tmp_path):
     src = write(tmp_path / "p.json", rows)
     m1 = prepare_instructions(src, "promptcblue", tmp_path / "o1", eval_fraction=0.25, seed=3)
     prepare_instructions(src, "promptcblue", tmp_path / "o2", eval_fraction=0.25, seed=3)
-    assert (m1["train"], m1["eval"], m1["rejected"]) == (15, 5, 1)
+    assert (m1["train"] + m1["eval"], m1["rejected"]) == (20, 1) and 2 <= m1["eval"] <= 9
+    assert {r["id"] for r in read(tmp_path / "o1" / "eval.jsonl")} == {
+        f"train-{i}" for i in range(20) if split_of(f"train-{i}", 0.25, 3) == "eval"}
     assert m1["task_datasets"] == {"CMID": 10, "KUAKE-QIC": 10}
     assert (tmp_path / "o1" / "eval.jsonl").read_text() == (tmp_path / "o2" / "eval.jsonl").read_text()
     rec = read(tmp_path / "o1" / "train.jsonl")[0]

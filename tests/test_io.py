@@ -13,7 +13,7 @@ from medmm.io.molecules import canonical_smiles, morgan_fingerprint, parse_smile
 
 
 def pydicom_dcm_files():
-    from medmm.data.prepare import pydicom_test_files
+    from medmm.io.dicom import pydicom_test_files
 
     return sorted(pydicom_test_files().glob("*.dcm"))
 

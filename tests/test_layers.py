@@ -3,8 +3,9 @@
 Every ``import`` / ``from ... import`` in every module is collected from the AST, function-level
 (lazy) imports included, and resolved to the ``medmm`` unit it reaches: a subpackage (``medmm.data``)
 or a top-level module (``medmm.config``). A pair of units that import each other is a cycle in the
-layer order (encoders -> errors, utils, config, scoring -> io -> data -> model -> training, inference
--> eval -> export -> cli); the shared piece belongs in the lower layer.
+layer order; the shared piece belongs in the lower layer. The floors (:data:`FLOORS`) are the folders a study follows
+from disk to the PACS: readers (``io``) -> preparing (``prepare``) beside the runtime datasets (``data``) -> the model
+-> inference -> training -> evaluation -> serving and export -> the command line.
 """
 
 from __future__ import annotations
@@ -109,3 +110,46 @@ def test_lower_layers_do_not_reach_up(low, high):
     """The pairs this refactor untangled stay one-way: the lower layer never imports the higher one."""
     where = unit_edges().get((low, high), [])
     assert not where, f"{low} imports {high} at {where}"
+
+
+# The floor of each unit: a unit imports only units on lower floors, or the same-floor pairs in SAME_FLOOR.
+FLOORS = {
+    "errors": 0, "utils": 1, "config": 2, "scoring": 2,
+    "io": 3, "retrieval": 3,
+    "modalities": 4,
+    "prepare": 5, "data": 5,
+    "model": 6,
+    "inference": 7,
+    "training": 8,
+    "eval": 9,
+    "serve": 10, "export": 10,
+    "demo": 11, "cli": 12,
+}
+SAME_FLOOR = {("prepare", "data")}  # preparing reuses runtime pieces (conversations, rewards); never the reverse
+
+
+def test_every_unit_has_a_floor():
+    units = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    units |= {p.stem for p in PKG.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    assert not units - set(FLOORS), f"give these a floor in FLOORS: {sorted(units - set(FLOORS))}"
+
+
+def test_imports_go_down_the_floors():
+    bad = [f"{a} (floor {FLOORS[a]}) imports {b} (floor {FLOORS[b]}) at {where[:3]}"
+           for (a, b), where in sorted(unit_edges().items())
+           if a in FLOORS and b in FLOORS and FLOORS[b] >= FLOORS[a] and (a, b) not in SAME_FLOOR]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_floor_check_can_fail():
+    """A runtime dataset that imports a preparing command is the wall the floors guard: the check sees it."""
+    edges = {("data", "prepare"): ["medmm/data/x.py:1"], ("prepare", "data"): ["medmm/prepare/y.py:1"]}
+    bad = [(a, b) for (a, b) in edges if FLOORS[b] >= FLOORS[a] and (a, b) not in SAME_FLOOR]
+    assert bad == [("data", "prepare")]
+
+
+def test_dicom_is_opened_only_in_io():
+    """One DICOM model: serving, preparing and everything else read DICOM through medmm/io's defensive reader."""
+    bad = [f"{p.relative_to(PKG.parent)}:{n}" for p in sorted(PKG.rglob("*.py")) if p.parent.name != "io"
+           for n, line in enumerate(p.read_text().splitlines(), 1) if "dcmread(" in line]
+    assert not bad, f"pydicom.dcmread outside medmm/io: {bad}"

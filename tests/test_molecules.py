@@ -316,7 +316,7 @@ def test_scaffold_split_keeps_scaffolds_apart(shared_data):
 
 # ----------------------------------------------------------------------------- prepare
 def test_prepare_molecules_scaffold_split_and_qa(tmp_path):
-    from medmm.data.prepare import prepare_molecules
+    from medmm.prepare.molecules import prepare_molecules
 
     src = tmp_path / "assay.csv"
     src.write_text("smiles,active\nCC(=O)Oc1ccccc1C(=O)O,1\nc1cccn1,0\n,1\nCC(=O)[O-].[Na+],0\n"
@@ -489,8 +489,8 @@ def test_druggability_llm_recipe_trains_with_deepspeed(tmp_path, tiny_llm, share
     then `medmm eval druggability` on the eval JSONL (closed-set yes/no probabilities)."""
     import os
 
-    from medmm.data.prepare import prepare_molecules
     from medmm.eval.druggability import evaluate_druggability
+    from medmm.prepare.molecules import prepare_molecules
 
     rows = (shared_data.joinpath(*MOLNET, "clintox.csv")).read_text().splitlines()
     src = tmp_path / "clintox_part.csv"

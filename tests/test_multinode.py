@@ -6,22 +6,20 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-from tests.test_training import env, losses, make_run, torchrun
+from tests.conftest import REPO, ZERO3_RUN
+from tests.test_training import env, losses, make_run
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 
 
-def test_two_nodes_of_one_rank_match_one_node_of_two(tmp_path, tiny_llm):
+def test_two_nodes_of_one_rank_match_one_node_of_two(tmp_path, tiny_llm, zero3_two_ranks):
     from medmm.training.distributed import free_port
 
-    one, two = tmp_path / "one_node", tmp_path / "two_nodes"
-    one.mkdir(), two.mkdir()
-    kw = dict(max_steps=6, save_every=6, deepspeed=str(REPO / "configs/deepspeed/zero3.json"))
-    r = torchrun(make_run(one, tiny_llm, **kw))
+    one_cfg, r = zero3_two_ranks  # one node of two ranks, ZERO3_RUN (tests/conftest.py)
     assert r.returncode == 0, r.stderr[-3000:]
-
-    cfg = make_run(two, tiny_llm, **kw)
+    one, two = one_cfg.parent, tmp_path / "two_nodes"
+    two.mkdir()
+    cfg = make_run(two, tiny_llm, **ZERO3_RUN)
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",

@@ -20,10 +20,10 @@ from pydicom.uid import generate_uid
 
 from medmm.cli import main as cli_main
 from medmm.config import DecodingConfig, ModelConfig, config_from_dict
-from medmm.export.dicom_sr import read_report
-from medmm.export.listener import OUT_OF_RESOURCES, ListenerConfig, StudyListener
-from medmm.export.study import ReportConfig, ReportPipeline
 from medmm.model.multimodal import MedMMForCausalLM
+from medmm.serve.dicom_sr import read_report
+from medmm.serve.listener import OUT_OF_RESOURCES, ListenerConfig, StudyListener
+from medmm.serve.study import ReportConfig, ReportPipeline
 from medmm.training.distributed import free_port
 from tests.conftest import REPO, model_dict
 

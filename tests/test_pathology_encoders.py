@@ -106,7 +106,7 @@ def test_vit_tile_bag_skips_padded_tiles_and_preprocess():
 def test_slide_feature_loader(tmp_path):
     from medmm.config import PreprocessConfig
     from medmm.data.loaders import build_loader
-    from medmm.data.slides import save_slide_features
+    from medmm.io.slide_features import save_slide_features
 
     pre = PreprocessConfig(slide_feature_dim=8, slide_max_tiles=5)
     f1 = save_slide_features(tmp_path / "a.safetensors", np.random.rand(12, 8), np.arange(24).reshape(12, 2),
@@ -144,7 +144,7 @@ def test_slide_tile_loader_on_real_slide(shared_data):
 @pytest.fixture(scope="module")
 def feature_run(tmp_path_factory, shared_data):
     """``prepare wsi --features vit_tile_tiny`` on the two real SVS slides + the broken one, with labels and reports."""
-    from medmm.data.slides import prepare_wsi
+    from medmm.prepare.wsi import prepare_wsi
 
     d = tmp_path_factory.mktemp("feat")
     torch.manual_seed(0)
@@ -167,8 +167,8 @@ def feature_run(tmp_path_factory, shared_data):
 def test_prepare_features_writes_bags_conversations_and_shards(feature_run):
     import tarfile
 
-    from medmm.data.slides import load_slide_features
     from medmm.io import wsi
+    from medmm.io.slide_features import load_slide_features
 
     d, m = feature_run
     out = d / "out"
@@ -254,7 +254,7 @@ def test_llm_with_slide_modality_trains_answers_and_draws_attention(tiny_llm, fe
 
 def synthetic_bags(d: Path, n_slides=24, dim=16, seed=0, source: str | None = None) -> tuple[Path, list]:
     """Bags where 'tumor' slides hold a few tiles shifted along one direction (the rest is shared noise)."""
-    from medmm.data.slides import save_slide_features
+    from medmm.io.slide_features import save_slide_features
 
     rng = np.random.default_rng(seed)
     direction = rng.normal(size=dim)
@@ -311,7 +311,7 @@ def test_slide_classifier_learns_reports_metrics_and_attends_to_signal(tmp_path,
     assert m["auroc"] == pytest.approx(t["auroc"]) and m["auroc_ci"][0] <= m["auroc"] <= m["auroc_ci"][1]
     assert len((tmp_path / "ev" / "predictions.csv").read_text().splitlines()) == 1 + 8
     # Attention concentrates on the tiles that carry the signal.
-    from medmm.data.slides import load_slide_features
+    from medmm.io.slide_features import load_slide_features
     from medmm.model.heads import HeadModel
 
     model = HeadModel.from_pretrained(res["checkpoint"])

@@ -15,7 +15,7 @@ from tests.conftest import SAMPLE, model_dict
 @pytest.fixture(scope="module")
 def vqa_rad(shared_data, tmp_path_factory):
     """The shared VQA-RAD test split through `prepare_vqa` (real images checked), as conversation JSONL."""
-    from medmm.data.prepare import prepare_vqa
+    from medmm.prepare.vqa import prepare_vqa
 
     root = shared_data / "vqa" / "vqa_rad"
     out = tmp_path_factory.mktemp("vqa")
@@ -30,7 +30,7 @@ def clintox_rows(shared_data, n, seed=0):
 
 
 def test_pairs_from_vqa_rad_closed_questions(vqa_rad):
-    from medmm.data.preferences import pairs_from_labels
+    from medmm.prepare.preferences import pairs_from_labels
     from medmm.utils import read_jsonl
 
     out, raw = vqa_rad
@@ -63,7 +63,7 @@ def test_pairs_from_vqa_rad_closed_questions(vqa_rad):
 def test_pairs_from_clintox_labels_through_the_cli(shared_data, tmp_path):
     """Real ClinTox rows -> `prepare molecules` (FDA_APPROVED label) -> `medmm prepare preferences --from-labels`."""
     from medmm.cli import main as cli
-    from medmm.data.prepare import prepare_molecules
+    from medmm.prepare.molecules import prepare_molecules
     from medmm.utils import read_jsonl
 
     rows = clintox_rows(shared_data, 40)
@@ -92,8 +92,8 @@ def test_pairs_from_clintox_labels_through_the_cli(shared_data, tmp_path):
 
 
 def test_pairs_from_samples_keep_the_margin():
-    from medmm.data.preferences import pairs_from_samples
     from medmm.data.rewards import get_reward
+    from medmm.prepare.preferences import pairs_from_samples
 
     recs = [
         {"id": "a", "conversations": [{"from": "human", "value": "Is the heart enlarged?"}, {"from": "gpt", "value": "yes"}]},

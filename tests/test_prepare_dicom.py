@@ -12,8 +12,9 @@ import pytest
 
 from medmm.config import PreprocessConfig
 from medmm.data.loaders import ImageLoader, VolumeLoader
-from medmm.data.prepare_dicom import DicomPrepareOptions, prepare_dicom, read_shard_array
 from medmm.io.deid import deidentify, remap_uid
+from medmm.io.shards import read_shard_array
+from medmm.prepare.dicom import DicomPrepareOptions, prepare_dicom
 
 PHI = {"PatientName": "Doe^Jane", "PatientID": "PID-987654", "PatientBirthDate": "19610415",
        "AccessionNumber": "ACC-55501", "InstitutionName": "St Example Hospital",
@@ -322,7 +323,7 @@ def test_slices_sharing_positions_with_nothing_to_separate_them_are_rejected_wit
 def test_a_failing_or_dying_series_does_not_end_the_job(tmp_path, pydicom_files, monkeypatch, workers, how):
     import os
 
-    import medmm.data.prepare_dicom as P
+    import medmm.prepare.dicom as P
 
     src = tmp_path / "src"
     src.mkdir()

@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def icd_corpus(tmp_path_factory):
     """6,000 ICD-10-CM descriptions -> prepare_text -> train.jsonl, and a tiny LLM with a tokenizer of that split."""
-    from medmm.data.text import TextPrepareOptions, prepare_text
     from medmm.model.tiny import build_tiny_llm
+    from medmm.prepare.text import TextPrepareOptions, prepare_text
 
     root = tmp_path_factory.mktemp("icd")
     desc = icd10cm_descriptions()

@@ -11,9 +11,9 @@ import sys
 import pydicom
 import pytest
 
-from medmm.data.prepare import prepare_vqa
-from medmm.data.prepare_dicom import DicomPrepareOptions, prepare_dicom
 from medmm.eval.runner import evaluate
+from medmm.prepare.dicom import DicomPrepareOptions, prepare_dicom
+from medmm.prepare.vqa import prepare_vqa
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.deepspeed]

@@ -35,9 +35,10 @@ def console_lines(stderr: str) -> list[str]:
 @pytest.fixture(scope="module")
 def suite_page(tiny_llm, tmp_path_factory, pydicom_files):
     from medmm.config import ModelConfig, config_from_dict
-    from medmm.data.prepare import prepare_molecules, prepare_vqa
     from medmm.eval.suite import run_suite
     from medmm.model.multimodal import MedMMForCausalLM
+    from medmm.prepare.molecules import prepare_molecules
+    from medmm.prepare.vqa import prepare_vqa
     from tests.conftest import model_dict
 
     tmp = tmp_path_factory.mktemp("html")

@@ -279,7 +279,7 @@ def test_druggable_genome_source():
     assert len(docs) > 2000 and len({d.id for d in docs}) == len(docs)
     adora1 = next(d for d in docs if d.metadata["symbol"] == "ADORA1")
     assert adora1.id == "NCBIGene:134" and "adenosine A1 receptor" in adora1.text and "GPCR" in adora1.text
-    with pytest.raises(ConfigError, match="registered"):
+    with pytest.raises(ConfigError, match="unknown source 'nope'.*druggable_genome"):
         get_source("nope")
 
 

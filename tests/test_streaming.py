@@ -90,8 +90,8 @@ def test_dataloader_workers(tmp_path):
 def test_prepare_dicom_samples_carry_their_conversations(tmp_path, source):  # noqa: F811
     """Every shard sample of ``prepare dicom`` holds the conversations its JSONL records hold (and its array)."""
     from medmm.config import DicomPrepareOptions
-    from medmm.data.prepare_dicom import prepare_dicom
     from medmm.data.streaming import npz_array
+    from medmm.prepare.dicom import prepare_dicom
     from medmm.utils import read_jsonl
 
     src, reports, *_ = source
@@ -282,8 +282,8 @@ def test_two_ranks_train_on_prepare_dicom_and_prepare_wsi_shards(tmp_path, tiny_
     `medmm prepare wsi` tile shards (a label conversation inside each tile's JSON), streamed by 2 ranks (ZeRO-3),
     a weighted mixture of the two, no JSONL read."""
     from medmm.config import DicomPrepareOptions
-    from medmm.data.prepare_dicom import prepare_dicom
-    from medmm.data.slides import prepare_wsi
+    from medmm.prepare.dicom import prepare_dicom
+    from medmm.prepare.wsi import prepare_wsi
     from tests.conftest import REPO
     from tests.test_training import losses, torchrun
 
@@ -419,8 +419,8 @@ def test_feature_shard_sample_feeds_the_slide_feature_loader():
 
     from medmm.config import PreprocessConfig
     from medmm.data.loaders import build_loader
-    from medmm.data.slides import _npy, _sample_conversations
     from medmm.data.streaming import decoded, sample_records
+    from medmm.prepare.wsi import _npy, _sample_conversations
 
     feats = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
     doc = {"slide": "s1", "tiles": 5, **_sample_conversations("slide", {"label": "tumor", "report": "Carcinoma."},

@@ -12,16 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from medmm.data.text import (
-    TextPrepareOptions,
-    held_out,
-    iter_documents,
-    normalize,
-    prepare_text,
-    read_documents,
-    shingles,
-)
 from medmm.errors import InvalidInputError
+from medmm.io.text import held_out, iter_documents, normalize, read_documents, shingles
+from medmm.prepare.text import TextPrepareOptions, prepare_text
 
 
 def icd10cm_descriptions() -> list[str]:

@@ -485,7 +485,7 @@ def shard_samples(out: Path) -> dict[str, dict]:
 
 
 def test_prepare_wsi_shards_errors_and_resume(slide_folder, tmp_path):
-    from medmm.data.slides import prepare_wsi
+    from medmm.prepare.wsi import prepare_wsi
 
     src, labels = slide_folder
     out = tmp_path / "out"
@@ -618,7 +618,7 @@ def test_cli_prepare_wsi_dicom_folder(shared_data, tmp_path, capsys):
 def test_heatmap_png(shared_data, tmp_path):
     from PIL import Image
 
-    from medmm.eval.slide_heatmap import render_slide_heatmap
+    from medmm.inference.heatmap import render_slide_heatmap
 
     path = shared_data / "pathology" / "wsi" / "CMU-1-Small-Region.svs"
     with wsi.open_slide(path) as s:

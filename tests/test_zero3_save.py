@@ -4,8 +4,6 @@ once), and the folder it writes equals DeepSpeed's own consolidated fp32 weights
 import pytest
 import torch
 
-from tests.conftest import REPO
-
 
 def test_stream_shards_roundtrip_and_restore_without_zero(tmp_path):
     """Without ZeRO-3 partitions the gathers are no-ops: the shards hold every parameter once (tied ones too),
@@ -36,19 +34,18 @@ def test_stream_shards_roundtrip_and_restore_without_zero(tmp_path):
 
 @pytest.mark.deepspeed
 @pytest.mark.slow
-def test_two_ranks_zero3_final_folder_equals_zero_to_fp32(tmp_path, tiny_llm):
+def test_two_ranks_zero3_final_folder_equals_zero_to_fp32(zero3_two_ranks):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from medmm.model.multimodal import MedMMForCausalLM
-    from tests.test_training import make_run, torchrun
 
-    cfg = make_run(tmp_path, tiny_llm, max_steps=3, save_every=3, deepspeed=str(REPO / "configs/deepspeed/zero3.json"))
-    r = torchrun(cfg)
+    cfg, r = zero3_two_ranks  # 2 ranks, ZeRO-3, 6 steps, saved at steps 3 and 6 (tests/conftest.py)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "zero=3" in r.stdout
-    run = tmp_path / "run"
+    run = cfg.parent / "run"
     assert not list(run.glob(".checkpoint.zero3-shards*"))  # the scratch shards are gone
-    ref = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step-00000003")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step-00000006")
     saved = dict(MedMMForCausalLM.from_pretrained(run / "checkpoint").named_parameters())
     assert set(saved) == set(ref)
     init = dict(MedMMForCausalLM.from_pretrained(run / "checkpoint").named_parameters())

@@ -6,7 +6,6 @@ the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -237,7 +236,3 @@ class ResumableBatchSampler(Sampler[list[int]]):
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Read a conversation JSONL file (errors name the file and line)."""
     return read_jsonl(path)
-
-
-def dump_record(rec: dict) -> str:
-    return json.dumps(rec, ensure_ascii=False)

@@ -1,10 +1,8 @@
 """Modality input loaders: a raw value (path, SMILES, sequence) -> the tensor an encoder takes.
 
-Registry: ``image`` (PNG/JPEG/DICOM -> (C, S, S)), ``volume`` (DICOM series folder or multi-frame
-file -> (1, D, H, W)), ``smiles_fingerprint`` (SMILES -> (bits,)), ``mol_graph`` (SMILES -> atom/bond graph, packed
-(B, N, F + N) + mask), ``dna_tokens`` (sequence or FASTA
--> (L,) ids + mask). Each loader also collates a list of items and makes a dummy item, which the
-trainer feeds when a batch lacks the modality (every rank must run every encoder under ZeRO-3).
+One registered class per kind of input (``medmm list loaders`` prints them with what each returns). Each loader
+also collates a list of items and makes a dummy item, which the trainer feeds when a batch lacks the modality
+(every rank must run every encoder under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -17,9 +15,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from encoders.registry import Registry
+
 from ..config import PreprocessConfig
 from ..errors import DicomError, ImageError, InvalidInputError, SequenceError, SlideError, excerpt
+from ..io.dicom import is_dicom_file
 from ..io.files import check_regular_file
+from ..io.images import read_image
+from ..modalities.image import ImageOptions, dicom_image
+from ..modalities.slide import TileOptions, read_tiles, tile_plan
+from ..modalities.volume import VolumeOptions, load_volume
 
 Item = dict[str, torch.Tensor]
 
@@ -43,7 +48,7 @@ def _is_array_ref(value: Any) -> bool:
 def _read_array(value: Any, base_dir: Path | None) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return np.asarray(value, dtype=np.float32)
-    from .prepare_dicom import read_shard_array
+    from ..io.shards import read_shard_array
 
     return np.asarray(read_shard_array(str(value), base_dir), dtype=np.float32)
 
@@ -72,21 +77,13 @@ class ImageLoader(ModalityLoader):
     name = "image"
 
     def load(self, value: Any, base_dir: Path | None = None) -> Item:
-        from ..io.dicom import is_dicom_file, read_dicom, window
-        from ..io.images import read_image
-
         if _is_array_ref(value):  # preprocessed by `prepare dicom`: [0, 1], (H, W) or (H, W, 3)
             arr = _read_array(value, base_dir)
             return {"x": self.to_tensor(arr[..., None] if arr.ndim == 2 else arr)}
         path = check_regular_file(_resolve(str(value), base_dir), ImageError, missing_ok=True)
-        if is_dicom_file(path):
-            img = read_dicom(path, apply_voi=self.pre.window is None)
-            frame = img.pixels[img.pixels.shape[0] // 2]
-            if img.is_color or img.meta.get("voi"):
-                arr = np.clip(frame, 0.0, 1.0)
-                arr = arr if img.is_color else arr[..., None]
-            else:
-                arr = window(frame, self.pre.window)[..., None]
+        if is_dicom_file(path):  # the transform `prepare dicom` applied, with the options it recorded
+            arr, _meta = dicom_image(path, ImageOptions.from_preprocess(self.pre))
+            arr = arr if arr.ndim == 3 else arr[..., None]
         else:
             arr = read_image(path)
         return {"x": self.to_tensor(arr)}
@@ -118,17 +115,16 @@ class VolumeLoader(ModalityLoader):
     def load(self, value: Any, base_dir: Path | None = None) -> Item:
         if _is_array_ref(value):  # preprocessed by `prepare dicom`: (D, H, W) in [0, 1]
             arr = _read_array(value, base_dir).astype(np.float32)
-        else:
+        else:  # the transform `prepare dicom` applied (window, spacing, size), with the options it recorded
             path = _resolve(str(value), base_dir)
             if not path.is_dir():  # a series folder, else one (multi-frame) file
                 check_regular_file(path, DicomError, missing_ok=True)
-            from ..io.dicom import read_series, window
+            arr = load_volume(path, VolumeOptions.from_preprocess(self.pre))  # (D, H, W) in [0, 1]
+        t = torch.from_numpy(arr)[None]  # (1, D, H, W)
+        if list(arr.shape) != list(self.pre.volume_size):  # the encoder's input size, for shards and raw alike
+            from monai.transforms import Resize
 
-            vol, _report = read_series(path)
-            arr = window(vol.numpy()[0], self.pre.window)  # (D, H, W) in [0, 1]
-        from monai.transforms import Resize
-
-        t = Resize(tuple(self.pre.volume_size), mode="trilinear")(torch.from_numpy(arr)[None])
+            t = Resize(tuple(self.pre.volume_size), mode="trilinear")(t)
         return {"x": torch.as_tensor(t).float()}
 
     def dummy(self) -> Item:
@@ -185,26 +181,29 @@ class DnaLoader(ModalityLoader):
         return {"x": ids, "mask": torch.ones(8, dtype=torch.bool)}
 
 
-_LOADERS: dict[str, Callable[[PreprocessConfig], ModalityLoader]] = {
-    "image": ImageLoader,
-    "volume": VolumeLoader,
-    "smiles_fingerprint": FingerprintLoader,
-    "dna_tokens": DnaLoader,
-}
+LOADERS = Registry("loader")
+"""name -> ``cls(pre: PreprocessConfig) -> ModalityLoader``."""
 
 
-def register_loader(name: str, cls: Callable[[PreprocessConfig], ModalityLoader]) -> None:
-    _LOADERS[name] = cls
+def register_loader(name: str, cls: Callable[[PreprocessConfig], ModalityLoader], summary: str | None = None) -> None:
+    """Register a loader class under ``name`` (summary: its docstring's first paragraph unless given)."""
+    LOADERS.register(name, cls, summary)
 
 
 def list_loaders() -> list[str]:
-    return sorted(_LOADERS)
+    """Registered loader names."""
+    return LOADERS.names()
 
 
 def build_loader(name: str, pre: PreprocessConfig) -> ModalityLoader:
-    if name not in _LOADERS:
-        raise KeyError(f"unknown modality loader '{name}'; registered: {', '.join(list_loaders())}")
-    return _LOADERS[name](pre)
+    """The loader ``name`` with these preprocessing settings; a ConfigError lists the registered ones."""
+    return LOADERS.get(name)(pre)
+
+
+register_loader("image", ImageLoader)
+register_loader("volume", VolumeLoader)
+register_loader("smiles_fingerprint", FingerprintLoader)
+register_loader("dna_tokens", DnaLoader)
 
 
 class MolGraphLoader(ModalityLoader):
@@ -265,8 +264,8 @@ class SlideFeatureLoader(ModalityLoader):
     name = "slide_features"
 
     def load(self, value: Any, base_dir: Path | None = None) -> Item:
+        from ..io.slide_features import load_slide_features
         from ..io.wsi import evenly_spaced
-        from .slides import load_slide_features
 
         if isinstance(value, np.ndarray):  # a streamed feature-shard sample's (N, D) bag
             path, feats, coords, meta = "<shard sample>", np.asarray(value, np.float32), None, {}
@@ -308,17 +307,17 @@ class SlideTileLoader(SlideFeatureLoader):
     name = "slide_tiles"
 
     def load(self, value: Any, base_dir: Path | None = None) -> Item:
-        from ..io.wsi import evenly_spaced, open_slide, read_tile, select_level, tile_grid, tissue_mask
+        from ..io.wsi import evenly_spaced, open_slide
 
         path = check_regular_file(_resolve(str(value), base_dir), SlideError, missing_ok=True)
-        with open_slide(path) as slide:
-            choice = select_level(slide, self.pre.slide_mpp, self.pre.slide_tile)
-            grid = tile_grid(slide, choice, tissue_mask(slide), self.pre.slide_min_tissue)
+        opts = TileOptions.from_preprocess(self.pre)  # what `prepare wsi` recorded: the same grid, the same tiles
+        with open_slide(path, slide_mpp=opts.scan_mpp) as slide:
+            choice, grid, _mask = tile_plan(slide, opts)
             if len(grid) == 0:
                 raise SlideError(path, f"no tile has >= {self.pre.slide_min_tissue:.0%} tissue")
             keep = evenly_spaced(len(grid), self.pre.slide_max_tiles)
             coords = grid.coords[keep]
-            tiles = np.stack([read_tile(slide, choice, int(x), int(y)) for x, y in coords])  # (N, T, T, 3)
+            tiles = read_tiles(slide, choice, coords)  # (N, T, T, 3) uint8
         t = torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, T, T)
         s = self.pre.image_size
         if t.shape[-1] != s:
@@ -335,8 +334,9 @@ class SlideTileLoader(SlideFeatureLoader):
         return {"x": torch.zeros(1, 3, s, s), "mask": torch.ones(1, dtype=torch.bool)}
 
 
-register_loader("slide_features", SlideFeatureLoader)
+register_loader("slide_features", SlideFeatureLoader,
+                "A slide as a bag of precomputed tile features (.safetensors or .npy) -> x (N, D) + mask")
 register_loader("slide_tiles", SlideTileLoader)
 
 
-__all__ = ["InvalidInputError", "ModalityLoader", "build_loader", "list_loaders", "register_loader"]
+__all__ = ["LOADERS", "InvalidInputError", "ModalityLoader", "build_loader", "list_loaders", "register_loader"]

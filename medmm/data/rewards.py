@@ -17,9 +17,7 @@ A reward takes ``(prediction, example)`` and returns a float; the example is a c
 ``answer_choices`` (PromptCBLUE) for closed-set rewards. Rewards are pure: no model, no I/O, so they
 sit in ``data/`` below ``training`` and ``inference``.
 
-Built-in: ``exact_match`` (normalised equality), ``token_f1`` and ``recall`` (answer-text metrics of
-:mod:`medmm.scoring`), ``closed_set`` (the answer must name exactly one of the allowed choices, and
-the right one).
+``medmm list rewards`` prints the registered rewards, one line each.
 """
 
 from __future__ import annotations
@@ -28,7 +26,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from encoders.registry import Registry, summary_of
+
 from ..scoring import exact_match, normalize, recall, token_f1
 from .conversation import reference_of
 
@@ -47,16 +46,17 @@ class RewardSpec:
         return float(self.fn(prediction, example))
 
 
-_REGISTRY: dict[str, RewardSpec] = {}
+REWARDS = Registry("reward")
+"""name -> :class:`RewardSpec`."""
 
 
 def register_reward(name: str, description: str = ""):
-    """Decorator: register ``fn(prediction, example) -> float`` under ``name`` (names are unique)."""
+    """Decorator: register ``fn(prediction, example) -> float`` under ``name`` (names are unique); ``description``
+    defaults to the first paragraph of its docstring."""
 
     def deco(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY:
-            raise ValueError(f"reward '{name}' is registered twice")
-        _REGISTRY[name] = RewardSpec(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
+        spec = RewardSpec(name, fn, description or summary_of(fn))
+        REWARDS.register(name, spec, spec.description)
         return fn
 
     return deco
@@ -64,14 +64,12 @@ def register_reward(name: str, description: str = ""):
 
 def list_rewards() -> list[str]:
     """Registered reward names."""
-    return sorted(_REGISTRY)
+    return REWARDS.names()
 
 
 def get_reward(name: str) -> RewardSpec:
     """The registered reward ``name``; a ConfigError lists the known ones."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown reward '{name}'; registered: {', '.join(list_rewards())}")
-    return _REGISTRY[name]
+    return REWARDS.get(name)
 
 
 def reference(example: dict) -> str:

@@ -1,6 +1,6 @@
 """``medmm eval``: score a checkpoint or a predictions file on a registered benchmark, compare runs, run suites.
 
-    medmm eval list
+    medmm eval list                 (= medmm list benchmarks)
     medmm eval NAME --checkpoint C --data D [D ...] [--out OUT] [benchmark flags]
     medmm eval NAME --predictions P [--data D ...] [--out OUT] [benchmark flags]
     medmm eval compare RUN_A RUN_B [--resamples 1000] [--seed 0] [--out diff.json]
@@ -137,14 +137,14 @@ def _suite(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .benchmarks import get_benchmark, list_benchmarks
+    from .benchmarks.registry import BENCHMARKS
 
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
     cmd, rest = argv[0], argv[1:]
-    if cmd == "list":
-        for name in list_benchmarks():
-            print(f"{name:<14} {get_benchmark(name).summary}")
+    if cmd == "list":  # the same lines as ``medmm list benchmarks``
+        print("\n".join(BENCHMARKS.lines()))
     elif cmd == "compare":
         _compare(rest)
     elif cmd == "suite":

@@ -1,2 +1,2 @@
-"""Export and deployment: merged Hugging Face folders (hf), ONNX/TorchScript graphs (onnx), the study -> DICOM SR
-chain (study, dicom_sr), DICOMweb pull-run-push (dicomweb), the DIMSE listener (listener) and the HTTP API (http)."""
+"""Export: merged Hugging Face folders (hf) and ONNX/TorchScript graphs (onnx). Serving (HTTP API, DIMSE listener,
+study pipeline, DICOM SR, DICOMweb) lives in :mod:`medmm.serve`."""

@@ -5,6 +5,7 @@
     python infer.py --checkpoint C --manifest requests.jsonl --out answers.jsonl [--options yes,no]
     python infer.py --checkpoint C --input x.dcm --question Q --strategy speculative --draft DRAFT_DIR
     python infer.py --checkpoint C --input x.dcm --question Q --strategy prompt_lookup --num-draft-tokens 4
+    python infer.py --checkpoint C --volume SERIES/ --question Q --dump-inputs DIR   # DIR/volume.npy: the encoder input
 
 Decoding flags come from the strategy registry (medmm/inference/strategies/): ``--strategy NAME`` and
 one flag per setting; a flag the chosen strategy does not take is an error. Every strategy and
@@ -135,6 +136,19 @@ def _molecules(args, cfg: InferConfig) -> dict:
     return res
 
 
+def _dump_inputs(predictor, request: dict, base_dir: Path | None, out: Path) -> None:
+    """``out/<key>.npy`` per modality of ``request``: what its encoder is handed (see ``--dump-inputs``)."""
+    import numpy as np
+
+    try:
+        arrays = predictor.encoder_inputs(request, base_dir)
+    except (InvalidInputError, ConfigError) as e:
+        raise SystemExit(f"infer.py: --dump-inputs: {e}") from e
+    out.mkdir(parents=True, exist_ok=True)
+    for key, arr in arrays.items():
+        np.save(out / f"{key}.npy", arr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", help="optional InferConfig YAML")
@@ -163,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--smiles-col", default="smiles", help="--molecules: the SMILES column")
     batch.add_argument("--workers", type=int, default=0, help="--molecules: RDKit worker processes")
     add_decoding_flags(ap)
+    ap.add_argument("--dump-inputs", metavar="DIR", help="write the arrays handed to each encoder for the one "
+                    "request as DIR/<key>.npy (<key>: the checkpoint's model.modalities key; float32 (M, ...) as "
+                    "collated, after the loader's mean/std normalisation), to check parity with the training "
+                    "loader")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--device")
     rag = ap.add_argument_group("retrieval augmentation")
@@ -239,6 +257,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if options:
             req["options"] = options
         requests = [req]
+    if args.dump_inputs:
+        if len(requests) != 1:
+            raise SystemExit(f"infer.py: --dump-inputs writes the inputs of one request; got {len(requests)}")
+        _dump_inputs(predictor, requests[0], base_dir, Path(args.dump_inputs))
     citations = None
     if args.rag:
         cfg.rag = args.rag

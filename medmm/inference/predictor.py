@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import DecodingConfig
@@ -135,6 +136,17 @@ class Predictor:
         return {name: self._aux_model(params[name], match_vocab=for_hf,
                                       quantize=params.get("draft_quantize", "none") if name == "draft" else "none")
                 for name in strategy.aux_models}
+
+    def encoder_inputs(self, request: dict, base_dir: Path | None = None) -> dict[str, np.ndarray]:
+        """The arrays this request hands each encoder: ``{modality key: x}``, ``x`` as collated for the encoder
+        ``(M, ...)`` (M = the request's inputs of that modality), float32 before any cast to the model's dtype.
+
+        The same loaders and collation as :meth:`predict` and sessions, so ``infer.py --dump-inputs`` shows
+        exactly what the model saw (for parity checks against the training loader).
+        """
+        sample = self.processor.process_prompt(self.to_conversation(request), base_dir, str(request.get("id")))
+        inputs = self.processor.collate([sample], padding_side="left")["modality_inputs"]
+        return {name: inp["x"].detach().cpu().numpy() for name, inp in inputs.items()}
 
     def session(self, modalities: dict, base_dir: Path | None = None):
         """A :class:`~medmm.inference.session.Session` over these inputs (encoded once, prefix KV reused)."""

@@ -1704,3 +1704,11 @@ def _stack_volume(slices: list[_Slice], label: str, tolerance: float, normal: np
 def _lps_to_ras(affine: np.ndarray) -> np.ndarray:
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     return flip @ affine
+
+
+
+def pydicom_test_files() -> Path:
+    """The test files shipped inside the pydicom wheel, read in place (pydicom's own helper downloads)."""
+    import pydicom
+
+    return Path(pydicom.__file__).parent / "data" / "test_files"

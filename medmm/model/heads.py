@@ -1,13 +1,9 @@
 """Classification heads on encoder tokens, and the encoder + head model the ``head`` training stage trains.
 
-Head registry (``head.type`` in a recipe)::
-
-    mlp      masked mean and max of the tokens (B, 2D) -> LayerNorm -> Linear -> GELU -> Dropout -> Linear
-    linear   the tokens of a pooling encoder (B, K, D), flattened -> Dropout -> Linear   (needs a fixed K: abmil)
-
-A builder takes every architecture argument: ``builder(in_dim, num_tokens, out_dim, hidden, dropout, extra_dim)``
-and returns a module mapping ``tokens (B, N, D), mask (B, N) | None[, features (B, extra_dim)] -> (B, out_dim)``;
-``extra_dim`` > 0 = per-input features read beside the tokens (``head.mol_features``), which a head may refuse.
+Heads are registered builders (``head.type`` in a recipe; ``medmm list heads`` prints them). A builder takes every
+architecture argument: ``builder(in_dim, num_tokens, out_dim, hidden, dropout, extra_dim)`` and returns a module
+mapping ``tokens (B, N, D), mask (B, N) | None[, features (B, extra_dim)] -> (B, out_dim)``; ``extra_dim`` > 0 =
+per-input features read beside the tokens (``head.mol_features``), which a head may refuse.
 
 A saved :class:`HeadModel` folder rebuilds from itself::
 
@@ -23,12 +19,13 @@ import dataclasses
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from encoders.registry import Registry
 
 from .. import __version__
 from ..config import HeadStageConfig, config_from_dict, to_dict
@@ -61,34 +58,26 @@ def save_encoder_folder(path: str | Path, model: nn.Module, encoder: nn.Module, 
     return path
 FORMAT_VERSION = 1
 
-_HEADS: dict[str, Callable[..., nn.Module]] = {}
+HEADS = Registry("head", config_key="head.type")
+"""name -> ``builder(in_dim, num_tokens, out_dim, hidden, dropout, extra_dim, extra_dropout) -> nn.Module``."""
 
 
-def register_head(name: str):
+def register_head(name: str, summary: str | None = None):
     """Decorator: register ``builder(in_dim, num_tokens, out_dim, hidden, dropout, extra_dim, extra_dropout)
     -> nn.Module`` (``extra_dropout``: the dropout on the ``extra_dim`` per-input features; None = ``dropout``)."""
-
-    def deco(fn):
-        if name in _HEADS:
-            raise ValueError(f"head '{name}' is registered twice")
-        _HEADS[name] = fn
-        return fn
-
-    return deco
+    return HEADS.register(name, summary=summary)
 
 
 def list_heads() -> list[str]:
     """Registered head names."""
-    return sorted(_HEADS)
+    return HEADS.names()
 
 
 def build_head(name: str, in_dim: int, num_tokens: int | None, out_dim: int, hidden: int = 128,
                dropout: float = 0.1, extra_dim: int = 0, extra_dropout: float | None = None) -> nn.Module:
     """Build a registered head; a ConfigError lists the known ones. ``extra_dropout``: the dropout on the
     ``extra_dim`` per-input features (None = ``dropout``)."""
-    if name not in _HEADS:
-        raise ConfigError(f"head.type: unknown head '{name}'; registered: {', '.join(list_heads())}")
-    return _HEADS[name](in_dim=in_dim, num_tokens=num_tokens, out_dim=out_dim, hidden=hidden, dropout=dropout,
+    return HEADS.get(name)(in_dim=in_dim, num_tokens=num_tokens, out_dim=out_dim, hidden=hidden, dropout=dropout,
                         extra_dim=extra_dim, extra_dropout=extra_dropout)
 
 

@@ -7,31 +7,30 @@ slide of thousands of tokens costs a bounded number of LLM tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-_PROJECTORS: dict[str, Callable[..., nn.Module]] = {}
+from encoders.registry import Registry
+
+PROJECTORS = Registry("projector", config_key="projector.type")
+"""name -> ``builder(in_dim, out_dim, **kwargs) -> nn.Module``."""
 
 
-def register_projector(name: str):
-    def deco(fn):
-        _PROJECTORS[name] = fn
-        return fn
-
-    return deco
+def register_projector(name: str, summary: str | None = None):
+    """Decorator: register ``builder(in_dim, out_dim, **kwargs)`` under ``name`` (summary: its docstring's first
+    paragraph unless given)."""
+    return PROJECTORS.register(name, summary=summary)
 
 
 def list_projectors() -> list[str]:
-    return sorted(_PROJECTORS)
+    """Registered projector names."""
+    return PROJECTORS.names()
 
 
 def build_projector(name: str, in_dim: int, out_dim: int, **kwargs) -> nn.Module:
-    """Build a registered projector. Every projector exposes ``num_tokens(n_in) -> K``."""
-    if name not in _PROJECTORS:
-        raise KeyError(f"unknown projector '{name}'; registered: {', '.join(list_projectors())}")
-    return _PROJECTORS[name](in_dim=in_dim, out_dim=out_dim, **kwargs)
+    """Build a registered projector (a ConfigError lists the registered ones). Every projector exposes
+    ``num_tokens(n_in) -> K``."""
+    return PROJECTORS.get(name)(in_dim=in_dim, out_dim=out_dim, **kwargs)
 
 
 class _TokenwiseProjector(nn.Module):
@@ -48,12 +47,13 @@ class _TokenwiseProjector(nn.Module):
 
 @register_projector("linear")
 def linear(in_dim: int, out_dim: int, **_) -> nn.Module:
+    """One linear layer per token (K = N)."""
     return _TokenwiseProjector(nn.Linear(in_dim, out_dim))
 
 
 @register_projector("mlp2x_gelu")
 def mlp2x_gelu(in_dim: int, out_dim: int, **_) -> nn.Module:
-    """LLaVA-1.5's projector: Linear -> GELU -> Linear."""
+    """LLaVA-1.5's projector: Linear -> GELU -> Linear per token (K = N)."""
     return _TokenwiseProjector(nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)))
 
 
@@ -102,4 +102,5 @@ class Resampler(nn.Module):
 
 @register_projector("resampler")
 def resampler(in_dim: int, out_dim: int, num_queries: int = 32, depth: int = 1, heads: int = 4, **_) -> nn.Module:
+    """Perceiver-style resampler: ``num_queries`` learned queries cross-attend to the masked tokens (K fixed)."""
     return Resampler(in_dim, out_dim, num_queries=num_queries, depth=depth, heads=heads)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..utils import resource_path
+
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}<|system|>\n{{ m['content'] }}\n"
@@ -79,11 +81,15 @@ def build_tiny_llm(out_dir: str | Path, texts: Iterable[str], family: str = "lla
 
 
 def sample_texts(root: str | Path | None = None) -> list[str]:
-    """Text of the bundled sample (VQA-RAD questions/answers, SMILES, prompts) for tokenizer training."""
+    """Text of the bundled sample (VQA-RAD questions/answers, SMILES, prompts) for tokenizer training.
+
+    Args:
+        root: a folder laid out like ``data/sample``; default: the sample medmm ships (checkout or wheel).
+    """
     import csv
     import json
 
-    root = Path(root) if root else Path(__file__).resolve().parents[2] / "data" / "sample"
+    root = Path(root) if root else resource_path("data/sample")
     texts = [
         "What is the imaging modality? Is there an abnormality? Describe the findings. Answer yes or no.",
         "Is this molecule likely to be approved as a drug? Does this DNA sequence contain a promoter?",

@@ -1,6 +1,6 @@
 """``medmm index``: build, query and evaluate retrieval indices.
 
-    medmm index build [FILE ...] [--source icd10cm|druggable_genome|hpo ...] --out IDX [--tune icd10cm] [key=value ...]
+    medmm index build [FILE ...] [--source NAME ...] --out IDX [--tune icd10cm] [key=value ...]   (medmm list sources)
     medmm index search IDX "query" [-k 5] [--mode fused|bm25|dense]
     medmm index queries --out Q.jsonl [--split test] [--limit N]       ICD-10-CM normalisation queries (leak-free)
     medmm index predict IDX --data Q.jsonl --out P.jsonl [-k 20] [--mode fused]   retriever-only predictions
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="documents -> index folder (BM25 + dense + RRF)")
     b.add_argument("files", nargs="*", help="JSONL (text, id, source, metadata), CSV/TSV (a text column) or .txt")
-    b.add_argument("--source", action="append", default=[], help="a built-in source (repeatable)")
+    b.add_argument("--source", action="append", default=[], help="a built-in source (repeatable; medmm list sources)")
     b.add_argument("--out", required=True)
     b.add_argument("--text-field", default="text")
     b.add_argument("--id-field", default="id")

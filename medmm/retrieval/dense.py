@@ -1,11 +1,7 @@
 """Dense retrieval: text encoders behind a registry, and a faiss inner-product index over their unit vectors.
 
-Encoders (``index.dense_encoder``)::
-
-    lsa                    hashed character n-grams (tf-idf) -> truncated SVD fitted on the corpus; no training
-    biencoder              a folder written by ``trainer.stage: retriever`` (the same featuriser, a contrastively
-                           trained projection; MedCPT-style in-batch negatives)
-    sentence_transformers  any local sentence-transformers folder (``pip install sentence-transformers``)
+Encoders (``index.dense_encoder``) are registered functions that fit or load one on the corpus; ``medmm list
+dense-encoders`` prints them.
 
 The hashed featuriser is why abbreviations still match: "Chol d/t Vibrio" shares character 3- and 4-grams with
 "Cholera due to Vibrio", which word-level BM25 cannot see. A :class:`HashedEncoder` is ``unit(X @ W)`` with ``X``
@@ -16,15 +12,16 @@ an ``EmbeddingBag`` with per-sample weights, so training and serving compute the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from encoders.registry import Registry
+
 from ..errors import ConfigError
 from ..utils import optional_import
 
-__all__ = ["DenseIndex", "HashedEncoder", "HashedFeaturiser", "build_encoder", "list_encoders", "load_encoder",
+__all__ = ["DENSE_ENCODERS", "DenseIndex", "HashedEncoder", "HashedFeaturiser", "build_encoder", "list_encoders", "load_encoder",
            "register_encoder"]
 
 
@@ -173,32 +170,30 @@ class SentenceTransformerEncoder:
         return {"encoder": self.name, "path": self.path, "dim": self.dim}
 
 
-_ENCODERS: dict[str, Callable] = {}
+DENSE_ENCODERS = Registry("dense encoder", config_key="index.dense_encoder")
+"""name -> ``fn(texts, model_path, dim, seed) -> encoder``."""
 
 
-def register_encoder(name: str):
-    """Decorator: register ``fn(texts, model_path, dim, seed) -> encoder`` (fits or loads an encoder)."""
-
-    def deco(fn):
-        _ENCODERS[name] = fn
-        return fn
-
-    return deco
+def register_encoder(name: str, summary: str | None = None):
+    """Decorator: register ``fn(texts, model_path, dim, seed) -> encoder`` (fits or loads an encoder; summary: its
+    docstring's first paragraph unless given)."""
+    return DENSE_ENCODERS.register(name, summary=summary)
 
 
 def list_encoders() -> list[str]:
-    return sorted(_ENCODERS)
+    """Registered dense encoder names."""
+    return DENSE_ENCODERS.names()
 
 
 def build_encoder(name: str, texts: list[str], model_path: str | None = None, dim: int = 256, seed: int = 0):
-    """The dense encoder ``name``, fitted on (or loaded for) the corpus ``texts``."""
-    if name not in _ENCODERS:
-        raise ConfigError(f"index.dense_encoder: unknown encoder '{name}'; registered: {', '.join(list_encoders())}")
-    return _ENCODERS[name](texts, model_path, dim, seed)
+    """The dense encoder ``name``, fitted on (or loaded for) the corpus ``texts``; a ConfigError lists the
+    registered ones."""
+    return DENSE_ENCODERS.get(name)(texts, model_path, dim, seed)
 
 
 @register_encoder("lsa")
 def _lsa(texts: list[str], model_path: str | None, dim: int, seed: int) -> HashedEncoder:
+    """Hashed character n-grams (tf-idf) -> truncated SVD fitted on the corpus; no training."""
     dec = optional_import("sklearn.decomposition", "retrieval")
     feat = HashedFeaturiser().fit(texts)
     # the SVD basis from a fixed sample of at most 20k documents: minutes faster on 95k ICD-10-CM names, and the
@@ -214,6 +209,9 @@ def _lsa(texts: list[str], model_path: str | None, dim: int, seed: int) -> Hashe
 
 @register_encoder("biencoder")
 def _biencoder(texts: list[str], model_path: str | None, dim: int, seed: int) -> HashedEncoder:
+    """A folder of ``trainer.stage: retriever`` (``index.dense_model``): hashed n-grams and a trained projection.
+
+    The same featuriser as ``lsa`` and a projection trained contrastively (MedCPT-style in-batch negatives)."""
     if not model_path:
         raise ConfigError("index.dense_encoder=biencoder needs index.dense_model: a folder of trainer.stage retriever")
     return load_encoder(model_path)
@@ -221,6 +219,7 @@ def _biencoder(texts: list[str], model_path: str | None, dim: int, seed: int) ->
 
 @register_encoder("sentence_transformers")
 def _st(texts: list[str], model_path: str | None, dim: int, seed: int) -> SentenceTransformerEncoder:
+    """Any local sentence-transformers folder (``index.dense_model``; extra ``retrieval``)."""
     if not model_path:
         raise ConfigError("index.dense_encoder=sentence_transformers needs index.dense_model (a local folder)")
     return SentenceTransformerEncoder(model_path)

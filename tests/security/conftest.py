@@ -2,7 +2,7 @@
 
 Every file here is one row of the security issue (``test_rowNN_*.py``) or one probe a hospital's security review
 runs (TLS, tokens, rate limits, audit log, API docs). The servers are the real ones: uvicorn serving
-:func:`medmm.export.http.create_app` on 127.0.0.1 (in a thread of the test process, so the model loads once), and
+:func:`medmm.serve.http.create_app` on 127.0.0.1 (in a thread of the test process, so the model loads once), and
 the DIMSE listener with pynetdicom; attacks go through real sockets (httpx, dcmtk, raw TCP).
 """
 
@@ -65,7 +65,7 @@ def sec_checkpoint(tiny_llm, tmp_path_factory):
 @pytest.fixture(scope="session")
 def sec_pipeline(sec_checkpoint):
     """One loaded :class:`ReportPipeline` shared by every server the suite starts."""
-    from medmm.export.study import ReportConfig, ReportPipeline
+    from medmm.serve.study import ReportConfig, ReportPipeline
 
     return ReportPipeline(sec_checkpoint, ReportConfig(decoding=DecodingConfig(max_new_tokens=4)))
 
@@ -73,7 +73,7 @@ def sec_pipeline(sec_checkpoint):
 @pytest.fixture(scope="session")
 def api_url(sec_pipeline):
     """The HTTP API with default settings (one token, window-less batching), served by uvicorn on loopback."""
-    from medmm.export.http import create_app
+    from medmm.serve.http import create_app
 
     with running(create_app(sec_pipeline, TOKEN, max_request_bytes=4 << 20, batching="off")) as url:
         yield url

@@ -10,7 +10,7 @@ import stat
 import httpx
 import pytest
 
-from medmm.export.http import create_app
+from medmm.serve.http import create_app
 from tests.security._http_api import zeros
 from tests.security.conftest import running
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from medmm.export import http as api
-from medmm.export.http import TokenSet, create_app, load_tokens, resolve_tokens
+from medmm.serve import http as api
+from medmm.serve.http import TokenSet, create_app, load_tokens, resolve_tokens
 from tests.security.conftest import TOKEN, running
 
 pytestmark = pytest.mark.integration

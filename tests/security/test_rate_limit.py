@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from medmm.export.http import create_app, parse_rate_limit
+from medmm.serve.http import create_app, parse_rate_limit
 from tests.security._http_api import raw_exchange
 from tests.security.conftest import running
 

@@ -70,7 +70,7 @@ def test_http_upload_with_path_uids_writes_nothing_outside(api_url, pydicom_file
 
 def test_wado_rs_pull_with_path_uids_writes_nothing_outside(sec_pipeline, pydicom_files, tmp_path):
     from medmm.errors import DicomError
-    from medmm.export.dicomweb import pull_run_push
+    from medmm.serve.dicomweb import pull_run_push
     from tests.test_pacs import Orthanc
 
     root = tmp_path / "victims"
@@ -100,7 +100,7 @@ def test_series_files_are_named_by_index_inside_the_work_folder(pydicom_files, t
     """Whatever the UIDs, the chain's files are ``series/<n>/<index>.dcm`` inside the work folder; two instances
     sharing a SOP Instance UID get two files; a UID that is a path only gets its file rejected (attribute named,
     value not echoed)."""
-    from medmm.export.study import load_study
+    from medmm.serve.study import load_study
 
     src = tmp_path / "in"
     src.mkdir()

@@ -12,7 +12,7 @@ import shutil
 import httpx
 import pytest
 
-from medmm.export.http import create_app
+from medmm.serve.http import create_app
 from tests.security.conftest import AUTH, TOKEN, running
 
 pytestmark = pytest.mark.integration

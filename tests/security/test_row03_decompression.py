@@ -14,8 +14,8 @@ import tracemalloc
 
 import pytest
 
-from medmm.export.study import load_study
 from medmm.io.dicom import DicomError, read_dicom
+from medmm.serve.study import load_study
 from tests.security._studies import ct_header, deflated_bomb, huge_native, post_study, to_bytes
 
 pytestmark = pytest.mark.integration

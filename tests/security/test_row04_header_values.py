@@ -15,8 +15,8 @@ import warnings
 import pydicom
 import pytest
 
-from medmm.export.dicom_sr import AlgorithmInfo, build_report_sr
 from medmm.io.dicom import read_dicom
+from medmm.serve.dicom_sr import AlgorithmInfo, build_report_sr
 from tests.security._studies import ct, post_study, set_raw, to_bytes
 
 pytestmark = pytest.mark.integration

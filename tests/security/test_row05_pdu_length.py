@@ -11,7 +11,7 @@ import struct
 import pytest
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
-from medmm.export.listener import MAX_CONNECTIONS
+from medmm.serve.listener import MAX_CONNECTIONS
 from tests.security._listener import associate, listening, store, study_files, wait
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 WINDOW_S = 600.0
 STUCK = """
 import sys, threading
-from medmm.export.listener import ListenerConfig, StudyListener
+from medmm.serve.listener import ListenerConfig, StudyListener
 
 class Stuck:  # a model that never answers: every study received stays in the spool
     def run(self, *a, **k):

@@ -12,7 +12,7 @@ from tests.security.conftest import AUTH
 pytestmark = pytest.mark.integration
 
 
-class LIMITS:  # the documented defaults (medmm.export.http.AskLimits) api_url serves with
+class LIMITS:  # the documented defaults (medmm.serve.http.AskLimits) api_url serves with
     max_options, max_option_chars = 64, 256
     max_modalities, max_modality_chars = 8, 8192
     max_params, max_param_chars, max_param_number = 16, 64, 64
@@ -53,7 +53,7 @@ def test_repeated_or_empty_options_are_a_422_not_a_500(api_url):
 
 
 def test_the_documented_defaults():
-    from medmm.export.http import AskLimits
+    from medmm.serve.http import AskLimits
 
     assert AskLimits() == AskLimits(**{k: v for k, v in vars(LIMITS).items() if not k.startswith("_")})
 

@@ -12,7 +12,7 @@ import logging
 import httpx
 import pytest
 
-from medmm.export.http import create_app
+from medmm.serve.http import create_app
 from tests.security._http_api import MULTIPART, multipart_upload, raw_exchange, zeros
 from tests.security.conftest import AUTH, TOKEN, running
 

@@ -14,7 +14,7 @@ import stat
 import httpx
 import pytest
 
-from medmm.export.http import create_app, server_options, tls_options
+from medmm.serve.http import create_app, server_options, tls_options
 from tests.security._http_api import make_pki
 from tests.security.conftest import AUTH, TOKEN, running
 

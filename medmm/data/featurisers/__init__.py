@@ -1,12 +1,6 @@
 """Featurisers: labelled files and raw inputs -> encoder inputs for the ``head`` training stage and its predictor.
 
-One registered class per kind of input (``head.featuriser`` in a recipe)::
-
-    molecules   SMILES column of a CSV/TSV -> RDKit pipeline in worker processes -> graph or fingerprint items
-                (+ Bemis-Murcko scaffolds for the scaffold split, + the drug-likeness rule report)
-    dna         DNA column (plain or DNABERT k-mers) -> k-mer ids
-    slides      slide JSONL (``modalities.slide`` = a tile-feature file, ``label``) -> bags of tile features,
-                read lazily, randomly subsampled per epoch for training
+One registered class per kind of input (``head.featuriser`` in a recipe); ``medmm list featurisers`` prints them.
 
 Adding a kind of input is one module in this folder::
 
@@ -30,9 +24,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from encoders.registry import Registry
+
 from ...config import HeadStageConfig
 from ...errors import ConfigError, InvalidInputError
-from ...utils import PackageRegistry
 
 Item = dict[str, Any]
 
@@ -90,7 +85,7 @@ class Featuriser:
         self.cfg = cfg
         try:
             self.loader = build_loader(cfg.loader, cfg.preprocess)
-        except KeyError as e:
+        except ConfigError as e:
             raise ConfigError(f"head.loader: {e}") from e
 
     # ------------------------------------------------------------------ reading
@@ -119,22 +114,32 @@ class Featuriser:
         return None
 
 
-_FEATURISERS = PackageRegistry("featuriser", __name__, "head.featuriser", base=Featuriser)
+FEATURISERS = Registry("featuriser", config_key="head.featuriser", package=__name__)
+"""name -> :class:`Featuriser` subclass; every module of this folder registers its class when first looked up."""
 
 
-def register_featuriser(name: str):
-    """Class decorator: register a :class:`Featuriser` subclass under ``name``."""
-    return _FEATURISERS.register(name)
+def register_featuriser(name: str, summary: str | None = None):
+    """Class decorator: register a :class:`Featuriser` subclass under ``name`` and set its ``name``; ``summary``
+    (for ``medmm list featurisers``) defaults to its docstring's first paragraph."""
+
+    def deco(cls: type[Featuriser]) -> type[Featuriser]:
+        if not (isinstance(cls, type) and issubclass(cls, Featuriser)):
+            raise TypeError(f"register_featuriser('{name}') decorates a Featuriser subclass, not {cls!r}")
+        FEATURISERS.register(name, cls, summary)
+        cls.name = name
+        return cls
+
+    return deco
 
 
 def list_featurisers() -> list[str]:
     """Registered featuriser names."""
-    return _FEATURISERS.names()
+    return FEATURISERS.names()
 
 
 def build_featuriser(cfg: HeadStageConfig) -> Featuriser:
     """The featuriser ``cfg.featuriser`` for these settings; a ConfigError lists the registered ones."""
-    return _FEATURISERS.get(cfg.featuriser)(cfg)
+    return FEATURISERS.get(cfg.featuriser)(cfg)
 
 
 # ----------------------------------------------------------------------------- labelled tables

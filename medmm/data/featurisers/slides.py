@@ -105,8 +105,8 @@ class SlideFeaturiser(Featuriser):
         return out
 
     def load(self, item: Item, train: bool = False, rng: np.random.Generator | None = None) -> Item:
+        from ...io.slide_features import load_slide_features
         from ...io.wsi import evenly_spaced
-        from ..slides import load_slide_features
 
         feats, coords, meta = load_slide_features(item["path"])
         cap = self.cfg.train_max_tokens if train and self.cfg.train_max_tokens else self.cfg.preprocess.slide_max_tiles

@@ -56,9 +56,14 @@ import numpy as np
 
 from ...config import HeadStageConfig
 from ...data.featurisers.molecules import CACHE_ENV, MOLECULENET
+from ...utils import resource_path
 from .registry import Benchmark, register_benchmark
 
+# the checkout, which the default --data-dir (../shared/data/...) and the runs' head.data.path are relative to; the
+# recipe itself ships with the package (HEAD_RECIPE)
 REPO = Path(__file__).resolve().parents[3]
+HEAD_RECIPE = "configs/tasks/druggability_head.yaml"
+"""The recipe every run trains (:func:`run_overrides` on top); read from the checkout or the installed package."""
 
 DATASETS: dict[str, dict] = MOLECULENET
 """File, SMILES column and label columns of each dataset in the shared MoleculeNet folder (chemprop's copies)."""
@@ -142,7 +147,7 @@ def featurise_once(overrides: list[str], workers: int, cache: str) -> None:
     from ...data.featurisers import build_featuriser, featurise_rows
     from ...training.stages.head import multitask_label_parser, read_multitask_rows
 
-    h = load_config(TrainConfig, REPO / "configs/tasks/druggability_head.yaml", overrides).head
+    h = load_config(TrainConfig, resource_path(HEAD_RECIPE), overrides).head
     h = dataclasses.replace(h, data=dataclasses.replace(h.data, workers=workers))
     saved = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = cache  # where the featuriser's cache lives (the runs get it through their env)
@@ -225,7 +230,7 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
             out.mkdir(parents=True, exist_ok=True)
             (out / RUN_FILE).write_text(json.dumps(run_record(overrides), indent=1) + "\n")
             cmd = [sys.executable, "-m", "medmm.training", "--config",
-                   str(REPO / "configs/tasks/druggability_head.yaml"), *overrides]
+                   str(resource_path(HEAD_RECIPE)), *overrides]
             with open(out / "train.log", "w") as log:
                 proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
                 running.add(proc)

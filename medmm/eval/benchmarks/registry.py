@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from encoders.registry import Registry
+
 from ..bootstrap import Statistic
 
-__all__ = ["Benchmark", "RunContext", "Scored", "field_docs", "get_benchmark", "list_benchmarks",
+__all__ = ["BENCHMARKS", "Benchmark", "RunContext", "Scored", "field_docs", "get_benchmark", "list_benchmarks",
            "register_benchmark"]
 
 
@@ -117,29 +119,25 @@ class Benchmark:
         return config_from_dict(self.Options, dict(values or {}), source)
 
 
-_REGISTRY: dict[str, type[Benchmark]] = {}
+BENCHMARKS = Registry("benchmark", modules=("medmm.eval.benchmarks",))
+"""name -> :class:`Benchmark` subclass; importing the package (done on the first lookup) registers the built-in ones."""
 
 
 def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:
-    """Class decorator: register a :class:`Benchmark` subclass under its ``name``."""
+    """Class decorator: register a :class:`Benchmark` subclass under its ``name`` (summary: its ``summary``)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"benchmark '{cls.name}' is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return BENCHMARKS.register(cls.name, cls, cls.summary or None)
 
 
 def list_benchmarks() -> list[str]:
     """Registered benchmark names."""
-    return sorted(_REGISTRY)
+    return BENCHMARKS.names()
 
 
 def get_benchmark(name: str) -> Benchmark:
-    """A new instance of the benchmark registered as ``name``."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown benchmark '{name}'; registered: {', '.join(list_benchmarks())}")
-    return _REGISTRY[name]()
+    """A new instance of the benchmark registered as ``name``; a ConfigError lists the registered ones."""
+    return BENCHMARKS.get(name)()
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -22,10 +22,11 @@ Pick and check a strategy with :func:`get_strategy` and :func:`resolve`; list th
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from encoders.registry import Registry
 
 from ...errors import ConfigError
 
@@ -74,46 +75,32 @@ class Strategy:
         return next((p for p in self.params if p.name == name), None)
 
 
-_REGISTRY: dict[str, Strategy] = {}
 _MODULES = ("hf", "speculative", "contrastive", "best_of_n", "value_beam", "mcts")
-_loaded = False
+STRATEGIES = Registry("strategy", config_key="decoding.strategy", modules=[f"{__name__}.{m}" for m in _MODULES])
+"""name -> :class:`Strategy`; the modules of :data:`_MODULES` register theirs when first looked up."""
 
 
 def register_strategy(strategy: Strategy) -> Strategy:
     """Add a strategy; a name can be registered once."""
-    if strategy.name in _REGISTRY:
-        raise ValueError(f"decoding strategy '{strategy.name}' is already registered")
     if strategy.hf is None and strategy.start is None:
         raise ValueError(f"decoding strategy '{strategy.name}' needs an HF path or a loop step")
-    _REGISTRY[strategy.name] = strategy
-    return strategy
-
-
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for m in _MODULES:
-            importlib.import_module(f"{__name__}.{m}")
+    return STRATEGIES.register(strategy.name, strategy, strategy.summary)
 
 
 def list_strategies() -> list[str]:
-    _load()
-    return sorted(_REGISTRY)
+    """Registered strategy names."""
+    return STRATEGIES.names()
 
 
 def get_strategy(name: str) -> Strategy:
-    _load()
-    if name not in _REGISTRY:
-        raise ConfigError(f"decoding.strategy: unknown strategy '{name}' (registered: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name]
+    """The strategy registered as ``name``; a ConfigError lists the registered ones."""
+    return STRATEGIES.get(name)
 
 
 def all_params() -> dict[str, Param]:
     """Every setting of every strategy by name (a name shared by strategies has one type); for CLI flags."""
-    _load()
     out: dict[str, Param] = {}
-    for s in _REGISTRY.values():
+    for _, s in STRATEGIES.items():
         for p in s.params:
             if p.name in out and out[p.name].type is not p.type:
                 raise ValueError(f"strategy setting '{p.name}' is declared with two types")
@@ -185,15 +172,14 @@ def one_of(*choices: str):
 # ----------------------------------------------------------------------------- command-line flags
 def add_decoding_flags(parser, common: bool = True) -> None:
     """``--strategy``, ``--max-new-tokens``, ``--seed`` (``common``) and one flag per registered setting (argparse)."""
-    _load()
     g = parser.add_argument_group("decoding (flags derived from the strategy registry)")
-    listing = "; ".join(f"{s.name}: {s.summary}" for s in sorted(_REGISTRY.values(), key=lambda s: s.name))
+    listing = "; ".join(f"{name}: {s.summary}" for name, s in STRATEGIES.items())
     g.add_argument("--strategy", choices=list_strategies(), help=listing)
     if common:
         g.add_argument("--max-new-tokens", type=int, help="tokens generated at most")
         g.add_argument("--seed", type=int, help="seed for sampling and search")
     for p in all_params().values():
-        users = ", ".join(s.name for s in _REGISTRY.values() if s.param(p.name) is not None)
+        users = ", ".join(name for name, s in STRATEGIES.items() if s.param(p.name) is not None)
         g.add_argument(p.flag, dest=f"param_{p.name}", type=p.type, default=None,
                        help=f"{p.help} [{users}; default {p.default}]")
 

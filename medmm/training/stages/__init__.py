@@ -2,13 +2,7 @@
 
 ``trainer.stage: NAME`` in a recipe picks the stage registered under NAME; :func:`medmm.training.loop.run_training`
 runs it (ZeRO 0-3, checkpoints, ``--resume``, progress bar, TensorBoard, ``metrics.jsonl``, early
-stopping). Built in::
-
-    pretrain next-token loss on every text token of packed documents (continued pretraining) stages/pretrain.py
-    sft     next-token loss on the answers of conversations (multimodal, text-only, or both)   stages/sft.py
-    align   image-report contrastive alignment of one modality's encoder + projector           stages/align.py
-    head    an encoder + classification head on labelled molecules, DNA or slides (no LLM)     stages/head.py
-    value   a value head on a trained model's last hidden state, regressed on answer returns   stages/value.py
+stopping). ``medmm list stages`` prints the registered stages, one line each (each stage class's docstring).
 
 Adding a stage is one new module in this folder; it is found and imported automatically::
 
@@ -38,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from encoders.registry import Registry
+
 from ...errors import ConfigError
-from ...utils import PackageRegistry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -207,22 +202,32 @@ def seeded_epoch_batches(n: int, batch_size: int, rank: int, world: int, seed: i
     return sampler, per_epoch
 
 
-_STAGES = PackageRegistry("stage", __name__, "trainer.stage", base=Stage)
+STAGES = Registry("stage", config_key="trainer.stage", package=__name__)
+"""name -> :class:`Stage` subclass; every module of this folder registers its stage when first looked up."""
 
 
-def register_stage(name: str):
-    """Class decorator: register a :class:`Stage` subclass under ``name`` (what ``trainer.stage`` names)."""
-    return _STAGES.register(name)
+def register_stage(name: str, summary: str | None = None):
+    """Class decorator: register a :class:`Stage` subclass under ``name`` (what ``trainer.stage`` names) and set
+    its ``name``; ``summary`` (for ``medmm list stages``) defaults to its docstring's first paragraph."""
+
+    def deco(cls: type[Stage]) -> type[Stage]:
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise TypeError(f"register_stage('{name}') decorates a Stage subclass, not {cls!r}")
+        STAGES.register(name, cls, summary)
+        cls.name = name
+        return cls
+
+    return deco
 
 
 def list_stages() -> list[str]:
     """Registered stage names."""
-    return _STAGES.names()
+    return STAGES.names()
 
 
 def get_stage(name: str) -> type[Stage]:
     """The stage class registered as ``name``; a ConfigError lists the registered ones."""
-    return _STAGES.get(name)
+    return STAGES.get(name)
 
 
 __all__ = ["Stage", "StageContext", "StageData", "get_stage", "list_stages", "register_stage",

@@ -94,7 +94,7 @@ class PretrainStage(SFTStage):
     def _documents(self, x, proc) -> tuple[list, list[str]]:
         """One dataset's documents and the text that decides their split."""
         from ...data.packing import caption_document, text_documents
-        from ...data.text import iter_documents
+        from ...io.text import iter_documents
         from ...utils import read_jsonl
 
         if x.format == "text":
@@ -120,7 +120,7 @@ class PretrainStage(SFTStage):
     def build_data(self) -> StageData:
         from ...data.dataset import MixtureDataset, ResumableBatchSampler
         from ...data.packing import DocumentBlockDataset
-        from ...data.text import held_out
+        from ...io.text import held_out
 
         d, t = self.cfg.data, self.cfg.trainer
         if not d.datasets:
@@ -219,7 +219,7 @@ class _HeldOutFilter:
         self.fn, self.fraction, self.seed = fn, fraction, seed
 
     def __call__(self, sample: dict, split: str | None) -> list[dict]:
-        from ...data.text import held_out
+        from ...io.text import held_out
 
         out = []
         for r in self.fn(sample, split):

@@ -180,14 +180,14 @@ def latest_medmm_sr(instances):
 
 def pull_run_push(url: str, study_uid: str, pipeline, push: bool = True, token_file: str | Path | None = None,
                   client=None, retry_s: float | None = None) -> dict:
-    """Retrieve ``study_uid``, run ``pipeline`` (a :class:`~medmm.export.study.ReportPipeline`), store the SR.
+    """Retrieve ``study_uid``, run ``pipeline`` (a :class:`~medmm.serve.study.ReportPipeline`), store the SR.
 
     A medmm SR already in the study becomes the new SR's predecessor (``predecessor_sr`` in the record).
     ``retry_s``: how long failed requests are retried (see :func:`dicomweb_client`).
 
     The instances are written to the pipeline's work folder under names it chooses (``incoming/000000.dcm``),
     never under their UIDs, and are held to the pipeline's pixel budget (``ReportConfig.max_decoded_mib``)
-    before anything is decoded (:func:`~medmm.export.study.load_study`).
+    before anything is decoded (:func:`~medmm.serve.study.load_study`).
 
     Returns the study's audit record with the report text under ``report`` and the SR's UIDs.
     """

@@ -605,7 +605,7 @@ def create_app(pipeline, token: str | Mapping[str, str], max_request_bytes: int 
                batch_window_s: float = 0.01, batching: str = "continuous", *, limits: AskLimits | None = None,
                helper_models: Mapping[str, str | Path] | None = None, rate_limit: str | None = None,
                audit_log: str | Path | None = None, docs: bool = False, auth_failure_limit: str | None = "30/min"):
-    """The FastAPI app around a loaded :class:`~medmm.export.study.ReportPipeline`.
+    """The FastAPI app around a loaded :class:`~medmm.serve.study.ReportPipeline`.
 
     Args:
         pipeline: the loaded pipeline; its predictor answers ``/v1/ask``.

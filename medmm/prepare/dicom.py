@@ -11,16 +11,26 @@ Stages (each with a progress bar; stages 1 and 2 run in ``--workers`` processes)
    exact duplicates once, splits slices sharing positions by acquisition/echo/temporal position, splits
    orientations, and reports missing slices (``on_gap``: keep, split, reject). A stack of slices becomes a
    volume (ordered by position along the normal, MONAI ``Spacing`` onto an orthogonal grid, which undoes
-   gantry tilt), a single image stays 2D; windowed to [0, 1] and resized;
+   gantry tilt), a single image stays 2D; windowed to [0, 1] and resized, by the transforms of
+   :mod:`medmm.modalities.volume` and :mod:`medmm.modalities.image` that serving applies to raw inputs too;
 3. write: ``OUT/shard-000000.tar`` ... (``<key>.npz`` float16 array, ``<key>.json`` de-identified
-   metadata, ``<key>.txt`` the paired report), ``OUT/manifest.json`` (counts and ``series_outcomes``:
+   metadata with the transform's options under ``preprocess``, ``<key>.txt`` the paired report),
+   ``OUT/manifest.json`` (counts, ``preprocess``: the transforms' options, which training copies into the
+   checkpoint, and ``series_outcomes``:
    per series ``outcome`` kept/split/rejected, ``reason``, ``duplicates_dropped``, ``gap_positions``),
    ``OUT/files.jsonl`` (one line per source file: ``path``, ``outcome`` written/rejected/skipped,
    ``series`` the sample key it went into, ``error``/``message`` when rejected, ``reason`` when skipped,
    ``fallbacks`` the header fallbacks taken), ``OUT/errors.jsonl`` and ``OUT/<task>_train.jsonl`` /
    ``_eval.jsonl`` conversations that point at ``shard.tar#key.npz``. Each shard sample also carries its
    conversations, modality and train/eval ``split`` (``<key>.conversations.json``), so training can stream the
-   shards alone (``format: wds``, :mod:`medmm.data.streaming`).
+   shards alone (``format: wds``, :mod:`medmm.data.streaming`). The split is by patient (PatientID; a study
+   without one is its own group): a keyed hash of it, so no patient is in both splits.
+
+Preparing in parts (``--num-shards N --shard-index I``, :mod:`medmm.prepare.parts`): every part scans every header
+(stage 1 is cheap next to decoding), then keeps the series of the patients whose key hashes into it: a patient,
+hence a study, is never split between parts; a file that joins no series falls in the part its path (relative to
+the source) hashes into. The parts must share the salt (``--salt`` or ``$MEDMM_DEID_SALT``: a part refuses to
+invent its own); its fingerprint goes into ``manifest.json`` and ``part.json`` for ``medmm prepare merge``.
 
 No file and no series ends the job: every exception in a file or series (a worker process dying in a
 decoder included) becomes a typed record in ``errors.jsonl`` and ``files.jsonl``.
@@ -41,7 +51,7 @@ import dataclasses
 import io
 import json
 import logging
-import random
+import os
 from collections import defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -50,8 +60,13 @@ import numpy as np
 
 from ..config import DicomPrepareOptions  # noqa: F401  (defined in medmm.config; imported from here too)
 from ..errors import ConfigError, DicomError, InvalidInputError
+from ..io.deid import pseudonym
 from ..io.files import LINK_TO_FOLDER, check_regular_file, not_regular_reason, walk_entries
+from ..modalities.image import ImageOptions, dicom_image
+from ..modalities.volume import VolumeOptions, volume_array
 from ..utils import atomic_write_text, write_jsonl
+from .common import write_prepared
+from .parts import Part, holds, salt_fingerprint, split_of, write_part
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +104,7 @@ def _header(path: str) -> dict:
         return {
             "path": path,
             "study": reader.uid("StudyInstanceUID"),
+            "patient": reader.text("PatientID").strip(),
             # a file without a valid SeriesInstanceUID stands alone rather than merging with other such files
             "series": series or f"no-series:{path}",
             "accession": reader.text("AccessionNumber"),
@@ -123,19 +139,15 @@ def _npz_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _image_2d(frame: np.ndarray, is_color: bool, opts: DicomPrepareOptions, meta: dict):
-    """One frame (modality units or RGB in [0, 1]) -> windowed, resized (S, S[, 3]) array + geometry."""
-    import torch
+def volume_options(opts: DicomPrepareOptions) -> VolumeOptions:
+    """The volume transform's options for these prepare options (recorded in the manifest and each sample)."""
+    return VolumeOptions(window=opts.window, window_fallback=opts.window_fallback, spacing=opts.spacing,
+                         size=tuple(opts.size_3d))
 
-    from ..io.dicom import window
 
-    arr = np.clip(frame, 0, 1) if is_color else window(frame, opts.window, meta.get("window"))
-    t = torch.from_numpy(np.ascontiguousarray(arr)).float()
-    t = t.permute(2, 0, 1) if t.ndim == 3 else t[None]
-    s = opts.size_2d
-    t = torch.nn.functional.interpolate(t[None], size=(s, s), mode="bilinear", antialias=True)[0]
-    out = t.permute(1, 2, 0).numpy() if t.shape[0] == 3 else t[0].numpy()
-    return out, {"pixel_spacing": meta.get("pixel_spacing"), "source_shape": list(frame.shape[:2])}
+def image_options(opts: DicomPrepareOptions) -> ImageOptions:
+    """The 2D transform's options for these prepare options (recorded in the manifest and each sample)."""
+    return ImageOptions(window=opts.window, window_fallback=opts.window_fallback, size=opts.size_2d)
 
 
 def _series_sample(args) -> dict:
@@ -208,7 +220,7 @@ def _assemble_sample(paths: list[str], opts: DicomPrepareOptions, part: str) -> 
         key = series_key if len(asm.volumes) == 1 else _series_key(opts, series_uid, paths[0],
                                                                     "|".join(x for x in (part, v.label) if x))
         try:
-            out, geometry = _volume_array(v, opts)
+            out, geometry, preprocess = _volume_array(v, opts)
         except Exception as e:  # one volume failing (resampling, memory) leaves the others
             msg = getattr(e, "reason", None) or _unexpected(e)
             for p in v.paths:
@@ -217,7 +229,8 @@ def _assemble_sample(paths: list[str], opts: DicomPrepareOptions, part: str) -> 
             continue
         attrs = sorted({f["attribute"] for p in v.paths for f in fallbacks.get(p, [])})
         meta = {"kind": v.kind, "modality": v.meta.get("modality", ""), "shape": list(out.shape),
-                "window": opts.window, "files": len(v.paths), **geometry, **header["meta"]}
+                "window": opts.window, "files": len(v.paths), **geometry, **header["meta"],
+                "preprocess": {"image" if v.is_color or v.kind == "image" else "volume": preprocess}}
         if v.label:
             meta["volume"] = v.label
         if attrs:
@@ -269,30 +282,24 @@ def _series_header(path: str, opts: DicomPrepareOptions) -> dict:
 
 
 def _volume_array(v, opts: DicomPrepareOptions):
-    """A SeriesVolume -> (windowed, resized float32 array, geometry for the sample's metadata)."""
-    import torch
-
-    from ..io.dicom import window
-
-    if v.is_color:
-        return _image_2d(v.array[v.array.shape[0] // 2], True, opts, v.meta)
-    if v.kind == "image":
-        data = v.array.numpy()[0]
-        return _image_2d(data[data.shape[0] // 2], False, opts, v.meta)
-    from monai.transforms import Resize, Spacing
-
-    vol, report = v.array, v.report
-    data = window(vol.numpy()[0], opts.window, v.meta.get("window"))
-    vol = vol.__class__(torch.from_numpy(data)[None], affine=vol.affine)
-    if opts.spacing:
-        vol = Spacing(pixdim=opts.spacing, diagonal=True, mode="bilinear")(vol)
-    out = torch.as_tensor(Resize(tuple(opts.size_3d), mode="trilinear")(vol))[0].numpy()
+    """A SeriesVolume -> (the modality's transform of it: float32 in [0, 1], geometry for the sample's metadata,
+    the transform's options record). Single images and colour go through :func:`medmm.modalities.image.dicom_image`
+    (read again from their one file, as a served DICOM image is), stacks through
+    :func:`medmm.modalities.volume.volume_array`."""
+    if v.is_color or v.kind == "image":
+        io_opts = image_options(opts)
+        out, meta = dicom_image(v.paths[0], io_opts)
+        shape = v.array.shape[1:3] if v.is_color else v.array.shape[2:4]
+        return out, {"pixel_spacing": meta.get("pixel_spacing"), "source_shape": list(shape)}, io_opts.to_record()
+    vo = volume_options(opts)
+    out = volume_array(v.array, v.meta.get("window"), vo)
+    report = v.report
     geometry = {"spacing": list(report.spacing or []), "slices": report.slices,
                 "uneven_spacing": report.uneven_spacing, "gap_positions": report.gap_positions,
                 "missing_slices": sum(g["missing"] for g in report.gaps),
                 "gantry_tilt_deg": round(report.gantry_tilt_deg, 3), "resampled_to": opts.spacing,
                 "frame_order_only": report.frame_order_only}
-    return out, geometry
+    return out, geometry, vo.to_record()
 
 
 def _run_jobs(fn, items: list, workers: int, on_error):
@@ -366,8 +373,9 @@ def _read_pairs(csv_path: Path | None, task: str) -> dict[str, list[dict]]:
 
 
 def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None = None,
-                  options: DicomPrepareOptions | None = None) -> dict:
-    """Run the three stages; returns the manifest."""
+                  options: DicomPrepareOptions | None = None, part: Part | None = None) -> dict:
+    """Run the three stages; returns the manifest. ``part``: only the patients (and loose files) that fall in this
+    part of a sharded run."""
     import webdataset as wds
     from tqdm.auto import tqdm
 
@@ -376,6 +384,7 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
     opts = options or DicomPrepareOptions()
     if opts.on_gap not in ON_GAP:
         raise ConfigError(f"on_gap must be one of {', '.join(ON_GAP)}, not {opts.on_gap!r}")
+    volume_options(opts), image_options(opts)  # a bad window, spacing or size is a ConfigError before any work
     src, out = Path(src), Path(out)
     if not src.exists():
         raise InvalidInputError(src, "source folder not found")
@@ -383,9 +392,14 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
         log.warning("--keep-phi: original identifiers are written to %s; handle it as PHI", out)
     out.mkdir(parents=True, exist_ok=True)
     if not opts.keep_phi:
-        from ..io.deid import SALT_FILE, resolve_salt
+        from ..io.deid import SALT_ENV, SALT_FILE, resolve_salt
         from ..io.report_deid import deidentify_row
 
+        if (part is not None and part.num_shards > 1 and not opts.salt and not os.environ.get(SALT_ENV)
+                and not (out / SALT_FILE).exists()):
+            # a salt of its own would give this part's patients other pseudonyms than the other parts give theirs
+            raise ConfigError("prepare dicom --num-shards: the parts must share the de-identification salt: pass "
+                              f"--salt, set ${SALT_ENV}, or put the same {SALT_FILE} in every part's --out")
         salt, how = resolve_salt(out, opts.salt)
         opts = dataclasses.replace(opts, salt=salt)
         if how == "new":
@@ -417,7 +431,13 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
     errors: list[dict] = []
     file_lines: dict[str, dict] = {}
     groups: dict[tuple, list[str]] = defaultdict(list)
+
+    def mine(p: str) -> bool:  # a file outside any series: the part its path under the source hashes into
+        return holds(part, "file " + Path(os.path.relpath(p, src)).as_posix())
+
     for p, why in odd.items():
+        if not mine(p):
+            continue
         if why == LINK_TO_FOLDER:
             file_lines[p] = {"path": p, "outcome": "skipped", "series": None, "reason": why}
         else:
@@ -427,6 +447,8 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
                              "message": rec["message"]}
     for h in headers:
         p = h["path"]
+        if ("skip" in h or "error" in h) and not mine(p):
+            continue
         if "skip" in h:
             file_lines[p] = {"path": p, "outcome": "skipped", "series": None, "reason": h["skip"]}
             if "error" in h:  # burned-in annotation: listed in errors.jsonl as before
@@ -437,19 +459,20 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
                              "message": h["message"]}
         else:
             groups[(h["series"], h["for"])].append(p)
-    # the train/eval split, by study, decided before anything is written so that every shard sample can carry its
-    # split (training streams the shards alone); the study UIDs here are the originals, never written
-    studies_seen = sorted({h["study"] or "" for h in headers if "skip" not in h and "error" not in h})
-    random.Random(opts.seed).shuffle(studies_seen)
-    n_eval = int(round(len(studies_seen) * opts.eval_fraction)) if len(studies_seen) > 1 else 0
-    eval_orig = set(studies_seen[:n_eval])
+    # the train/eval split, by patient, decided before anything is written so that every shard sample can carry its
+    # split (training streams the shards alone); the patient IDs and study UIDs here are the originals, never written
+    group_of = _patient_keys([h for h in headers if "skip" not in h and "error" not in h])
     # stage 2: one job per series (orientations, acquisitions and gaps are sorted out inside it); a series
     # spread over several frames of reference is one job per frame of reference, told apart in its key
     n_for = defaultdict(int)
     for series, _ in groups:
         n_for[series] += 1
+    groups = {g: v for g, v in groups.items() if holds(part, group_of[v[0]])}  # this part's patients
+    grouped = {p for v in groups.values() for p in v}
+    files = [p for p in files if p in file_lines or p in grouped]  # this part's files, in the walk's order
     jobs = [(sorted(v), opts, series, f"frame of reference {for_uid}" if n_for[series] > 1 else "")
             for (series, for_uid), v in groups.items()]
+    split_by_job = [split_of(group_of[job[0][0]], opts.eval_fraction, opts.seed) for job in jobs]
     results = tqdm(_run_jobs(_series_sample, jobs, opts.workers,
                              lambda job, e: _failed_series(job[0], opts, job[2], job[3], _unexpected(e))),
                    total=len(jobs), desc="series", unit="series")
@@ -457,7 +480,7 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
     pattern = str(out / "shard-%06d.tar")
     samples = []
     with wds.ShardWriter(pattern, maxcount=opts.shard_maxcount, verbose=0) as sink:
-        for res in results:
+        for res, split in zip(results, split_by_job):
             errors.extend(res["errors"])
             file_lines.update(res["files"])
             series_outcomes[res["series_key"]] = res["outcome"]
@@ -474,7 +497,6 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
                 # the sample carries its conversations, so training can stream the shards alone
                 # (medmm.data.streaming); the array is this sample's ``npz``
                 modality = "image" if s["meta"]["kind"] == "image" else "volume"
-                split = "eval" if (s["orig_study"] or "") in eval_orig else "train"
                 record["conversations.json"] = json.dumps(
                     {"id": s["key"], "modality": modality, "split": split,
                      "conversations": _conversations(modality, opts.task, rows)}).encode()
@@ -483,7 +505,7 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
                                 "study": s["meta"]["study_uid"], "split": split})
 
     # conversations, split by study (the split each shard sample carries)
-    studies = sorted({s["study"] for s in samples})
+    studies = sorted({s["study"] for s in samples if s["study"]})  # a series without a StudyInstanceUID is no study
     train, evals = [], []
     for s in samples:
         modality = "image" if s["meta"]["kind"] == "image" else "volume"
@@ -512,13 +534,40 @@ def prepare_dicom(src: str | Path, out: str | Path, reports: str | Path | None =
         "series": len(samples), "series_seen": len(series_outcomes), "studies": len(studies), "by_kind": dict(kinds),
         "shards": sorted({s["shard"] for s in samples}), "train_records": len(train), "eval_records": len(evals),
         "deidentified": not opts.keep_phi, "reports_deidentified": not (opts.keep_phi or opts.keep_report_phi),
-        "task": opts.task,
+        "task": opts.task, "salt_fingerprint": salt_fingerprint(None if opts.keep_phi else opts.salt),
+        # what the transforms did (medmm.modalities): training copies it into the checkpoint, serving applies it
+        "preprocess": {"volume": volume_options(opts).to_record(), "image": image_options(opts).to_record()},
         "options": {"window": opts.window, "spacing": opts.spacing, "size_2d": opts.size_2d,
                     "size_3d": list(opts.size_3d), "on_gap": opts.on_gap},
         "series_outcomes": series_outcomes,
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    secret = "keep-phi" if opts.keep_phi else opts.salt  # patients named by pseudonym: part.json holds no PHI
+    write_part(out, part, "dicom", src.name if not opts.keep_phi else str(src),
+               {"reports": Path(reports).name if reports else None, **manifest["options"], "task": opts.task,
+                "keep_phi": opts.keep_phi, "keep_report_phi": opts.keep_report_phi,
+                "eval_fraction": opts.eval_fraction, "seed": opts.seed},
+               salt_fingerprint=manifest["salt_fingerprint"],
+               groups={pseudonym(secret, "patient|" + group_of[v[0]], 16): split_of(group_of[v[0]], opts.eval_fraction,
+                                                                                   opts.seed)
+                       for v in groups.values()})
     return manifest
+
+
+def _patient_keys(headers: list[dict]) -> dict[str, str]:
+    """Path -> the key of its patient, by which the split and the parts go: the study's PatientID (the least one
+    among its files, so that a study is never split), else the study, else the series."""
+    by_study: dict[str, str] = {}
+    for h in headers:
+        if h["study"] and h["patient"]:
+            by_study[h["study"]] = min(by_study.get(h["study"], h["patient"]), h["patient"])
+    keys = {}
+    for h in headers:
+        if h["study"]:
+            keys[h["path"]] = f"patient {by_study[h['study']]}" if h["study"] in by_study else f"study {h['study']}"
+        else:
+            keys[h["path"]] = f"patient {h['patient']}" if h["patient"] else f"series {h['series']}"
+    return keys
 
 
 def _conversations(modality: str, task: str, rows: list[dict]) -> list[list[dict]]:
@@ -532,37 +581,21 @@ def _conversations(modality: str, task: str, rows: list[dict]) -> list[list[dict
             for r in rows]
 
 
-def read_shard_array(ref: str, base_dir: Path | None = None) -> np.ndarray:
-    """``shard-000000.tar#key.npz`` (or a plain .npz/.npy path) -> the stored array."""
-    import tarfile
+def prepare_dicom_modality(files: list[str | Path], out: str | Path, name: str = "dicom",
+                           question: str = "What is the imaging modality of this image?") -> dict:
+    """DICOM files -> "what modality" conversations (answer = the Modality attribute). Unreadable files are
+    listed in errors.jsonl. Every readable file goes to both splits (a mechanics check, not a benchmark)."""
+    from ..io.dicom import read_dicom
 
-    path, _, member = str(ref).partition("#")
-    p = Path(path)
-    if not p.is_absolute() and base_dir is not None:
-        p = base_dir / p
-    if not p.exists():
-        raise InvalidInputError(p, "array file not found")
-    check_regular_file(p)  # a FIFO named like a shard would block the read below
-    if member:
-        index = _TAR_INDEX.get(str(p))
-        if index is None:
-            with tarfile.open(p) as tf:
-                index = {m.name: (m.offset_data, m.size) for m in tf.getmembers()}
-            _TAR_INDEX[str(p)] = index
-        if member not in index:
-            raise InvalidInputError(f"{p}#{member}", "member not in the shard")
-        off, size = index[member]
-        with open(p, "rb") as f:
-            f.seek(off)
-            data = f.read(size)
-        src = io.BytesIO(data)
-    else:
-        src = p
-    try:
-        loaded = np.load(src)
-        return loaded["arr"] if hasattr(loaded, "files") else loaded
-    except Exception as e:
-        raise DicomError(ref, f"stored array cannot be read ({e})") from e
-
-
-_TAR_INDEX: dict[str, dict] = {}
+    recs, errors = [], []
+    for p in files:
+        try:
+            img = read_dicom(p)
+            if img.is_color:
+                raise InvalidInputError(p, "colour DICOM skipped for the modality question")
+            recs.append({"id": f"{name}-{Path(p).stem}", "modalities": {"image": str(Path(p).resolve())},
+                         "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                           {"from": "gpt", "value": img.meta["modality"] or "unknown"}]})
+        except InvalidInputError as e:
+            errors.append(e.to_record())
+    return write_prepared(Path(out), name, recs, recs, errors, {"files": len(files)})

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import DicomError
-from ..io.dicom import HeaderReader, quiet_pydicom, valid_copy
+from ..io.dicom import HeaderReader, open_dataset, quiet_pydicom, valid_copy
 
 SERIES_DESCRIPTION = "medmm AI report (UNVERIFIED)"
 # Hash whole weight files up to this size; above it, size + first and last MiB (a 14 GB LLM stays fast).
@@ -246,9 +246,7 @@ def read_report(sr) -> dict:
     ``sr`` is a path or a pydicom Dataset; the file is parsed with pydicom only (no highdicom), as a PACS
     viewer would.
     """
-    import pydicom
-
-    ds = pydicom.dcmread(sr) if isinstance(sr, (str, Path)) else sr
+    ds = open_dataset(sr) if isinstance(sr, (str, Path)) else sr
     out: dict = {"sop_class_uid": str(ds.SOPClassUID), "sop_instance_uid": str(ds.SOPInstanceUID),
                  "study_instance_uid": str(ds.StudyInstanceUID), "series_instance_uid": str(ds.SeriesInstanceUID),
                  "verification_flag": str(ds.get("VerificationFlag", "")),

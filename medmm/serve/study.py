@@ -3,7 +3,7 @@
     load_study(source, work_dir)         files, a folder or in-memory datasets -> Study (headers, a folder per series)
     select_series(study, model, cfg)     which series, through which model modality, and why
     infer(predictor, study, sel, cfg)    the question through medmm.inference.predictor.Predictor -> Finding
-    write_sr(study, sel, finding, alg)   a Comprehensive SR in the source study (medmm.export.dicom_sr), listing
+    write_sr(study, sel, finding, alg)   a Comprehensive SR in the source study (medmm.serve.dicom_sr), listing
                                          the SR it amends (``predecessor``) in its Predecessor Documents Sequence
 
 :class:`ReportPipeline` chains them (``run``); ``run_many`` reports several studies with one batched
@@ -433,7 +433,7 @@ def infer_many(predictor, items: Sequence[tuple[Study, Selection]], cfg: ReportC
 
 def write_sr(study: Study, selection: Selection, finding: Finding, algorithm, cfg: ReportConfig, predecessor=None,
              fallbacks: list[dict] | None = None):
-    """The Comprehensive SR of ``finding`` in ``study``'s own study (see :mod:`medmm.export.dicom_sr`).
+    """The Comprehensive SR of ``finding`` in ``study``'s own study (see :mod:`medmm.serve.dicom_sr`).
 
     ``predecessor``: the SR this one amends (a dataset); it must belong to ``study``. ``fallbacks`` receives one
     record per source attribute left out of the SR because its value is invalid (keywords, never values).

@@ -76,7 +76,8 @@ from pydicom.datadict import keyword_dict
 
 from ..config import ListenerConfig, parse_destination  # noqa: F401  (ListenerConfig: defined there)
 from ..config import check_aet as _check_aet  # noqa: F401
-from ..errors import InvalidInputError, excerpt
+from ..errors import DicomError, InvalidInputError, excerpt
+from ..io.dicom import open_dataset
 from ..utils import optional_import
 from .dicomweb import BACKOFF_FIRST_S, BACKOFF_MAX_S
 
@@ -124,7 +125,7 @@ def safe_message(text: str) -> str:
 
 
 def safe_record(value, key: str = ""):
-    """A study's audit record (:class:`medmm.export.study.StudyReport` ``record``) without header text: UIDs only
+    """A study's audit record (:class:`medmm.serve.study.StudyReport` ``record``) without header text: UIDs only
     when well-formed (else None), Modality only when it is a defined term (else ``"other"``), and the series
     selection's ``reason`` (it quotes header values) left out. Numbers and our own settings stay."""
     if isinstance(value, dict):
@@ -246,7 +247,7 @@ def deliver(ds, dest: Destination, calling_aet: str = "MEDMM", retry_s: float = 
     busy, HTTP 408/429/5xx) with exponential back-off (0.5 s doubling, at most 10 s apart) until ``retry_s``
     seconds after the first failure, or until ``cancel`` is set.
 
-    STOW-RS retries live in the HTTP session (a urllib3 ``Retry``, :func:`medmm.export.dicomweb.retry_session`);
+    STOW-RS retries live in the HTTP session (a urllib3 ``Retry``, :func:`medmm.serve.dicomweb.retry_session`);
     C-STORE retries are this function's bounded loop around :func:`send_c_store`. Never raises for a failed
     delivery: the :class:`Delivery` says what happened.
     """
@@ -295,7 +296,6 @@ def resend(path: str | Path, dest: Destination, calling_aet: str = "MEDMM", retr
         ``{"to", "delivered", "failed", "files": [{"file", "sop_instance_uid", "study_instance_uid", "outcome",
         "attempts", "moved_to" | "error" + "message"}]}`` (UIDs only, never patient identifiers).
     """
-    import pydicom
 
     from ..errors import DicomError
 
@@ -309,10 +309,7 @@ def resend(path: str | Path, dest: Destination, calling_aet: str = "MEDMM", retr
     for f in files:
         row: dict = {"file": str(f)}
         try:
-            try:
-                ds = pydicom.dcmread(f)
-            except Exception as e:  # pydicom raises many types on broken files
-                raise DicomError(f, f"not a readable DICOM file ({type(e).__name__}: {e})") from e
+            ds = open_dataset(f)  # the one defensive reader: a broken file is a DicomError naming it
             row.update(sop_instance_uid=str(ds.SOPInstanceUID), study_instance_uid=str(ds.StudyInstanceUID))
             res = deliver(ds, dest, calling_aet, window, token_file)
             row["attempts"] = res.attempts
@@ -898,14 +895,12 @@ class StudyListener:
 
     def _predecessor(self, study_uid: str):
         """The header of the study's latest SR, or None (none yet, or its file is gone: a new lineage starts)."""
-        import pydicom
-
         path = self._last_sr.get(study_uid)
         if path is None:
             return None
         try:
-            return pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as e:  # deleted or damaged by hand: report the study anyway, without the link
+            return open_dataset(path, stop_before_pixels=True)
+        except (OSError, DicomError) as e:  # deleted or damaged by hand: report the study anyway, without the link
             log.warning("study %s: the previous SR %s cannot be read (%s); the new SR will not amend it", study_uid,
                         path.name, type(e).__name__)
             return None

@@ -52,85 +52,13 @@ import numpy as np
 
 from ..config import WsiSettings  # noqa: F401  (defined in medmm.config; imported from here too)
 from ..errors import InvalidInputError, SlideError
-from ..io.files import check_regular_file
+from ..io.slide_features import load_slide_features, patient_id, save_slide_features, slide_id
+from ..modalities.slide import TileOptions, read_tiles, tile_plan
+from .parts import Part, split_of, write_part
 
 log = logging.getLogger(__name__)
-FEATURES_FORMAT = "medmm.slide_features/1"
 SHARD_PATTERN = "shard-%06d.tar"
 MANIFEST_VERSION = 1
-
-
-def slide_id(path: str | Path) -> str:
-    """A key-safe id from the file name: webdataset splits keys at the first dot, so dots become '_'."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
-
-
-def patient_id(sid: str) -> str:
-    """TCGA barcodes share the patient in their first 12 characters (TCGA-XX-XXXX); otherwise the slide is its own."""
-    m = re.match(r"(?i)^(tcga-[a-z0-9]{2}-[a-z0-9]{4})", sid)
-    return m.group(1).upper() if m else sid
-
-
-# --------------------------------------------------------------------------------------------
-# Feature files
-
-
-def save_slide_features(path: str | Path, features: np.ndarray, coords: np.ndarray | None, meta: dict) -> Path:
-    """Write a slide's tile features ``(N, D)`` (+ level-0 coords ``(N, 2)``) as safetensors, metadata in the header."""
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"features": np.ascontiguousarray(features, dtype=np.float32)}
-    if coords is not None:
-        tensors["coords"] = np.ascontiguousarray(coords, dtype=np.int64)
-    md = {"format": FEATURES_FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=md)
-    tmp.replace(path)
-    return path
-
-
-def load_slide_features(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """(features (N, D) float32, coords (N, 2) or None, metadata) from ``.safetensors`` or ``.npy``.
-
-    Raises:
-        SlideError: missing or unreadable file, or not a 2-D feature matrix.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise SlideError(path, "feature file not found")
-    check_regular_file(path, SlideError)  # a FIFO would block the read
-    try:
-        if path.suffix == ".npy":
-            feats, coords, meta = np.load(path, allow_pickle=False), None, {}
-        elif path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="np") as f:
-                keys = set(f.keys())
-                if "features" not in keys:
-                    raise SlideError(path, f"no 'features' tensor (has {sorted(keys)})")
-                feats = f.get_tensor("features")
-                coords = f.get_tensor("coords") if "coords" in keys else None
-                raw = f.metadata() or {}
-            meta = {}
-            for k, v in raw.items():
-                try:
-                    meta[k] = json.loads(v)
-                except json.JSONDecodeError:
-                    meta[k] = v
-        else:
-            raise SlideError(path, "tile features must be .safetensors or .npy")
-    except SlideError:
-        raise
-    except Exception as e:
-        raise SlideError(path, f"unreadable feature file: {type(e).__name__}: {e}") from e
-    if feats.ndim != 2:
-        raise SlideError(path, f"features must be (tiles, dim), got shape {tuple(feats.shape)}")
-    if coords is not None and coords.shape != (feats.shape[0], 2):
-        raise SlideError(path, f"coords shape {tuple(coords.shape)} does not match {feats.shape[0]} tiles")
-    return feats.astype(np.float32, copy=False), coords, meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,9 +85,14 @@ def _forget(path: str) -> None:
         sl.close()
 
 
+def tile_options(s: WsiSettings) -> TileOptions:
+    """The tile transform's options for these settings (recorded in the manifest and each tile's JSON)."""
+    return TileOptions(mpp=s.mpp, tile=s.tile, min_tissue=s.min_tissue, mask_mpp=s.mask_mpp, scan_mpp=s.slide_mpp)
+
+
 def plan_slide(path: str, sid: str, s: WsiSettings, coords_dir: str) -> dict:
     """Open, choose the level, detect tissue, lay the grid, save coords; or reuse saved coords (resume)."""
-    from ..io.wsi import load_coords, save_coords, select_level, tile_grid, tissue_mask
+    from ..io.wsi import load_coords, save_coords
 
     t0 = time.perf_counter()
     stem = Path(coords_dir) / sid
@@ -173,9 +106,7 @@ def plan_slide(path: str, sid: str, s: WsiSettings, coords_dir: str) -> dict:
                         "tissue_fraction": (meta.get("tissue_mask") or {}).get("fraction"), "reused": True,
                         "seconds": time.perf_counter() - t0}
         slide = _slide(path, s)
-        choice = select_level(slide, s.mpp, s.tile)
-        tm = tissue_mask(slide, s.mask_mpp)
-        grid = tile_grid(slide, choice, tm, s.min_tissue)
+        choice, grid, tm = tile_plan(slide, tile_options(s))  # the slide_tiles loader lays the same grid
         save_coords(stem, slide, grid, tm, {"settings": want})
         return {"ok": True, "sid": sid, "path": path, "coords": grid.coords, "tissue": grid.tissue,
                 "choice": asdict(choice), "slide": slide.describe(), "grid": list(grid.grid),
@@ -191,13 +122,13 @@ def plan_slide(path: str, sid: str, s: WsiSettings, coords_dir: str) -> dict:
 
 def read_chunk(path: str, s: WsiSettings, choice: dict, coords: np.ndarray, encode: bool) -> dict:
     """Read tiles at ``coords``: encoded bytes (tile mode) or a uint8 (k, T, T, 3) stack (feature mode)."""
-    from ..io.wsi import level_choice_from_dict, read_tile
+    from ..io.wsi import level_choice_from_dict
 
     t0 = time.perf_counter()
     try:
         slide = _slide(path, s)
         ch = level_choice_from_dict(choice)
-        tiles = [read_tile(slide, ch, int(x), int(y)) for x, y in coords]
+        tiles = read_tiles(slide, ch, coords)  # (k, T, T, 3) uint8: what the slide_tiles loader reads
         if encode:
             from PIL import Image
 
@@ -211,7 +142,7 @@ def read_chunk(path: str, s: WsiSettings, choice: dict, coords: np.ndarray, enco
                 out.append(buf.getvalue())
             payload: Any = out
         else:
-            payload = np.stack(tiles) if tiles else np.zeros((0, ch.tile_size, ch.tile_size, 3), np.uint8)
+            payload = tiles
         return {"ok": True, "tiles": payload, "seconds": time.perf_counter() - t0}
     except SlideError as e:
         _forget(path)
@@ -416,8 +347,12 @@ def prepare_wsi(src: str | Path, out: str | Path, mpp: float = 0.5, tile: int = 
                 quality: int = 90, shard_maxcount: int = 10000, shard_maxsize: float = 1e9, chunk: int = 32,
                 batch_size: int = 64, device: str = "auto", question: str = "What is the diagnosis for this slide?",
                 report_question: str = "Write the pathology report for this slide.", eval_fraction: float = 0.2,
-                seed: int = 0, progress: bool = True) -> dict:
+                seed: int = 0, progress: bool = True, part: Part | None = None) -> dict:
     """Tile (and optionally encode) every slide under ``src`` into webdataset shards in ``out``.
+
+    With ``part`` (``--num-shards N --shard-index I``), only the slides whose patient (the labels' ``patient``
+    column, else the TCGA barcode's patient, else the slide) hashes into that part: a patient's slides stay
+    together, and the split by patient is the same in every part (:mod:`medmm.prepare.parts`).
 
     Args:
         src: a slide file or a folder of slides (searched recursively).
@@ -456,6 +391,9 @@ def prepare_wsi(src: str | Path, out: str | Path, mpp: float = 0.5, tile: int = 
     if dup:
         raise InvalidInputError(src, f"slides share a file name (ids {sorted(dup)}); ids must be unique")
     unmatched = sorted(set(label_rows) - set(ids))
+    if part is not None:
+        mine = [i for i, sid in enumerate(ids) if part.holds(_patient(label_rows, sid))]
+        slides, ids = [slides[i] for i in mine], [ids[i] for i in mine]
     # the train/eval split (by patient) is decided before anything is written: every shard sample carries it
     splits = _split_of(label_rows, ids, eval_fraction, seed)
     prev = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
@@ -633,6 +571,8 @@ def prepare_wsi(src: str | Path, out: str | Path, mpp: float = 0.5, tile: int = 
     ok = [e for e in entries.values() if e.get("status") == "ok"]
     manifest = {
         "kind": "wsi", "version": MANIFEST_VERSION, "source": str(src), "settings": asdict(settings),
+        # what the tile transform did (medmm.modalities): training copies it into the checkpoint, serving applies it
+        "preprocess": {TileOptions.kind: tile_options(settings).to_record()},
         "shards": list(state.shards), "pattern": SHARD_PATTERN,
         "samples": ("one per slide (features.npy, coords.npy, json)" if features
                     else f"one per tile ({image_format}, json)"),
@@ -645,6 +585,10 @@ def prepare_wsi(src: str | Path, out: str | Path, mpp: float = 0.5, tile: int = 
         "slides": entries,
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    write_part(out, part, "wsi", str(src),
+               {"settings": asdict(settings), "labels": str(labels) if labels else None, "shard_maxcount": shard_maxcount,
+                "question": question, "report_question": report_question, "eval_fraction": eval_fraction, "seed": seed},
+               groups={_patient(label_rows, sid): split for sid, split in splits.items()})
     return manifest
 
 
@@ -652,7 +596,7 @@ def _slide_meta(plan: dict, s: WsiSettings, label: dict | None) -> dict:
     ch = plan["choice"]
     return {"slide": plan["sid"], "source": plan["path"], "level": ch["level"], "read_size": ch["read_size"],
             "tile_size": ch["tile_size"], "tile0": ch["tile0"], "mpp": ch["effective_mpp"], "target_mpp": s.mpp,
-            "label": (label or {}).get("label")}
+            "label": (label or {}).get("label"), "preprocess": {TileOptions.kind: tile_options(s).to_record()}}
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -697,18 +641,17 @@ def _embed(encoder, dev, tiles: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(outs) if outs else np.zeros((0, encoder.out_dim), np.float32)
 
 
+def _patient(rows: dict, sid: str) -> str:
+    """A slide's patient: the labels' ``patient`` column, else the TCGA barcode's patient, else the slide itself."""
+    return (rows.get(sid) or {}).get("patient") or patient_id(sid)
+
+
 def _split_of(rows: dict, ids: list[str], eval_fraction: float, seed: int) -> dict[str, str]:
     """Slide id -> ``train``/``eval`` for the labelled slides: the CSV's ``split`` column, else by patient (no
-    patient in both), ``eval_fraction`` of the patients (at least one when > 0 and there are two or more)."""
-    import random
-
+    patient in both): a keyed hash of the patient (about ``eval_fraction`` of them), the same in every part of a
+    sharded run."""
     labelled = {sid: rows[sid] for sid in ids if sid in rows and (rows[sid].get("label") or rows[sid].get("report"))}
-    patient = {sid: row.get("patient") or patient_id(sid) for sid, row in labelled.items()}
-    patients = sorted({patient[sid] for sid, row in labelled.items() if not row.get("split")})
-    random.Random(seed).shuffle(patients)
-    n_eval = max(1, int(round(len(patients) * eval_fraction))) if eval_fraction > 0 and len(patients) > 1 else 0
-    eval_p = set(patients[:n_eval])
-    return {sid: row.get("split") or ("eval" if patient[sid] in eval_p else "train") for sid, row in labelled.items()}
+    return {sid: row.get("split") or split_of(_patient(rows, sid), eval_fraction, seed) for sid, row in labelled.items()}
 
 
 def _sample_conversations(modality: str, label: dict | None, split: str | None, question: str,

@@ -13,20 +13,21 @@ Formats (a JSON array or JSON lines):
     PromptCBLUE lines ``{"input", "target", "answer_choices", "task_type", "task_dataset", "sample_id"}``;
     the six fields are kept in each record (evaluation reads them: closed-set answers, per-task scores).
 
-Writes ``DIR/train.jsonl`` and ``DIR/eval.jsonl`` (a seeded random split; ``--eval-fraction``),
+Writes ``DIR/train.jsonl`` and ``DIR/eval.jsonl`` (a seeded hash of each record's id; ``--eval-fraction``),
 ``DIR/errors.jsonl`` for rejected records (typed errors naming file and line) and ``DIR/manifest.json``.
 A record has no ``modalities``: text-only conversations train with ``trainer.stage: sft``, alone or
-mixed with multimodal datasets in ``data.datasets``.
+mixed with multimodal datasets in ``data.datasets``. With ``--num-shards`` a part takes the records whose place in
+the file hashes into it (:mod:`medmm.prepare.parts`); the split, by id, is the same in every part.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 from ..errors import ConversationError, InvalidInputError
 from ..utils import atomic_write_text, write_jsonl
+from .parts import Part, holds, split_of, write_part
 
 FORMATS = ("alpaca", "sharegpt", "promptcblue")
 PROMPTCBLUE_FIELDS = ("input", "target", "answer_choices", "task_type", "task_dataset", "sample_id")
@@ -137,14 +138,16 @@ CONVERTERS = {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "promptcblue": f
 
 
 def prepare_instructions(path: str | Path, fmt: str, out: str | Path, eval_fraction: float = 0.05, seed: int = 0,
-                         name: str | None = None) -> dict:
+                         name: str | None = None, part: Part | None = None) -> dict:
     """Convert an instruction file to ``out/train.jsonl`` + ``out/eval.jsonl``; returns the manifest.
 
     Args:
         path: the JSON array or JSON-lines file.
         fmt: alpaca | sharegpt | promptcblue.
-        eval_fraction: share of the records held out in ``eval.jsonl`` (seeded shuffle).
+        eval_fraction: share of the records held out in ``eval.jsonl`` (a hash of the id keyed by ``seed``;
+            a small file may hold out none).
         name: prefix of generated record ids (default: the file stem).
+        part: only the records that fall in this part of a sharded run.
     """
     if fmt not in CONVERTERS:
         raise ValueError(f"unknown instruction format '{fmt}'; known: {', '.join(FORMATS)}")
@@ -154,6 +157,8 @@ def prepare_instructions(path: str | Path, fmt: str, out: str | Path, eval_fract
     name = name or path.stem
     records, errors = [], []
     for i, (source, rec) in enumerate(read_records(path)):
+        if not holds(part, f"record {i}"):
+            continue
         try:
             if isinstance(rec, InvalidInputError):
                 raise rec
@@ -164,14 +169,10 @@ def prepare_instructions(path: str | Path, fmt: str, out: str | Path, eval_fract
             records.append(conv)
         except InvalidInputError as e:
             errors.append(e.to_record())
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = int(round(len(records) * eval_fraction)) if len(records) > 1 else 0
-    if eval_fraction > 0 and len(records) > 1:
-        n_eval = max(1, n_eval)
-    held = set(order[:n_eval])
-    train = [r for i, r in enumerate(records) if i not in held]
-    evals = [r for i, r in enumerate(records) if i in held]
+    train = [r for r in records if split_of(r["id"], eval_fraction, seed) == "train"]
+    evals = [r for r in records if split_of(r["id"], eval_fraction, seed) == "eval"]
+    write_part(out, part, "instructions", str(path), {"format": fmt, "eval_fraction": eval_fraction, "seed": seed,
+                                                       "name": name})
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "eval.jsonl", evals)

@@ -1,4 +1,5 @@
-"""Text corpora for continued pretraining: reading documents, and ``medmm prepare text`` (data selection).
+"""``medmm prepare text``: data selection over text corpora for continued pre-training (readers in
+:mod:`medmm.io.text`).
 
 A corpus is one or more files, or folders of them:
 
@@ -28,6 +29,11 @@ normalised text (a keyed hash), so it does not depend on file order and exact du
 it. Output: ``DIR/train.jsonl`` and ``DIR/eval.jsonl`` (``{"text", "lang", "source"}``), ``DIR/stats.json``
 and, for unreadable lines, ``DIR/errors.jsonl``.
 
+With ``--num-shards N --shard-index I`` a part keeps the documents whose normalised text hashes into it, so exact
+duplicates meet in one part and are dropped exactly as in one run, and the split (a hash of the text) is the same;
+near-duplicates are found within a part only: a pair that falls in two parts both survive the merge (about
+``1/N`` of the near-duplicate pairs of a corpus prepared in ``N`` parts are kept twice).
+
 Run::
 
     medmm prepare text corpus/ notes.txt --out runs/text [--jaccard 0.8] [--languages en]
@@ -35,133 +41,22 @@ Run::
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import re
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, InvalidInputError
+from ..errors import ConfigError
+from ..io.text import held_out, iter_documents, open_text, shingles, text_files, text_key
 from ..utils import atomic_write_text, optional_import
+from .parts import Part, holds, write_part
 
-TEXT_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".txt.gz")
 RULES = ("empty", "too_short", "too_long", "bad_chars", "non_alpha", "language", "exact_duplicate",
          "near_duplicate")
-_WS = re.compile(r"\s+")
-_WORD = re.compile(r"\w+")
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-
-
-def _is_text_file(p: Path) -> bool:
-    return p.is_file() and any(p.name.endswith(s) for s in TEXT_SUFFIXES)
-
-
-def text_files(path: str | Path) -> list[Path]:
-    """The corpus files of ``path``: the file itself, or every ``.jsonl``/``.txt`` (optionally ``.gz``) under a folder."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if _is_text_file(f))
-        if not files:
-            raise InvalidInputError(p, f"no corpus files ({', '.join(TEXT_SUFFIXES)}) in this folder")
-        return files
-    if not p.exists():
-        raise InvalidInputError(p, "no such file or folder")
-    if not _is_text_file(p):
-        raise InvalidInputError(p, f"not a corpus file (expected one of {', '.join(TEXT_SUFFIXES)})")
-    return [p]
-
-
-def _open(p: Path):
-    return gzip.open(p, "rt", encoding="utf-8") if p.name.endswith(".gz") else open(p, encoding="utf-8")
-
-
-def iter_documents(path: str | Path, text_field: str = "text",
-                   errors: list[dict] | None = None) -> Iterator[tuple[str, str]]:
-    """Yield ``(source, text)`` for each document of a corpus file or folder; ``source`` is ``file:line``.
-
-    A line that is not a JSON object with a string ``text_field`` raises :class:`InvalidInputError` naming the
-    file and line, unless ``errors`` is given: then its record is appended there and reading goes on.
-    """
-    for f in text_files(path):
-        jsonl = f.name.endswith((".jsonl", ".jsonl.gz"))
-        try:
-            with _open(f) as fh:
-                for i, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    source = f"{f}:{i}"
-                    if not jsonl:
-                        yield source, line.rstrip("\r\n")
-                        continue
-                    try:
-                        rec = json.loads(line)
-                        if not isinstance(rec, dict):
-                            raise InvalidInputError(source, "a JSON object per line is expected")
-                        text = rec.get(text_field)
-                        if not isinstance(text, str):
-                            raise InvalidInputError(source, f"no string field '{text_field}'")
-                    except json.JSONDecodeError as e:
-                        err = InvalidInputError(source, f"not valid JSON ({e.msg})")
-                        if errors is None:
-                            raise err from e
-                        errors.append(err.to_record())
-                        continue
-                    except InvalidInputError as e:
-                        if errors is None:
-                            raise
-                        errors.append(e.to_record())
-                        continue
-                    yield source, text
-        except UnicodeDecodeError as e:
-            raise InvalidInputError(f, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
-
-
-def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
-    """Every document of a corpus file or folder (errors name the file and line)."""
-    return [t for _, t in iter_documents(path, text_field)]
-
-
-# --------------------------------------------------------------------------------------------
-# Normalisation, hashing, shingles
-
-
-def normalize(text: str) -> str:
-    """NFKC, case-folded, whitespace collapsed: the form exact duplicates are compared in."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
-
-
-def text_key(text: str) -> bytes:
-    """16-byte digest of the normalised text (exact-duplicate key)."""
-    return hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
-
-
-def held_out(text: str, fraction: float, seed: int = 0, purpose: str = "prepare") -> bool:
-    """Whether a document belongs to the held-out split: a keyed hash of its normalised text, below ``fraction``.
-
-    Independent of file order; identical texts always land on the same side. ``purpose`` keys the hash, so the
-    split a training run makes (``trainer.eval_fraction``) is independent of the one ``prepare text`` made.
-    """
-    if fraction <= 0:
-        return False
-    key = f"medmm-{purpose}-{seed}".encode()[:64]
-    h = hashlib.blake2b(normalize(text).encode(), digest_size=8, key=key).digest()
-    return int.from_bytes(h, "big") / 2**64 < fraction
-
-
-def shingles(text: str, n: int = 5) -> set[bytes]:
-    """Word ``n``-grams of the normalised text (punctuation dropped); a text shorter than ``n`` words is one shingle."""
-    words = _WORD.findall(normalize(text))
-    if len(words) < n:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
 
 
 def _char_stats(text: str) -> tuple[float, float]:
@@ -285,13 +180,15 @@ class NearDuplicateIndex:
 def _count_lines(files: Sequence[Path]) -> int:
     n = 0
     for f in files:
-        with _open(f) as fh:
+        with open_text(f) as fh:
             n += sum(1 for line in fh if line.strip())
     return n
 
 
-def prepare_text(sources: Sequence[str | Path], out: str | Path, options: TextPrepareOptions | None = None) -> dict:
-    """Select documents from ``sources`` and write ``train.jsonl``, ``eval.jsonl`` and ``stats.json`` to ``out``.
+def prepare_text(sources: Sequence[str | Path], out: str | Path, options: TextPrepareOptions | None = None,
+                 part: Part | None = None) -> dict:
+    """Select documents from ``sources`` and write ``train.jsonl``, ``eval.jsonl`` and ``stats.json`` to ``out``;
+    with ``part``, only the documents whose normalised text falls in that part of a sharded run.
 
     Returns:
         The stats: ``read``, ``kept``, ``dropped`` (per rule), ``train``, ``eval``, ``languages``, ``errors``.
@@ -313,8 +210,10 @@ def prepare_text(sources: Sequence[str | Path], out: str | Path, options: TextPr
     bar = tqdm(total=_count_lines(files), desc="prepare text", unit="doc", disable=not o.progress, dynamic_ncols=True)
     for f in files:
         for source, text in iter_documents(f, o.text_field, errors):
-            read += 1
             bar.update(1)
+            if not holds(part, text_key(text).hex()):
+                continue
+            read += 1
             rule, lang = _first_rule(text, o, tag)
             key = text_key(text) if o.dedup_exact else None
             if rule is None and key is not None and key in exact:
@@ -332,6 +231,9 @@ def prepare_text(sources: Sequence[str | Path], out: str | Path, options: TextPr
         bar.set_postfix(kept=len(train) + len(evals))
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
+    errors = [e for e in errors if holds(part, str(e.get("path")))]  # an unreadable line: the part its place falls in
+    write_part(out, part, "text", [str(s) for s in sources],
+               {k: v for k, v in asdict(o).items() if k not in ("progress", "extra")})
     for name, rows in (("train", train), ("eval", evals)):
         atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     if errors:
