@@ -144,6 +144,19 @@ class Registry:
         self._entries[name] = _Entry(obj, " ".join((summary if summary is not None else summary_of(obj)).split()))
         return obj
 
+    def register_subclass(self, name: str, base: type, summary: str | None = None):
+        """A class decorator: register a subclass of ``base`` under ``name`` and set its ``name`` attribute (what
+        stages, featurisers and the like read back); anything but a ``base`` subclass is a ``TypeError``."""
+
+        def deco(cls: type) -> type:
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise TypeError(f"registering {self.kind} '{name}' takes a {base.__name__} subclass, not {cls!r}")
+            self.register(name, cls, summary)
+            cls.name = name
+            return cls
+
+        return deco
+
     def _load_builtins(self) -> None:
         if self._loaded:
             return

@@ -121,15 +121,7 @@ FEATURISERS = Registry("featuriser", config_key="head.featuriser", package=__nam
 def register_featuriser(name: str, summary: str | None = None):
     """Class decorator: register a :class:`Featuriser` subclass under ``name`` and set its ``name``; ``summary``
     (for ``medmm list featurisers``) defaults to its docstring's first paragraph."""
-
-    def deco(cls: type[Featuriser]) -> type[Featuriser]:
-        if not (isinstance(cls, type) and issubclass(cls, Featuriser)):
-            raise TypeError(f"register_featuriser('{name}') decorates a Featuriser subclass, not {cls!r}")
-        FEATURISERS.register(name, cls, summary)
-        cls.name = name
-        return cls
-
-    return deco
+    return FEATURISERS.register_subclass(name, Featuriser, summary)
 
 
 def list_featurisers() -> list[str]:

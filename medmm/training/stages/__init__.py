@@ -209,15 +209,7 @@ STAGES = Registry("stage", config_key="trainer.stage", package=__name__)
 def register_stage(name: str, summary: str | None = None):
     """Class decorator: register a :class:`Stage` subclass under ``name`` (what ``trainer.stage`` names) and set
     its ``name``; ``summary`` (for ``medmm list stages``) defaults to its docstring's first paragraph."""
-
-    def deco(cls: type[Stage]) -> type[Stage]:
-        if not (isinstance(cls, type) and issubclass(cls, Stage)):
-            raise TypeError(f"register_stage('{name}') decorates a Stage subclass, not {cls!r}")
-        STAGES.register(name, cls, summary)
-        cls.name = name
-        return cls
-
-    return deco
+    return STAGES.register_subclass(name, Stage, summary)
 
 
 def list_stages() -> list[str]:
