@@ -42,20 +42,51 @@ def save_slide_features(path: str | Path, features: np.ndarray, coords: np.ndarr
     return path
 
 
+def _feature_file(path: str | Path) -> Path:
+    """``path`` as a feature file that may be opened: it exists, is a regular file (a FIFO would block the read)
+    and ends in ``.safetensors`` or ``.npy``; else a SlideError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(path, "feature file not found")
+    check_regular_file(path, SlideError)
+    if path.suffix not in (".npy", ".safetensors"):
+        raise SlideError(path, "tile features must be .safetensors or .npy")
+    return path
+
+
+def feature_shape(path: str | Path) -> tuple[int, int]:
+    """(tiles, width) of a tile-feature file, read from its header only."""
+    path = _feature_file(path)
+    try:
+        if path.suffix == ".npy":
+            shape = np.load(path, mmap_mode="r").shape
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as f:
+                if "features" not in set(f.keys()):
+                    raise SlideError(path, f"no 'features' tensor (has {sorted(f.keys())})")
+                shape = tuple(f.get_slice("features").get_shape())
+    except SlideError:
+        raise
+    except Exception as e:
+        raise SlideError(path, f"unreadable feature file: {type(e).__name__}: {e}") from e
+    if len(shape) != 2:
+        raise SlideError(path, f"features must be (tiles, dim), got shape {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
 def load_slide_features(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """(features (N, D) float32, coords (N, 2) or None, metadata) from ``.safetensors`` or ``.npy``.
 
     Raises:
         SlideError: missing or unreadable file, or not a 2-D feature matrix.
     """
-    path = Path(path)
-    if not path.exists():
-        raise SlideError(path, "feature file not found")
-    check_regular_file(path, SlideError)  # a FIFO would block the read
+    path = _feature_file(path)
     try:
         if path.suffix == ".npy":
             feats, coords, meta = np.load(path, allow_pickle=False), None, {}
-        elif path.suffix == ".safetensors":
+        else:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="np") as f:
@@ -71,8 +102,6 @@ def load_slide_features(path: str | Path) -> tuple[np.ndarray, np.ndarray | None
                     meta[k] = json.loads(v)
                 except json.JSONDecodeError:
                     meta[k] = v
-        else:
-            raise SlideError(path, "tile features must be .safetensors or .npy")
     except SlideError:
         raise
     except Exception as e:

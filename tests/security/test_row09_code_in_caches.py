@@ -95,7 +95,7 @@ def test_crafted_pickle_in_the_molecule_cache_never_runs(tmp_path, monkeypatch, 
 class _FakeEngine:
     """What :func:`medmm.training.checkpoint.load_checkpoint` uses of a DeepSpeed engine, loading as DeepSpeed does:
     every ``.pt`` of the tag folder through ``self.checkpoint_engine.load`` (DeepSpeed's own TorchCheckpointEngine,
-    whose ``load`` is ``torch.load(weights_only=False)``)."""
+    whose ``load`` unpickles with ``weights_only`` off)."""
 
     def __init__(self):
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine

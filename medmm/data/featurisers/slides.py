@@ -14,35 +14,8 @@ import numpy as np
 import torch
 
 from ...errors import InvalidInputError, SlideError
-from ...io.files import check_regular_file
+from ...io.slide_features import feature_shape
 from . import Featurised, Featuriser, Item, Row, register_featuriser
-
-
-def feature_shape(path: str | Path) -> tuple[int, int]:
-    """(tiles, width) of a tile-feature file, read from its header only."""
-    path = Path(path)
-    if not path.exists():
-        raise SlideError(path, "feature file not found")
-    check_regular_file(path, SlideError)  # a FIFO would block the read
-    try:
-        if path.suffix == ".npy":
-            shape = np.load(path, mmap_mode="r").shape
-        elif path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="np") as f:
-                if "features" not in set(f.keys()):
-                    raise SlideError(path, f"no 'features' tensor (has {sorted(f.keys())})")
-                shape = tuple(f.get_slice("features").get_shape())
-        else:
-            raise SlideError(path, "tile features must be .safetensors or .npy")
-    except SlideError:
-        raise
-    except Exception as e:
-        raise SlideError(path, f"unreadable feature file: {type(e).__name__}: {e}") from e
-    if len(shape) != 2:
-        raise SlideError(path, f"features must be (tiles, dim), got shape {tuple(shape)}")
-    return int(shape[0]), int(shape[1])
 
 
 @register_featuriser("slides")
