@@ -176,9 +176,9 @@ def narrow_linears(llm):
     """Within the block, the CPU ``nn.Linear`` layers of ``llm`` compute inputs of 2-16 rows as ``W @ x.T``.
 
     Checking k guesses is a forward of k + 1 rows. On a CPU, MKL's ``x @ W.T`` for so few rows is no
-    longer a matrix-vector product and costs about 1.6x the one-row step while reading the same weights;
-    the weight-first product of the same numbers costs about 1.3x (``bench/decoding.py`` times one check
-    both ways on the trained pair). One row (greedy's step) and long prompts keep ``F.linear``. The
+    longer a matrix-vector product and costs well over the one-row step while reading the same weights;
+    the weight-first product of the same numbers can cost less (``bench/decoding.py`` times one check both ways;
+    which wins depends on the CPU). One row (greedy's step) and long prompts keep ``F.linear``. The
     layers get their own ``forward`` for the block and lose it after; other devices are left alone.
     """
     mods = [m for m in llm.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
@@ -292,8 +292,8 @@ def quantize_draft(draft_llm):
     """The draft with its linear layers (attention, MLP, lm_head) as dynamic int8 (PyTorch's fbgemm kernels, CPU).
 
     A draft only guesses and the target checks every guess at full precision, so the output stays greedy's; on a
-    CPU, where a small model's step is bound by reading its weights, a quarter of the bytes makes each guess about
-    twice as fast (measured in ``bench/decoding.py``). A copy: the float model is left as it was.
+    CPU, where a small model's step is bound by reading its weights, a quarter of the bytes makes each guess cheaper
+    (``bench/decoding.py`` measures it). A copy: the float model is left as it was.
 
     Raises:
         ConfigError: the draft is not on the CPU (the kernels are CPU only).

@@ -135,7 +135,7 @@ def smiles_error(source: str, kind: str, detail: str) -> SmilesError:
     """A SmilesError whose message starts with the kind's label; ``err.kind`` holds the kind.
 
     A ``source`` over :data:`SOURCE_CHARS` is cut to an excerpt: callers that name an inline input by the input
-    itself would otherwise echo all of it (a 1.5 MB SMILES sent to the HTTP API came back whole in the 422).
+    itself would otherwise echo all of it (a megabyte SMILES sent to the HTTP API would come back whole).
     """
     source = str(source)
     if len(source) > SOURCE_CHARS:
@@ -798,11 +798,10 @@ def process_molecules(smiles: Sequence[str], sources: Sequence[str] | None = Non
         workers: worker processes (0 = this process). The pool starts once per call; each worker returns a
             chunk's records as one compact payload (graphs concatenated, fingerprints as packed bits, its new
             tautomer-cache entries), rebuilt into records here. The chunks go out longest SMILES first, so the
-            last ones are cheap and the workers finish together (2,000 HIV molecules in blocks of 500, 2 workers:
-            3.5 % less time than in file order; the records are the same).
+            last ones are cheap and the workers finish together (the records are the same as in file order).
         chunksize: rows per chunk sent to a worker (default: the unique SMILES / (16 x workers), kept within
             8..256: small enough that the last chunks leave no worker idle for long, large enough that sending
-            them costs little; on 2 cores, 500 HIV molecules took 11 % less time than with chunks 4x as large).
+            them costs little; ``bench/molecules.py`` measures the pool).
         start_method: multiprocessing start method; None = the platform's default (``fork`` on Linux, as
             torch's DataLoader workers; the workers run RDKit only, never torch).
     """

@@ -152,7 +152,7 @@ class FeatureScaler(nn.Module):
 
     Not a BatchNorm: the head stage batches molecules of similar size together, and the descriptors follow size
     (weight, atom and ring counts), so batch statistics would differ from batch to batch and from the statistics
-    used at prediction (measured on Tox21: 73.3 test ROC-AUC with a BatchNorm, see ``medmm eval moleculenet``).
+    used at prediction (``medmm eval moleculenet`` compares the two).
     A column that is constant on the training inputs keeps scale 1. Standardised values are clipped to
     ``±CLIP``: a rare count (RDKit's ``fr_diazo``, ``NumRadicalElectrons``) has a tiny std, so the few molecules
     that have it would otherwise feed the head values in the hundreds (|z| > 10 for 9 % of MoleculeNet HIV).

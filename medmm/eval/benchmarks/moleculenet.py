@@ -207,7 +207,7 @@ def run_moleculenet(datasets: list[str], seeds: int, data_dir: Path, work: Path,
     """Train + test every (dataset, seed) in subprocesses; ``{dataset: summary}`` over the runs that finished
     (``train=False``: only collect the runs already finished under ``work``; ``epochs_of``: per-dataset epochs)."""
     proto = proto or Protocol()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # more threads than cores: 10x slower
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # more threads than cores: far slower
     env.setdefault(CACHE_ENV, str(work.parent / ".molecule-cache"))  # the seeds of a dataset featurise it once
     tasks = [(ds, s) for ds in datasets for s in range((seed_counts or {}).get(ds, seeds))]
     running: set[subprocess.Popen] = set()
