@@ -26,6 +26,8 @@ from medmm.serve.listener import OUT_OF_RESOURCES, ListenerConfig, StudyListener
 from medmm.serve.study import ReportConfig, ReportPipeline
 from medmm.training.distributed import free_port
 from tests.conftest import REPO, model_dict
+from tests.security._listener import records as _records
+from tests.security._listener import wait as _wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -167,16 +169,6 @@ def _new_study(src: Path, out_dir: Path, n: int = 1, truncate_pixels: bool = Fal
         paths.append(out_dir / f"{i}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
     return paths
-
-
-def _wait(pred, timeout_s: float, what: str):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        res = pred()
-        if res:
-            return res
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def test_pull_run_push(orthanc, checkpoint, pydicom_files, capsys):
@@ -378,10 +370,6 @@ def test_sr_delivery_retries_until_orthanc_is_back(via, own_orthanc, checkpoint,
     assert rec["outcome"] == "ok" and rec["sent_to"] == forward and rec["send_attempts"] >= 2, rec
     assert pacs.has_instance(rec["sr_sop_instance_uid"])
     assert not (tmp_path / "pacs" / "undelivered").exists()
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "studies.jsonl").read_text().splitlines()]
 
 
 def test_second_burst_amends_the_first_report(orthanc, checkpoint, pydicom_files, tmp_path):
